@@ -1,0 +1,5 @@
+"""Data sets (one module per published layout), the embedded default, samplers and transforms."""
+
+from distill.data.base import Sample, Splits, dataset_names, load_dataset, register_dataset
+
+__all__ = ["Sample", "Splits", "dataset_names", "load_dataset", "register_dataset"]

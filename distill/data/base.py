@@ -1,0 +1,67 @@
+"""Data-set records and the loader registry: ``load_dataset("market1501:/data/Market-1501")``.
+
+Every loader returns ``Splits`` of plain ``Sample`` records; images are read later, by
+``distill.data.dataset.ImageDataset``. Labels are the data set's own ids (not remapped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from distill.errors import DistillError
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+    camera: int = -1
+
+
+@dataclass
+class Splits:
+    """A data set split by identity: train ids are disjoint from query/gallery ids.
+
+    ``protocol`` is ``"reid"`` (mAP/CMC with the same-camera filter, query vs gallery) or
+    ``"retrieval"`` (Recall@K/NMI/F1; query and gallery are both the test list, camera -1).
+    """
+
+    name: str
+    train: list[Sample]
+    query: list[Sample]
+    gallery: list[Sample]
+    protocol: str = "retrieval"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_train_classes(self) -> int:
+        return len({s.label for s in self.train})
+
+
+Loader = Callable[..., Splits]
+_LOADERS: dict[str, Loader] = {}
+
+
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    """Register ``fn(path: str | None, **options) -> Splits`` under ``name``."""
+
+    def wrap(fn: Loader) -> Loader:
+        _LOADERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def dataset_names() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def load_dataset(spec: str, **options) -> Splits:
+    """Load ``NAME`` or ``NAME:PATH`` (e.g. ``synthetic``, ``market1501:/data/Market-1501``)."""
+    import distill.data  # noqa: F401  (registers the built-in loaders)
+
+    name, _, path = spec.partition(":")
+    if name not in _LOADERS:
+        raise DistillError(f"unknown data set '{name}'; known: {', '.join(dataset_names())} (use NAME:PATH)")
+    return _LOADERS[name](path or None, **options)

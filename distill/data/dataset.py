@@ -1,0 +1,91 @@
+"""``ImageDataset``: reads ``Sample`` records into tensors, reporting unreadable images by path."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from distill.data.base import Sample
+from distill.errors import DistillError
+
+
+def read_image(path: str) -> Image.Image:
+    """Open an image as RGB; raise ``DistillError`` naming the file when it is missing or corrupt."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DistillError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DistillError(f"corrupt or unreadable image: {path} ({err})") from None
+
+
+def check_images(samples: Sequence[Sample], strict: bool = False) -> list[Sample]:
+    """Return the samples whose image can be decoded; warn about (or with ``strict``, fail on) the rest."""
+    good, bad = [], []
+    for s in samples:
+        try:
+            with Image.open(s.path) as img:
+                img.verify()
+            good.append(s)
+        except (OSError, UnidentifiedImageError, SyntaxError):
+            bad.append(s.path)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        if strict:
+            raise DistillError(f"{len(bad)} unreadable image(s): {shown} (drop --strict to skip them)")
+        warnings.warn(f"skipping {len(bad)} unreadable image(s): {shown}", stacklevel=2)
+    return good
+
+
+class ImageDataset(Dataset):
+    """Samples -> ``(image [3, H, W] float, class index, sample index)``.
+
+    ``label_map`` maps the data set's own labels to ``0..C-1`` (classifier targets); without it,
+    labels are returned as they are. ``preload`` decodes every image once and keeps the PIL images
+    in memory, which is what small data sets (the embedded default) want on a CPU.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[[Image.Image], Tensor],
+        label_map: dict[int, int] | None = None,
+        preload: bool = False,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.label_map = label_map
+        self._cache = [read_image(s.path) for s in self.samples] if preload else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        s = self.samples[index]
+        img = self._cache[index] if self._cache is not None else read_image(s.path)
+        label = self.label_map[s.label] if self.label_map is not None else s.label
+        return self.transform(img), label, index
+
+    @property
+    def labels(self) -> list[int]:
+        m = self.label_map
+        return [m[s.label] if m is not None else s.label for s in self.samples]
+
+
+def make_label_map(samples: Sequence[Sample]) -> dict[int, int]:
+    """Data-set labels -> contiguous class indices ``0..C-1`` in sorted label order."""
+    return {label: i for i, label in enumerate(sorted({s.label for s in samples}))}
+
+
+def stack_labels(samples: Sequence[Sample]) -> tuple[Tensor, Tensor]:
+    """``(labels, cameras)`` of a sample list as int64 tensors (for evaluation)."""
+    return (
+        torch.tensor([s.label for s in samples], dtype=torch.long),
+        torch.tensor([s.camera for s in samples], dtype=torch.long),
+    )
