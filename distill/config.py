@@ -1,0 +1,132 @@
+"""One typed config for a run: defaults, then a TOML file, then command-line overrides."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from distill.errors import DistillError
+
+
+@dataclass
+class Config:
+    """Everything ``distill run`` needs. The defaults run the embedded data set in a few CPU minutes."""
+
+    # models
+    teacher: str = "inception_bn"
+    teacher_weights: str | None = None
+    student: str = "nin_bn"
+    student_width: float = 1.0
+    multiscale: bool = False
+    embed_dim: int = 128
+    # data
+    data: str = "synthetic"
+    image_size: tuple[int, int] = (64, 32)
+    strict: bool = False
+    # training (students; the teacher uses teacher_epochs and teacher_lr)
+    epochs: int = 12
+    teacher_epochs: int = 10
+    batch_size: int = 64
+    images_per_id: int = 4
+    lr: float = 3e-3
+    teacher_lr: float = 2e-3
+    weight_decay: float = 5e-4
+    loss: str = "softmax=1,triplet=1"
+    # distillation
+    kd_weight: float = 1.0
+    kd_temperature: float = 4.0
+    darkrank: str = "hard"
+    darkrank_weight: float = 1.0
+    darkrank_alpha: float = 3.0
+    darkrank_beta: float = 3.0
+    darkrank_list_size: int | None = None
+    darkrank_method: str = "exact"
+    baseline: bool = True
+    # engine
+    device: str = "auto"
+    seed: int = 0
+    amp: bool = True
+    compile: bool = False
+    workers: int | None = None
+    resume: bool = False
+    # outputs
+    name: str = "default"
+    out: str | None = None
+    export_precision: str = "fp32"
+    bench_iters: int = 30
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+
+DARKRANK_MODES = ("hard", "soft", "none")
+DARKRANK_METHODS = ("exact", "bruteforce", "sampled")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Bring a TOML/CLI value to the field's type (tuples from lists or ``HxW`` strings)."""
+    if name == "image_size":
+        if isinstance(value, str):
+            parts = value.lower().split("x")
+            value = parts if len(parts) == 2 else [value]
+        try:
+            h, w = (int(v) for v in value)
+        except (TypeError, ValueError):
+            raise DistillError(f"image_size must be HxW like 64x32, got {value!r}") from None
+        if h < 16 or w < 16:
+            raise DistillError(f"image_size {h}x{w} is too small (at least 16x16)")
+        return (h, w)
+    return value
+
+
+def validate(cfg: Config) -> Config:
+    """Check option values and combinations; raise one clear ``DistillError`` for the first bad one."""
+    if cfg.darkrank not in DARKRANK_MODES:
+        raise DistillError(f"--darkrank must be one of {', '.join(DARKRANK_MODES)}, got '{cfg.darkrank}'")
+    if cfg.darkrank_method not in DARKRANK_METHODS:
+        raise DistillError(f"--darkrank-method must be one of {', '.join(DARKRANK_METHODS)}, got '{cfg.darkrank_method}'")
+    for name in ("epochs", "teacher_epochs", "batch_size", "images_per_id", "embed_dim", "bench_iters"):
+        if getattr(cfg, name) < 1:
+            raise DistillError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.batch_size % cfg.images_per_id or cfg.batch_size // cfg.images_per_id < 2:
+        raise DistillError(
+            f"batch_size {cfg.batch_size} must be a multiple of images_per_id {cfg.images_per_id} "
+            "with at least 2 identities per batch (P x K sampling)"
+        )
+    if cfg.darkrank_list_size is not None and not 2 <= cfg.darkrank_list_size < cfg.batch_size:
+        raise DistillError(f"darkrank_list_size must be in [2, batch_size), got {cfg.darkrank_list_size}")
+    if cfg.student_width <= 0:
+        raise DistillError(f"student_width must be > 0, got {cfg.student_width}")
+    if cfg.export_precision not in ("fp32", "fp16", "int8"):
+        raise DistillError(f"export_precision must be fp32, fp16 or int8, got '{cfg.export_precision}'")
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise DistillError(f"--device must be auto, cpu or cuda[:N], got '{cfg.device}'")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Defaults <- TOML file (flat keys, or a ``[run]`` table) <- overrides that are not None."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise DistillError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise DistillError(f"config file {path} is not valid TOML: {err}") from None
+        values.update(data.get("run", data))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DistillError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return validate(Config(**{k: _coerce(k, v) for k, v in values.items()}))

@@ -1,0 +1,226 @@
+"""Training loop: PK batches, AdamW + one-cycle schedule, AMP (bf16) and channels_last on GPU,
+optional torch.compile, DDP under torchrun, atomic per-epoch checkpoints with every RNG state (so
+``resume`` continues bit-for-bit on CPU), a JSONL metrics log and a rich progress bar.
+
+``fit`` knows nothing about distillation: it calls ``objective(emb, logits, labels, teacher_out)``
+where ``teacher_out`` is whatever ``teacher_fn(images, indices)`` returns for the batch (or None).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from distill.atomic import atomic_torch_save
+from distill.data.dataset import ImageDataset
+from distill.data.samplers import PKSampler, loader_settings
+from distill.errors import DistillError
+
+TeacherFn = Callable[[Tensor, Tensor], Any]
+Objective = Callable[[Tensor, Tensor, Tensor, Any], tuple[Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainSettings:
+    epochs: int
+    lr: float
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    images_per_id: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = True
+    compile: bool = False
+    workers: int | None = None
+    resume: bool = False
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> the local CUDA device when there is one (the LOCAL_RANK one under torchrun), else CPU."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DistillError(f"--device {spec} asked for CUDA but no CUDA device is available (use --device cpu)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def distributed() -> tuple[int, int]:
+    """``(rank, world_size)``; initialises the process group once when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main_process() -> bool:
+    return distributed()[0] == 0
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        transient=True,
+    )
+
+
+def fit(
+    model: nn.Module,
+    objective: nn.Module,
+    dataset: ImageDataset,
+    settings: TrainSettings,
+    checkpoint: str | Path,
+    teacher_fn: TeacherFn | None = None,
+    desc: str = "train",
+) -> nn.Module:
+    """Train ``model`` (and the learnable parts of ``objective``) on P x K batches of ``dataset``.
+
+    A checkpoint is written atomically after every epoch; with ``settings.resume`` and an existing
+    checkpoint, training continues from the epoch after the last one saved. Metrics go to
+    ``<checkpoint>.jsonl``. A NaN/inf loss stops training with a clear message, keeping the last
+    good checkpoint.
+    """
+    checkpoint = Path(checkpoint)
+    device = torch.device(settings.device)
+    rank, world = distributed()
+    seed_everything(settings.seed)
+    model.to(device)
+    objective.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+
+    k = settings.images_per_id
+    sampler = PKSampler(dataset.labels, p=settings.batch_size // k, k=k, seed=settings.seed, rank=rank, world_size=world)
+    if len(sampler) == 0:
+        raise DistillError(
+            f"the training set is too small for batches of {settings.batch_size // k} identities x {k} images "
+            f"({len(set(dataset.labels))} identities): lower --batch-size"
+        )
+    loader = DataLoader(dataset, batch_sampler=sampler, **loader_settings(device, settings.workers))
+    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    steps = settings.epochs * len(sampler)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=steps, pct_start=0.15)
+
+    start_epoch = 0
+    if settings.resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
+        train_model = torch.compile(train_model)
+    use_amp = settings.amp and device.type == "cuda"
+    log_path = checkpoint.with_suffix(".jsonl")
+    main = rank == 0
+
+    with _progress() as progress:
+        task = progress.add_task(desc, total=(settings.epochs - start_epoch) * len(sampler), info="", visible=main)
+        for epoch in range(start_epoch, settings.epochs):
+            sampler.set_epoch(epoch)
+            model.train()
+            objective.train()
+            totals: dict[str, float] = {}
+            seen, t0 = 0, time.perf_counter()
+            for step, (images, labels, indices) in enumerate(loader):
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                teacher_out = teacher_fn(images, indices) if teacher_fn is not None else None
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    emb, logits = train_model(images)
+                loss, parts = objective(emb.float(), logits.float(), labels, teacher_out)
+                if not torch.isfinite(loss):
+                    raise DistillError(
+                        f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                        f"the last good checkpoint is kept at {checkpoint}. Try a lower learning rate.",
+                        exit_code=1,
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                for name, value in {"loss": loss.item(), **parts}.items():
+                    totals[name] = totals.get(name, 0.0) + value
+                seen += len(labels)
+                progress.update(task, advance=1, info=f"epoch {epoch + 1}/{settings.epochs} loss {loss.item():.3f}")
+            record = {k: v / len(sampler) for k, v in totals.items()}
+            record.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], images_per_s=seen / (time.perf_counter() - t0))
+            if main:
+                state = {
+                    "model": model.state_dict(),
+                    "objective": objective.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "epoch": epoch,
+                }
+                atomic_torch_save(state, checkpoint)
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+    model.eval()
+    return model
+
+
+@torch.inference_mode()
+def extract(fn: Callable[[Tensor], Any], dataset: ImageDataset, device: torch.device, batch_size: int = 128) -> list[Tensor]:
+    """Run ``fn`` (a model or a teacher) over ``dataset`` in order; concatenate each output on the CPU.
+
+    ``fn`` returns a tensor or a tuple of tensors (``None`` entries stay ``None``).
+    """
+    if isinstance(fn, nn.Module):
+        fn.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_settings(device, None))
+    outputs: list[list[Tensor]] = []
+    for images, _, _ in loader:
+        out = fn(images.to(device))
+        out = out if isinstance(out, tuple) else (out,)
+        outputs.append([o.float().cpu() if o is not None else None for o in out])
+    return [None if col[0] is None else torch.cat(col) for col in zip(*outputs)]

@@ -1,0 +1,52 @@
+"""Teacher-output cache: the frozen teacher runs once per data set, not once per epoch.
+
+Outputs for un-augmented training images are stored in one ``.pt`` file keyed by
+(teacher fingerprint, data fingerprint, transform). Any change to the weights, the image list
+(paths, labels, file sizes) or the transform gives a new key, so a stale cache is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from distill.atomic import atomic_torch_save
+from distill.data.base import Sample
+
+
+def data_fingerprint(samples: Sequence[Sample]) -> str:
+    """Hash of every sample's path, label and file size: cheap, and changes when the data does."""
+    h = hashlib.sha1()
+    for s in samples:
+        size = os.path.getsize(s.path) if os.path.exists(s.path) else -1
+        h.update(f"{s.path}\0{s.label}\0{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(teacher_fingerprint: str, samples: Sequence[Sample], transform: object) -> str:
+    parts = f"{teacher_fingerprint}|{data_fingerprint(samples)}|{transform!r}"
+    return hashlib.sha1(parts.encode()).hexdigest()[:16]
+
+
+def cached_outputs(
+    key: str, cache_dir: str | Path, compute: Callable[[], tuple[Tensor, Tensor | None]]
+) -> tuple[tuple[Tensor, Tensor | None], bool]:
+    """Load ``(embeddings, logits)`` for ``key`` from ``cache_dir``, or compute and store them atomically.
+
+    Returns the outputs and whether they came from the cache. An unreadable cache file is recomputed.
+    """
+    path = Path(cache_dir) / f"teacher-{key}.pt"
+    if path.exists():
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            return (data["embeddings"], data.get("logits")), True
+        except Exception:  # corrupt or foreign file: recompute and overwrite
+            pass
+    emb, logits = compute()
+    atomic_torch_save({"embeddings": emb, "logits": logits}, path)
+    return (emb, logits), False

@@ -1,0 +1,17 @@
+"""Shared fixtures: CPU only, few threads, a private data cache per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Render the embedded data set into a temp dir, never into the user's ~/.cache."""
+    os.environ["DISTILL_CACHE"] = str(tmp_path_factory.mktemp("distill-cache"))
+    yield

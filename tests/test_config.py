@@ -1,0 +1,51 @@
+"""Config: defaults <- TOML <- overrides, and one clear error per bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from distill.config import Config, load_config
+from distill.errors import DistillError
+
+
+def test_defaults_toml_and_overrides_in_that_order(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('epochs = 3\nimage_size = [128, 64]\nloss = "lifted=1"\n')
+    cfg = load_config(path, epochs=5, lr=None)
+    assert cfg.epochs == 5  # override wins
+    assert cfg.image_size == (128, 64) and cfg.loss == "lifted=1"  # from the file
+    assert cfg.lr == Config().lr  # None overrides nothing
+
+
+def test_run_table_and_hxw_string(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[run]\nimage_size = "256x128"\n')
+    assert load_config(path).image_size == (256, 128)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"darkrank": "medium"}, "--darkrank must be one of hard, soft, none"),
+        ({"darkrank_method": "fast"}, "--darkrank-method must be one of exact, bruteforce, sampled"),
+        ({"image_size": "64"}, "image_size must be HxW"),
+        ({"image_size": "8x8"}, "too small"),
+        ({"batch_size": 30, "images_per_id": 4}, "must be a multiple of images_per_id"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"darkrank_list_size": 64}, r"darkrank_list_size must be in \[2, batch_size\)"),
+        ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
+        ({"bogus": 1}, "unknown config key"),
+    ],
+)
+def test_bad_values(overrides, message):
+    with pytest.raises(DistillError, match=message):
+        load_config(None, **overrides)
+
+
+def test_missing_and_malformed_file(tmp_path):
+    with pytest.raises(DistillError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = = 3")
+    with pytest.raises(DistillError, match="is not valid TOML"):
+        load_config(bad)
