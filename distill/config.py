@@ -25,6 +25,9 @@ class Config:
     data: str = "synthetic"
     image_size: tuple[int, int] = (64, 32)
     strict: bool = False
+    cuhk03_variant: str | None = None  # cuhk03 only: labeled | detected
+    bbox_crop: bool | None = None  # cub200 only: crop to the published bounding boxes
+    split_file: str | None = None  # imagefolder only: explicit train/test split file
     # training (students; the teacher uses teacher_epochs and teacher_lr)
     epochs: int = 12
     teacher_epochs: int = 10
@@ -60,6 +63,11 @@ class Config:
     @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / self.name
+
+    def data_options(self) -> dict[str, Any]:
+        """Options for the data-set loader: ``strict`` plus the loader-specific ones that are set."""
+        opts = {"cuhk03_variant": self.cuhk03_variant, "bbox_crop": self.bbox_crop, "split_file": self.split_file}
+        return {"strict": self.strict} | {k: v for k, v in opts.items() if v is not None}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

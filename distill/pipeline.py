@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from distill.config import Config
 from distill.data import Splits, load_dataset
-from distill.data.dataset import ImageDataset, check_images, make_label_map, stack_labels
+from distill.data.dataset import ImageDataset, make_label_map, stack_labels
 from distill.data.transforms import build_transform
 from distill.engine import TrainSettings, extract, fit, is_main_process, resolve_device
 from distill.errors import DistillError
@@ -57,9 +57,7 @@ def prepare_out_dir(cfg: Config) -> Path:
 
 def prepare_data(cfg: Config) -> Prepared:
     """Load the data set, drop unreadable images, build train (augmented and plain) datasets."""
-    splits = load_dataset(cfg.data, strict=cfg.strict)
-    for part in ("train", "query", "gallery"):
-        setattr(splits, part, check_images(getattr(splits, part), strict=cfg.strict))
+    splits = load_dataset(cfg.data, **cfg.data_options())
     if not splits.train or not splits.query:
         raise DistillError(f"data set '{cfg.data}' has no training or no test images")
     label_map = make_label_map(splits.train)

@@ -1,0 +1,116 @@
+"""Engine: training reduces the loss, resume is bit-for-bit on CPU, NaN stops with the checkpoint kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.data import load_dataset
+from distill.data.samplers import PKSampler
+from distill.data.dataset import ImageDataset, make_label_map
+from distill.data.transforms import build_transform
+from distill.embedding import EmbeddingNet
+from distill.engine import TrainSettings, extract, fit
+from distill.errors import DistillError
+
+
+class CrossEntropy(nn.Module):
+    def forward(self, emb, logits, labels, teacher_out=None):
+        loss = F.cross_entropy(logits, labels)
+        return loss, {"ce": loss.item()}
+
+
+class Exploding(CrossEntropy):
+    """Finite for the first ``good`` steps, then NaN."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__()
+        self.good, self.calls = good, 0
+
+    def forward(self, emb, logits, labels, teacher_out=None):
+        self.calls += 1
+        loss, parts = super().forward(emb, logits, labels)
+        return (loss if self.calls <= self.good else loss * float("nan")), parts
+
+
+def tiny_model(num_classes: int) -> nn.Module:
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    return EmbeddingNet(backbone, 8, 16, num_classes)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    s = load_dataset(f"synthetic:{root}", train_ids=6, test_ids=2, images_per_id=8, height=32, width=16)
+    return ImageDataset(s.train, build_transform((32, 16), train=False, kind="reid"), make_label_map(s.train), preload=True)
+
+
+def steps_per_epoch(dataset) -> int:
+    return len(PKSampler(dataset.labels, p=3, k=4))
+
+
+def settings(epochs: int, resume: bool = False) -> TrainSettings:
+    return TrainSettings(epochs=epochs, lr=1e-2, batch_size=12, images_per_id=4, seed=3, resume=resume)
+
+
+def test_training_reduces_the_loss_and_logs_every_epoch(dataset, tmp_path):
+    ckpt = tmp_path / "m.ckpt"
+    fit(tiny_model(6), CrossEntropy(), dataset, settings(4), ckpt)
+    log = [json.loads(line) for line in ckpt.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert {"ce", "lr", "images_per_s"} <= set(log[0])
+
+
+class Interrupted(CrossEntropy):
+    """Ctrl-C in the middle of the second epoch (after ``after`` steps)."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.after, self.calls = after, 0
+
+    def forward(self, emb, logits, labels, teacher_out=None):
+        self.calls += 1
+        if self.calls > self.after:
+            raise KeyboardInterrupt
+        return super().forward(emb, logits, labels)
+
+
+def test_resume_after_ctrl_c_continues_bit_for_bit(dataset, tmp_path):
+    straight = fit(tiny_model(6), CrossEntropy(), dataset, settings(3), tmp_path / "a.ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(6), Interrupted(after=steps_per_epoch(dataset) + 1), dataset, settings(3), tmp_path / "b.ckpt")
+    state = torch.load(tmp_path / "b.ckpt", weights_only=False)
+    assert state["epoch"] == 0  # epoch 1 finished and saved; epoch 2 was interrupted
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    resumed = fit(tiny_model(6), CrossEntropy(), dataset, settings(3, resume=True), tmp_path / "b.ckpt")
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(dataset, tmp_path):
+    ckpt = tmp_path / "m.ckpt"
+    with pytest.raises(DistillError, match=r"loss became nan at epoch 2, step 1; the last good checkpoint is kept"):
+        fit(tiny_model(6), Exploding(good=steps_per_epoch(dataset)), dataset, settings(3), ckpt)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 0
+
+
+def test_too_few_identities_for_a_batch(dataset, tmp_path):
+    big = TrainSettings(epochs=1, lr=1e-2, batch_size=40, images_per_id=4)
+    with pytest.raises(DistillError, match="too small for batches of 10 identities x 4 images"):
+        fit(tiny_model(6), CrossEntropy(), dataset, big, tmp_path / "m.ckpt")
+
+
+def test_extract_keeps_order_and_none_outputs(dataset):
+    model = tiny_model(6).eval()
+    emb, logits = extract(model, dataset, torch.device("cpu"), batch_size=5)
+    direct = model(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    torch.testing.assert_close(emb, direct[0])
+    torch.testing.assert_close(logits, direct[1])
+    only, missing = extract(lambda x: (model(x)[0], None), dataset, torch.device("cpu"), batch_size=7)
+    assert missing is None and only.shape == (len(dataset), 16)

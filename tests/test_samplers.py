@@ -1,0 +1,161 @@
+"""PKSampler properties on random label sets, and the DataLoader settings rule."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from distill.data import samplers
+from distill.data.samplers import PKSampler, loader_settings
+from distill.errors import DistillError
+
+
+def random_labels(seed: int) -> list[int]:
+    """20-40 identities with 1-12 images each (some below K), ids not contiguous, order shuffled."""
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(1000, size=rng.integers(20, 40), replace=False)
+    labels = [int(i) for i in ids for _ in range(rng.integers(1, 13))]
+    return [labels[j] for j in rng.permutation(len(labels))]
+
+
+def expected_batches(n: int, ids: int, p: int, k: int, drop_last: bool) -> list[int]:
+    """Reference for the documented epoch length: identities per batch."""
+    if ids < p:
+        return []
+    full = max(1, n // (p * k))
+    rest = n - full * p * k
+    return [p] * full + ([math.ceil(rest / k)] if rest > 0 and not drop_last else [])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("p,k", [(4, 4), (6, 2), (3, 5)])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_every_batch_is_p_identities_by_k_images(seed: int, p: int, k: int, drop_last: bool) -> None:
+    labels = random_labels(seed)
+    by_label = defaultdict(set)
+    for i, label in enumerate(labels):
+        by_label[label].add(i)
+    sampler = PKSampler(labels, p, k, seed=seed, drop_last=drop_last)
+    batches = list(sampler)
+    sizes = expected_batches(len(labels), len(by_label), p, k, drop_last)
+    assert len(batches) == len(sampler) == len(sizes)
+    for batch, size in zip(batches, sizes):
+        assert all(isinstance(i, int) for i in batch)
+        per_id = defaultdict(list)
+        for i in batch:
+            per_id[labels[i]].append(i)
+        assert len(per_id) == size
+        for label, chosen in per_id.items():
+            assert len(chosen) == k
+            assert set(chosen) <= by_label[label]
+            if len(by_label[label]) >= k:
+                assert len(set(chosen)) == k  # no repeats when the identity has K images
+            else:
+                assert set(chosen) == by_label[label]  # all of them, the rest repeated
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_images_of_an_identity_cycle_before_repeating(seed: int) -> None:
+    """Per identity with n >= K images, each run of floor(n/K)*K draws is distinct (a reshuffled cycle)."""
+    labels = random_labels(seed)
+    k = 3
+    draws = defaultdict(list)
+    for batch in PKSampler(labels, p=5, k=k, seed=seed):
+        for i in batch:
+            draws[labels[i]].append(i)
+    counts = Counter(labels)
+    checked = 0
+    for label, seq in draws.items():
+        n = counts[label]
+        if n < k:
+            continue
+        cycle = (n // k) * k
+        for start in range(0, len(seq) - cycle + 1, cycle):
+            assert len(set(seq[start : start + cycle])) == cycle
+            checked += 1
+    assert checked > 0
+
+
+def test_deterministic_per_seed_and_epoch() -> None:
+    labels = random_labels(3)
+    a, b = PKSampler(labels, 4, 4, seed=7), PKSampler(labels, 4, 4, seed=7)
+    assert list(a) == list(b) == list(a)
+    a.set_epoch(1)
+    b.set_epoch(1)
+    epoch1 = list(a)
+    assert epoch1 == list(b)
+    a.set_epoch(0)
+    epoch0 = list(a)
+    assert epoch1 != epoch0 and len(epoch1) == len(epoch0)
+    assert list(PKSampler(labels, 4, 4, seed=8)) != epoch0
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_ddp_shards_are_disjoint_and_equal(world_size: int, drop_last: bool) -> None:
+    labels = random_labels(4)
+    whole = list(PKSampler(labels, 3, 2, seed=1, drop_last=drop_last))
+    shards = []
+    for rank in range(world_size):
+        s = PKSampler(labels, 3, 2, seed=1, drop_last=drop_last, rank=rank, world_size=world_size)
+        s.set_epoch(0)
+        shards.append(list(s))
+        assert len(shards[-1]) == len(s)
+    per_rank = len(whole) // world_size if drop_last else math.ceil(len(whole) / world_size)
+    assert all(len(shard) == per_rank for shard in shards)
+    # rank r takes global batches r, r + W, ...: positions are disjoint and cover the epoch
+    padded = (whole * 2)[: per_rank * world_size]
+    for rank, shard in enumerate(shards):
+        assert shard == padded[rank::world_size]
+    if drop_last:
+        positions = [{r + world_size * j for j in range(per_rank)} for r in range(world_size)]
+        assert set.union(*positions) == set(range(per_rank * world_size))
+        assert sum(map(len, positions)) == per_rank * world_size
+
+
+def test_too_few_identities_and_bad_arguments() -> None:
+    sampler = PKSampler([0, 0, 1, 1, 2], p=4, k=2)
+    assert len(sampler) == 0 and list(sampler) == []
+    with pytest.raises(DistillError, match=r"PK sampling needs p >= 1 identities and k >= 1 images per identity, got p=0, k=2"):
+        PKSampler([0, 1], p=0, k=2)
+    with pytest.raises(DistillError, match=r"rank 2 is outside 0..1"):
+        PKSampler([0, 1], p=1, k=1, rank=2, world_size=2)
+
+
+def test_works_as_dataloader_batch_sampler() -> None:
+    labels = random_labels(5)
+    data = TensorDataset(torch.arange(len(labels)), torch.tensor(labels))
+    sampler = PKSampler(labels, 4, 3, seed=2)
+    loader = DataLoader(data, batch_sampler=sampler, **loader_settings("cpu", 0))
+    for (index, label), batch in zip(loader, sampler):
+        assert index.tolist() == batch and label.tolist() == [labels[i] for i in batch]
+
+
+@pytest.mark.parametrize(
+    "device,cores,local_world,expected",
+    [
+        ("cpu", 2, 1, 0),
+        ("cpu", 4, 1, 0),
+        ("cpu", 16, 1, 4),
+        ("cpu", 6, 1, 3),
+        ("cuda", 16, 1, 8),
+        ("cuda", 16, 4, 3),
+        ("cuda", 1, 1, 0),
+    ],
+)
+def test_loader_settings_rule(monkeypatch: pytest.MonkeyPatch, device: str, cores: int, local_world: int, expected: int) -> None:
+    monkeypatch.setattr(samplers, "cpu_count", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    settings = loader_settings(device)
+    assert settings == {"num_workers": expected, "pin_memory": device == "cuda", "persistent_workers": expected > 0}
+
+
+def test_loader_settings_explicit_workers() -> None:
+    assert loader_settings(torch.device("cpu"), 3) == {"num_workers": 3, "pin_memory": False, "persistent_workers": True}
+    with pytest.raises(DistillError, match=r"--workers must be >= 0, got -1"):
+        loader_settings("cpu", -1)
