@@ -74,6 +74,7 @@ def run(
     images_per_id: Optional[int] = typer.Option(None, help="K, images per identity in a batch."),
     lr: Optional[float] = typer.Option(None, help="Student learning rate."),
     loss: Optional[str] = typer.Option(None, help="Task losses with weights, e.g. softmax=1,triplet=1,lifted=0.5."),
+    loss_options: Optional[list[str]] = typer.Option(None, "--loss-opt", help="Task-loss hyper-parameter KEY=VALUE (repeatable), e.g. triplet_margin=0.3."),
     kd_weight: Optional[float] = typer.Option(None, help="Weight of Hinton KD (0 disables it)."),
     kd_temperature: Optional[float] = typer.Option(None, help="KD temperature T."),
     darkrank: Optional[str] = typer.Option(None, help="DarkRank mode: hard, soft or none."),
@@ -96,7 +97,7 @@ def run(
     """Teacher -> baseline student -> distilled student -> evaluate -> ONNX export -> benchmark -> report."""
     from distill.pipeline import run as run_pipeline
 
-    overrides = {k: v for k, v in locals().items() if k != "config"}
+    overrides = {k: v for k, v in locals().items() if k != "config" and v != []}
     run_pipeline(_config(config, **overrides))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class Config:
     teacher_lr: float = 2e-3
     weight_decay: float = 5e-4
     loss: str = "softmax=1,triplet=1"
+    loss_options: dict[str, Any] = field(default_factory=dict)  # hparams of the task losses (distill.losses.task.HPARAMS)
     # distillation
     kd_weight: float = 1.0
     kd_temperature: float = 4.0
@@ -92,7 +93,21 @@ def _coerce(name: str, value: Any) -> Any:
         if h < 16 or w < 16:
             raise DistillError(f"image_size {h}x{w} is too small (at least 16x16)")
         return (h, w)
+    if name == "loss_options" and isinstance(value, (list, tuple)):
+        return dict(_key_value(item) for item in value)
     return value
+
+
+def _key_value(item: str) -> tuple[str, Any]:
+    """``"triplet_margin=0.3"`` -> ``("triplet_margin", 0.3)``; values parsed as TOML scalars."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise DistillError(f"--loss-opt takes KEY=VALUE, got '{item}'")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as semihard
+    return key.strip(), value
 
 
 def validate(cfg: Config) -> Config:

@@ -27,9 +27,10 @@ class StudentObjective(nn.Module):
         darkrank: DarkRankLoss | None = None,
         darkrank_weight: float = 0.0,
         teacher_has_logits: bool = True,
+        loss_options: dict | None = None,
     ) -> None:
         super().__init__()
-        self.task = build_task_loss(task_spec, embed_dim, num_classes)
+        self.task = build_task_loss(task_spec, embed_dim, num_classes, **(loss_options or {}))
         if kd_weight and not teacher_has_logits:
             warnings.warn("the teacher has no classifier logits (an embedding-only ONNX model?): KD is disabled", stacklevel=2)
             kd_weight = 0.0

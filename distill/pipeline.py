@@ -109,7 +109,7 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
     model = build_teacher_model(cfg.teacher, cfg.embed_dim, data.num_classes)
     if cfg.teacher_weights:
         load_backbone_weights(model, cfg.teacher_weights)
-    objective = StudentObjective(cfg.loss, cfg.embed_dim, data.num_classes)
+    objective = StudentObjective(cfg.loss, cfg.embed_dim, data.num_classes, loss_options=cfg.loss_options)
     fit(model, objective, data.train, train_settings(cfg, device, teacher=True), cfg.out_dir / "teacher.ckpt", desc="teacher")
     if is_main_process():
         save_model(path, model, arch=cfg.teacher, data=fingerprint, image_size=list(cfg.image_size))
@@ -163,6 +163,7 @@ def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=Non
         darkrank=darkrank,
         darkrank_weight=cfg.darkrank_weight,
         teacher_has_logits=teacher.has_logits if teacher is not None else True,
+        loss_options=cfg.loss_options,
     )
     teacher_fn = teacher_outputs(cfg, teacher, data, device) if teacher is not None else None
     fit(model, objective, data.train, train_settings(cfg, device), cfg.out_dir / f"{name}.ckpt", teacher_fn=teacher_fn, desc=name)

@@ -1,4 +1,4 @@
-"""Shared fixtures: CPU only, few threads, a private data cache per test session."""
+"""Shared fixtures: CPU only, one thread, a private data cache per test session."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # tiny tensors: threads only add overhead, and CI has 2 shared cores
 
 
 @pytest.fixture(autouse=True, scope="session")

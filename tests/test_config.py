@@ -49,3 +49,13 @@ def test_missing_and_malformed_file(tmp_path):
     bad.write_text("epochs = = 3")
     with pytest.raises(DistillError, match="is not valid TOML"):
         load_config(bad)
+
+
+def test_loss_options_from_cli_pairs_and_toml_table(tmp_path):
+    cfg = load_config(None, loss_options=["triplet_margin=0.3", "triplet_mining=semihard", "lsoftmax_margin=3"])
+    assert cfg.loss_options == {"triplet_margin": 0.3, "triplet_mining": "semihard", "lsoftmax_margin": 3}
+    path = tmp_path / "c.toml"
+    path.write_text("[loss_options]\nlifted_margin = 0.5\n")
+    assert load_config(path).loss_options == {"lifted_margin": 0.5}
+    with pytest.raises(DistillError, match="--loss-opt takes KEY=VALUE, got 'margin'"):
+        load_config(None, loss_options=["margin"])

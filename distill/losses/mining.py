@@ -1,0 +1,226 @@
+"""Which tuples a metric loss sees: dense distance matrices, triplet masks, Deep Ranking's online
+importance triplet sampler and the log-ratio kNN minibatch builder.
+
+Everything here is vectorised (no Python loop over the batch) and uses squared Euclidean
+distances, the distance of Deep Ranking's triplet loss.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from distill.errors import DistillError
+
+
+def pairwise_sq_dist(x: Tensor, y: Tensor | None = None) -> Tensor:
+    """Dense squared Euclidean distances ``D2 = x~ 1' + 1 y~' - 2 X Y'`` (``x~`` = squared row norms),
+    clamped at 0 against round-off. ``y`` defaults to ``x``."""
+    y = x if y is None else y
+    d2 = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * x @ y.T
+    return d2.clamp_min(0.0)
+
+
+def check_labels(emb: Tensor, labels: Tensor, what: str = "labels") -> None:
+    """Raise a clear ``DistillError`` unless ``emb`` is ``[N, D]`` and ``labels`` an integer ``[N]``."""
+    if emb.dim() != 2:
+        raise DistillError(f"embeddings must be a 2-D tensor [N, D], got shape {tuple(emb.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != emb.shape[0]:
+        raise DistillError(
+            f"{what} must be a 1-D tensor with one entry per embedding ({emb.shape[0]}), "
+            f"got shape {tuple(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise DistillError(f"{what} must be integer class indices, got dtype {labels.dtype}")
+
+
+def positive_negative_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``pos[i, j]``: same label and ``i != j``; ``neg[i, j]``: different label."""
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~same
+
+
+def label_triplet_mask(labels: Tensor) -> Tensor:
+    """``[N, N, N]`` mask of valid triplets ``(a, p, n)``: ``y_a = y_p``, ``a != p``, ``y_n != y_a``."""
+    pos, neg = positive_negative_masks(labels)
+    return pos.unsqueeze(2) & neg.unsqueeze(1)
+
+
+def dense_triplet_mask(target_dist: Tensor) -> Tensor:
+    """Dense triplet mining on continuous labels (Kim et al. 2019): ``[N, N, N]`` mask of all
+    ``(a, i, j)`` with ``i != a``, ``j != a`` and ``D(y_a, y_i) < D(y_a, y_j)`` (which implies ``i != j``;
+    ties in label distance are not ranked, so they are left out).
+    """
+    n = target_dist.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=target_dist.device)
+    closer = target_dist.unsqueeze(2) < target_dist.unsqueeze(1)
+    return closer & ~eye.unsqueeze(2) & ~eye.unsqueeze(1)
+
+
+def knn_batches(
+    targets: Tensor, anchors: Tensor, k: int, batch_size: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Log-ratio minibatches (Kim et al. 2019, Sec. 3.3): for each anchor, the anchor itself, its ``k``
+    nearest neighbours in label space (``targets`` ``[M]`` or ``[M, d]``, the whole training set) and
+    ``batch_size - 1 - k`` others drawn uniformly without replacement. Returns ``[len(anchors),
+    batch_size]`` data set indices, in that order (anchor, neighbours by distance, random others).
+    """
+    t = targets.reshape(len(targets), -1).float()
+    m = t.shape[0]
+    if not 0 <= k < batch_size <= m:
+        raise DistillError(
+            f"knn_batches needs 0 <= k < batch_size <= data set size, got k={k}, "
+            f"batch_size={batch_size}, data set size={m}"
+        )
+    anchors = anchors.reshape(-1).long()
+    d = pairwise_sq_dist(t[anchors], t)
+    rows = torch.arange(len(anchors), device=d.device)
+    d[rows, anchors] = float("inf")
+    neighbours = d.topk(k, dim=1, largest=False).indices
+    taken = torch.zeros_like(d, dtype=torch.bool)
+    taken[rows, anchors] = True
+    taken.scatter_(1, neighbours, True)
+    noise = torch.rand(d.shape, generator=generator, device="cpu").to(d.device)
+    others = noise.masked_fill(taken, -1.0).topk(batch_size - 1 - k, dim=1).indices
+    return torch.cat([anchors.unsqueeze(1), neighbours, others], dim=1)
+
+
+class ImportanceTripletSampler:
+    """Deep Ranking's online triplet sampling (Wang et al. 2014, Sec. 5), for integer class labels.
+
+    The training set is streamed through ``update``; each class keeps a reservoir buffer of
+    ``capacity`` items (Algorithm R: the ``t``-th item of a class takes a uniformly random slot with
+    probability ``capacity / t``), so memory stays ``num_classes x capacity`` whatever the data set
+    size. ``sample`` then draws queries in proportion to their importance score, a positive from the
+    query's buffer preferring far (hard) ones, ``p ~ softmax(D_qp / temperature)``, a negative from
+    ``num_candidates`` random items of other buffers preferring near ones, ``softmax(-D_qn /
+    temperature)``, and drops triplets that already satisfy the margin, ``D_qp + margin <= D_qn``.
+    Distances are squared Euclidean between embeddings.
+
+    Use in a training loop::
+
+        sampler = ImportanceTripletSampler(num_classes, capacity=16, margin=0.2)
+        for images, labels, indices in loader:            # stream the data set
+            sampler.update(indices, labels, importance)   # importance: e.g. last loss, or None (= 1)
+        triplets = sampler.sample(256, embed=lambda idx: table[idx])  # [T, 3] data set indices
+        loss = triplet_loss(*model_embed(triplets.T))      # (anchor, positive, negative)
+
+    ``embed`` maps a 1-D tensor of data set indices to their current embeddings ``[len, D]`` (a cached
+    table, or the model run on those images); it is called once per ``sample`` on the unique indices.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        capacity: int = 16,
+        margin: float = 0.2,
+        temperature: float = 0.5,
+        num_candidates: int = 32,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if num_classes < 2 or capacity < 2 or num_candidates < 1 or temperature <= 0:
+            raise DistillError(
+                "ImportanceTripletSampler needs num_classes >= 2, capacity >= 2, num_candidates >= 1 "
+                f"and temperature > 0, got {num_classes}, {capacity}, {num_candidates}, {temperature}"
+            )
+        self.num_classes = num_classes
+        self.capacity = capacity
+        self.margin = margin
+        self.temperature = temperature
+        self.num_candidates = num_candidates
+        self.generator = generator
+        self.slots = torch.full((num_classes, capacity), -1, dtype=torch.long)
+        self.importance = torch.zeros(num_classes, capacity, dtype=torch.float64)
+        self.seen = torch.zeros(num_classes, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return int((self.slots >= 0).sum())
+
+    def update(self, indices: Tensor, labels: Tensor, importance: Tensor | None = None) -> None:
+        """Stream a batch of data set ``indices`` with class ``labels`` (and importance scores, default 1)
+        into the per-class reservoirs; the result equals feeding the items one by one in batch order."""
+        indices, labels = indices.reshape(-1).long().cpu(), labels.reshape(-1).long().cpu()
+        if len(indices) != len(labels):
+            raise DistillError(f"update got {len(indices)} indices but {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise DistillError(f"labels must lie in 0..{self.num_classes - 1}, got {labels.min()}..{labels.max()}")
+        importance = (
+            torch.ones(len(indices), dtype=torch.float64)
+            if importance is None
+            else importance.detach().reshape(-1).double().cpu()
+        )
+        if len(importance) != len(indices) or not bool((importance >= 0).all()):
+            raise DistillError("importance must hold one non-negative score per index")
+        order = torch.argsort(labels, stable=True)
+        sorted_labels = labels[order]
+        pos = torch.arange(len(labels))
+        starts = torch.ones_like(sorted_labels, dtype=torch.bool)
+        starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+        rank = torch.empty_like(labels)
+        rank[order] = pos - torch.cummax(torch.where(starts, pos, 0), 0).values
+        t = self.seen[labels] + rank + 1  # 1-based count of this item within its class stream
+        u = torch.rand(len(labels), dtype=torch.float64, generator=self.generator)
+        slot = torch.where(t <= self.capacity, t - 1, (u * t).long())
+        keep = slot < self.capacity
+        key = labels * self.capacity + slot
+        last = torch.full((self.num_classes * self.capacity,), -1, dtype=torch.long)
+        last.scatter_reduce_(0, key[keep], pos[keep], reduce="amax")  # later items overwrite earlier ones
+        win = last[last >= 0]
+        self.slots.view(-1)[key[win]] = indices[win]
+        self.importance.view(-1)[key[win]] = importance[win]
+        self.seen += torch.bincount(labels, minlength=self.num_classes)
+
+    def sample(self, n: int, embed: Callable[[Tensor], Tensor]) -> Tensor:
+        """Draw ``n`` queries and return the ``[T, 3]`` (anchor, positive, negative) data set indices of
+        those whose triplet still violates the margin (``T <= n``)."""
+        valid = self.slots >= 0
+        sizes = valid.sum(1)
+        if int((sizes >= 2).sum()) < 1 or int((sizes >= 1).sum()) < 2:
+            raise DistillError(
+                "the triplet sampler needs a class with two buffered items and another class with one; "
+                "stream more data through update() first"
+            )
+        flat = valid.view(-1).nonzero().squeeze(1)
+        pool_idx, pool_lab = self.slots.view(-1)[flat], flat // self.capacity
+        weight = self.importance.view(-1)[flat] * (sizes[pool_lab] >= 2)
+        if float(weight.sum()) <= 0:
+            raise DistillError("every query candidate has importance 0; give some items a positive importance")
+        q = torch.multinomial(weight, n, replacement=True, generator=self.generator)
+        q_idx, q_lab = pool_idx[q], pool_lab[q]
+        pos_idx = self.slots[q_lab]  # [n, capacity]
+        pos_ok = (pos_idx >= 0) & (pos_idx != q_idx.unsqueeze(1))
+        cand = torch.randint(len(flat), (n, self.num_candidates), generator=self.generator)
+        neg_idx, neg_ok = pool_idx[cand], pool_lab[cand] != q_lab.unsqueeze(1)
+        wanted = torch.cat([q_idx, pos_idx.clamp_min(0).view(-1), neg_idx.view(-1)])
+        uniq, inv = torch.unique(wanted, return_inverse=True)
+        emb = embed(uniq).detach().float().cpu()
+        e_q = emb[inv[:n]].unsqueeze(1)
+        d_ap = (e_q - emb[inv[n : n + pos_idx.numel()]].view(n, self.capacity, -1)).pow(2).sum(-1)
+        d_an = (e_q - emb[inv[n + pos_idx.numel() :]].view(n, self.num_candidates, -1)).pow(2).sum(-1)
+        # a row can lack a positive (an index streamed twice fills two slots) or a negative; such rows
+        # get uniform logits to keep multinomial defined and are dropped below
+        has_pos, has_neg = pos_ok.any(1), neg_ok.any(1)
+        p_logits = (d_ap / self.temperature).masked_fill(~pos_ok, float("-inf"))
+        n_logits = (-d_an / self.temperature).masked_fill(~neg_ok, float("-inf"))
+        p_logits[~has_pos] = 0.0
+        n_logits[~has_neg] = 0.0
+        p = torch.multinomial(p_logits.softmax(1), 1, generator=self.generator).squeeze(1)
+        m = torch.multinomial(n_logits.softmax(1), 1, generator=self.generator).squeeze(1)
+        rows = torch.arange(n)
+        keep = has_pos & has_neg & (d_ap[rows, p] + self.margin > d_an[rows, m])
+        return torch.stack([q_idx, pos_idx[rows, p], neg_idx[rows, m]], dim=1)[keep]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Buffers and counts, for checkpoints (resume continues the same stream statistics)."""
+        return {"slots": self.slots.clone(), "importance": self.importance.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state["slots"].shape != self.slots.shape:
+            raise DistillError(
+                f"sampler state has buffers {tuple(state['slots'].shape)}, expected {tuple(self.slots.shape)} "
+                "(num_classes x capacity); build the sampler with the same settings"
+            )
+        self.slots, self.importance, self.seen = (state[k].clone() for k in ("slots", "importance", "seen"))
