@@ -91,13 +91,14 @@ def run(
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue interrupted training from checkpoints."),
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail on unreadable images instead of skipping them."),
     export_precision: Optional[str] = typer.Option(None, help="ONNX precision: fp32, fp16 or int8."),
+    bench_iters: Optional[int] = typer.Option(None, help="Timed iterations per benchmark."),
     out: Optional[str] = typer.Option(None, help="Output directory (default runs/<name>)."),
     name: Optional[str] = typer.Option(None, help="Run name."),
 ) -> None:
     """Teacher -> baseline student -> distilled student -> evaluate -> ONNX export -> benchmark -> report."""
+    overrides = {k: v for k, v in locals().items() if k != "config" and v != []}
     from distill.pipeline import run as run_pipeline
 
-    overrides = {k: v for k, v in locals().items() if k != "config" and v != []}
     run_pipeline(_config(config, **overrides))
 
 
@@ -114,9 +115,9 @@ def train_teacher(
     out: Optional[str] = typer.Option(None),
 ) -> None:
     """Train (or reuse) the teacher of a run directory: writes <out>/teacher.pt."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
     from distill import pipeline
 
-    overrides = {k: v for k, v in locals().items() if k != "config"}
     cfg = _config(config, **overrides)
     pipeline.prepare_out_dir(cfg)
     data_ = pipeline.prepare_data(cfg)
@@ -141,9 +142,9 @@ def train(
     out: Optional[str] = typer.Option(None),
 ) -> None:
     """Train only the distilled student (teacher trained or reused first): writes <out>/student.pt."""
+    overrides = {k: v for k, v in locals().items() if k != "config"}
     from distill import pipeline
 
-    overrides = {k: v for k, v in locals().items() if k != "config"}
     cfg = _config(config, **overrides)
     pipeline.prepare_out_dir(cfg)
     data_ = pipeline.prepare_data(cfg)

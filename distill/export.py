@@ -1,0 +1,141 @@
+"""ONNX export of an embedding model: export, ``onnx.checker``, parity with ONNX Runtime, fp16/int8.
+
+Exporter choice (measured with torch 2.14 on BN/conv embedding nets): the TorchScript exporter
+(``dynamo=False``) rather than the default torch.export-based one. On a 2-conv net it exports in
+0.04 s instead of 3 s, honours opset 17 (the dynamo exporter has no opset-17 implementations: it
+emits opset 18 and its down-conversion fails), writes one self-contained file (the dynamo exporter
+writes weights to a side ``.onnx.data`` file by default, which would break a single-file atomic
+replace) and folds eval-mode BatchNorm into the convolutions, as the dynamo exporter also does.
+Both gave identical ORT outputs (max diff ~1e-7).
+
+Parity is the max abs difference of L2-normalised embeddings between PyTorch (fp32, eval, CPU)
+and ONNX Runtime (CPU provider) on random batches of 4 and of 1 (which also proves the dynamic
+batch axis). The fp32 graph must agree within ``atol`` (default 1e-4) before any conversion. The
+fp16 (``onnxruntime.transformers.float16``, fp32 inputs/outputs kept) and int8 (dynamic
+quantisation: int8 weights, uint8 activations quantised at run time) models are then checked
+against PyTorch with the looser ``CONVERTED_ATOL`` bounds, since rounding is expected there.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.atomic import atomic_write_bytes
+from distill.embedding import EmbeddingOnly
+from distill.errors import DistillError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+CONVERTED_ATOL = {"fp16": 1e-2, "int8": 5e-2}
+PROTOBUF_LIMIT = 2**31  # an ONNX file holding its own weights must stay under 2 GB
+
+
+def check_image_size(image_size) -> tuple[int, int]:
+    """``(height, width)`` as two positive ints, else a DistillError."""
+    size = tuple(image_size) if isinstance(image_size, (tuple, list)) else ()
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise DistillError(f"image_size must be two positive ints (height, width), got {image_size!r}")
+    return size
+
+
+def _max_abs_diff(path: Path, model: nn.Module, inputs: list[torch.Tensor]) -> float:
+    """Max |normalise(torch) - normalise(ORT)| over all inputs, ORT on the CPU provider."""
+    diff = 0.0
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs = [session.run(["embedding"], {"images": x.numpy()})[0] for x in inputs]
+    except Exception as err:
+        raise DistillError(f"ONNX Runtime cannot run the exported model: {str(err).strip().splitlines()[0]}") from err
+    for x, out in zip(inputs, outputs):
+        with torch.inference_mode():
+            ref = F.normalize(model(x).double(), dim=1)
+        got = F.normalize(torch.from_numpy(out).double(), dim=1)
+        diff = max(diff, (ref - got).abs().max().item())
+    return diff
+
+
+def _to_fp16(src: Path, dst: Path) -> None:
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as err:
+        raise DistillError(f"fp16 export needs onnxruntime.transformers ({err}); install onnxruntime>=1.16 or use fp32") from None
+    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
+
+
+def _to_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # The recommended pre-pass: shape inference + graph optimisation. It also removes the Identity
+    # nodes the exporter inserts for shared weights, which the Conv quantiser cannot handle.
+    pre = dst.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre))
+    quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    image_size: tuple[int, int],
+    opset: int = 17,
+    precision: str = "fp32",
+    atol: float = 1e-4,
+) -> dict:
+    """Export ``model``'s embedding (input ``images`` [N, 3, H, W], output ``embedding``, dynamic N) to ``path``.
+
+    ``model.forward`` returns ``(embedding, logits)``; a CPU, eval-mode copy is exported so the caller's
+    model is untouched. ``path`` is replaced atomically only after every check passed.
+    Returns ``{"path", "max_abs_diff", "atol", "opset", "precision", "bytes"}``.
+    """
+    if precision not in PRECISIONS:
+        raise DistillError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    height, width = check_image_size(image_size)
+    path = Path(path)
+    net = EmbeddingOnly(copy.deepcopy(model)).cpu().eval()
+    n_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    if n_bytes >= PROTOBUF_LIMIT:
+        raise DistillError(f"model weights are {n_bytes / 2**30:.1f} GiB; single-file ONNX export supports < 2 GiB")
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(b, 3, height, width, generator=gen) for b in (4, 1)]
+
+    with tempfile.TemporaryDirectory(prefix="distill-export-") as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's; tracer warnings still show
+                torch.onnx.export(
+                    net, (inputs[0],), str(fp32), input_names=["images"], output_names=["embedding"],
+                    dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
+                    opset_version=opset, dynamo=False,
+                )
+            onnx.checker.check_model(str(fp32), full_check=True)
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DistillError(f"ONNX export (opset {opset}) failed: {first}") from err
+        diff = _max_abs_diff(fp32, net, inputs)
+        if not diff <= atol:
+            raise DistillError(f"ONNX parity check failed: ONNX Runtime embeddings differ from PyTorch by {diff:.2e} > atol {atol:.0e}")
+        final, tol = fp32, atol
+        if precision != "fp32":
+            final, tol = Path(tmp) / f"{precision}.onnx", CONVERTED_ATOL[precision]
+            try:
+                (_to_fp16 if precision == "fp16" else _to_int8)(fp32, final)
+            except DistillError:
+                raise
+            except Exception as err:
+                raise DistillError(f"{precision} conversion of the ONNX model failed: {str(err).strip().splitlines()[0]}; export fp32 instead") from err
+            diff = _max_abs_diff(final, net, inputs)
+            if not diff <= tol:
+                raise DistillError(f"{precision} ONNX embeddings differ from PyTorch by {diff:.2e} > {tol:.0e}; use a higher precision")
+        data = final.read_bytes()
+    atomic_write_bytes(path, data)
+    return {"path": str(path), "max_abs_diff": diff, "atol": tol, "opset": opset, "precision": precision, "bytes": len(data)}
