@@ -23,7 +23,7 @@ from distill.engine import TrainSettings, extract, fit, is_main_process, resolve
 from distill.errors import DistillError
 from distill.evaluate import reid_metrics, retrieval_metrics
 from distill.losses.darkrank import DarkRankLoss
-from distill.modelfile import load_model, save_model
+from distill.modelfile import read_model_file, save_model
 from distill.objective import StudentObjective
 from distill.students import create_student
 from distill.teachers import build_teacher_model, load_backbone_weights, load_teacher
@@ -53,6 +53,23 @@ def prepare_out_dir(cfg: Config) -> Path:
     except OSError as err:
         raise DistillError(f"cannot write to output directory {out}: {err.strerror} (choose another with --out)") from None
     return out
+
+
+def check_models(cfg: Config) -> None:
+    """Fail fast on an unknown teacher/student name or a missing file, before any training starts."""
+    create_student(cfg.student, cfg.embed_dim, 2, width=cfg.student_width, multiscale=cfg.multiscale)
+    if cfg.teacher.startswith("onnx:"):
+        if not Path(cfg.teacher[5:]).is_file():
+            raise DistillError(f"ONNX teacher file not found: {cfg.teacher[5:]}")
+    else:
+        build_teacher_model(cfg.teacher, cfg.embed_dim, 2)
+    if cfg.teacher_weights and not Path(cfg.teacher_weights).is_file():
+        raise DistillError(f"teacher weights not found: {cfg.teacher_weights}")
+    if cfg.teacher.startswith(("timm:", "torchvision:")) and not cfg.teacher_weights:
+        raise DistillError(
+            f"teacher {cfg.teacher} needs local weights (nothing is downloaded): pass --teacher-weights PATH, "
+            "a .pth/.safetensors state dict of the library model (fine-tuned here first) or a distill model file"
+        )
 
 
 def prepare_data(cfg: Config) -> Prepared:
@@ -100,7 +117,7 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
     path = cfg.out_dir / "teacher.pt"
     fingerprint = data_fingerprint(data.splits.train)
     if path.exists():
-        _, info = load_model(path)
+        info, _ = read_model_file(path)
         meta = info.get("meta", {})
         if info.get("arch") == cfg.teacher and meta.get("data") == fingerprint and meta.get("image_size") == list(cfg.image_size):
             console.print(f"[green]reusing the teacher trained earlier:[/] {path}")
@@ -119,7 +136,7 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
 def is_distill_model_file(path: str) -> bool:
     """True when ``path`` is one of our model files (else it is backbone weights to fine-tune from)."""
     try:
-        load_model(path)
+        read_model_file(path)
     except DistillError as err:
         if not Path(path).exists():
             raise
@@ -202,6 +219,7 @@ def run(cfg: Config) -> dict:
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)
+    check_models(cfg)
     out = prepare_out_dir(cfg)
     data = prepare_data(cfg)
     console.print(
