@@ -45,7 +45,7 @@ class Config:
     darkrank_weight: float = 1.0
     darkrank_alpha: float = 3.0
     darkrank_beta: float = 3.0
-    darkrank_list_size: int | None = None
+    darkrank_list_size: int | None = None  # None: all other samples (hard, sampled); 8 for exact/bruteforce soft
     darkrank_method: str = "exact"
     baseline: bool = True
     # engine
@@ -126,6 +126,15 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.darkrank_list_size is not None and not 2 <= cfg.darkrank_list_size < cfg.batch_size:
         raise DistillError(f"darkrank_list_size must be in [2, batch_size), got {cfg.darkrank_list_size}")
+    if cfg.darkrank == "soft" and cfg.darkrank_method != "sampled":
+        limit = 20 if cfg.darkrank_method == "exact" else 9
+        if cfg.darkrank_list_size is None:
+            cfg.darkrank_list_size = min(8, cfg.batch_size - 1)
+        elif cfg.darkrank_list_size > limit:
+            raise DistillError(
+                f"soft DarkRank with method {cfg.darkrank_method} handles lists of at most {limit} candidates, "
+                f"got --darkrank-list-size {cfg.darkrank_list_size}: lower it or use --darkrank-method sampled"
+            )
     if cfg.student_width <= 0:
         raise DistillError(f"student_width must be > 0, got {cfg.student_width}")
     if cfg.export_precision not in ("fp32", "fp16", "int8"):

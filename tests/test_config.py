@@ -59,3 +59,14 @@ def test_loss_options_from_cli_pairs_and_toml_table(tmp_path):
     assert load_config(path).loss_options == {"lifted_margin": 0.5}
     with pytest.raises(DistillError, match="--loss-opt takes KEY=VALUE, got 'margin'"):
         load_config(None, loss_options=["margin"])
+
+
+def test_soft_darkrank_list_size_default_and_limits():
+    assert load_config(None, darkrank="soft").darkrank_list_size == 8
+    assert load_config(None, darkrank="soft", darkrank_method="sampled").darkrank_list_size is None
+    assert load_config(None, darkrank="hard").darkrank_list_size is None
+    assert load_config(None, darkrank="soft", darkrank_list_size=20).darkrank_list_size == 20
+    with pytest.raises(DistillError, match="handles lists of at most 20 candidates, got --darkrank-list-size 21"):
+        load_config(None, darkrank="soft", darkrank_list_size=21)
+    with pytest.raises(DistillError, match="at most 9 candidates"):
+        load_config(None, darkrank="soft", darkrank_method="bruteforce", darkrank_list_size=10)

@@ -1,0 +1,299 @@
+"""DarkRank: rank-level transfer of cross-sample similarities (Chen, Wang & Zhang, arXiv 1707.01220).
+
+Every query ranks its M candidates by a score ``S(x) = -alpha * ||q - x||_2^beta`` (higher = more
+similar) and the ranking is modelled with Plackett-Luce:
+
+    P(pi | s) = prod_i exp(s_pi(i)) / sum_{k >= i} exp(s_pi(k)).
+
+- hard DarkRank: ``-log P(pi_t | s)``, pi_t the teacher's ranking (ListMLE).
+- soft DarkRank: ``KL(P(.|t) || P(.|s))`` over all M! rankings. The paper enumerates them
+  (M <= 8). By the chain rule of KL it is a sum over the sets S still unranked after some prefix:
+
+      KL = sum_S q(S) * KL(softmax(t_S) || softmax(s_S)),
+
+  where q(S) is the teacher probability that S is exactly the unranked set at some step;
+  q(full) = 1 and q(S - {j}) += q(S) * softmax(t_S)_j. One pass over the 2^M subsets, layer by
+  layer of subset size, gives the exact KL in O(M 2^M) instead of O(M * M!), and its student
+  gradient ``dKL/ds_j = sum_{S containing j} q(S) * (softmax(s_S)_j - softmax(t_S)_j)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import lru_cache
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from distill.errors import DistillError
+
+METHODS = ("exact", "bruteforce", "sampled")
+MODES = ("hard", "soft")
+MAX_EXACT_M = 20
+MAX_BRUTEFORCE_M = 9
+# Working memory one chunk of queries may use; the loss loops over chunks of queries so that the
+# peak stays near this whatever Q is (M=16, Q=64: two chunks).
+_CHUNK_BYTES = 128 * 2**20
+
+RowsFn = Callable[[Tensor, Tensor, bool], "tuple[Tensor, Tensor | None]"]
+
+
+def darkrank_scores(query_emb: Tensor, cand_emb: Tensor, alpha: float = 3.0, beta: float = 3.0) -> Tensor:
+    """Similarity scores ``-alpha * ||q - x||_2^beta`` of each query's candidates.
+
+    ``query_emb`` is [Q, D]; ``cand_emb`` is [Q, M, D] (a list per query) or [M, D] (shared).
+    Returns [Q, M]. With beta >= 1 the gradient at zero distance is 0, not NaN.
+    """
+    if query_emb.dim() != 2 or cand_emb.dim() not in (2, 3) or cand_emb.shape[-1] != query_emb.shape[-1]:
+        raise DistillError(
+            f"darkrank_scores needs query_emb [Q, D] and cand_emb [Q, M, D] or [M, D] with the same D; "
+            f"got {list(query_emb.shape)} and {list(cand_emb.shape)}"
+        )
+    if cand_emb.dim() == 3 and cand_emb.shape[0] != query_emb.shape[0]:
+        raise DistillError(
+            f"darkrank_scores: cand_emb has lists for {cand_emb.shape[0]} queries but query_emb has "
+            f"{query_emb.shape[0]}"
+        )
+    dist = torch.linalg.vector_norm(query_emb[:, None, :] - cand_emb, dim=-1)
+    return -alpha * dist.pow(beta)
+
+
+def _prepare(s_scores: Tensor, t_scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Check [Q, M] shapes; return (student, detached teacher) in float32, or float64 if given."""
+    if s_scores.dim() != 2 or s_scores.shape != t_scores.shape:
+        raise DistillError(
+            f"DarkRank scores must be [Q, M] tensors of the same shape; got student "
+            f"{list(s_scores.shape)} and teacher {list(t_scores.shape)}"
+        )
+    if s_scores.shape[0] == 0 or s_scores.shape[1] == 0:
+        raise DistillError(f"DarkRank needs at least one query and one candidate; got scores {list(s_scores.shape)}")
+    if not (s_scores.is_floating_point() and t_scores.is_floating_point()):
+        raise DistillError(f"DarkRank scores must be floating point; got {s_scores.dtype} and {t_scores.dtype}")
+    dtype = torch.promote_types(torch.promote_types(s_scores.dtype, t_scores.dtype), torch.float32)
+    return s_scores.to(dtype), t_scores.detach().to(dtype)
+
+
+def _log_plackett_luce(last_first: Tensor) -> Tensor:
+    """log P(pi | s) of rankings given by their scores listed from last-ranked to first [..., M]:
+    the item at position i is chosen from itself and all before it in this order."""
+    return (last_first - last_first.logcumsumexp(-1)).sum(-1)
+
+
+def hard_darkrank(s_scores: Tensor, t_scores: Tensor) -> Tensor:
+    """Hard DarkRank: mean over rows of ``-log P(pi_t | s)``, pi_t = teacher scores sorted
+    descending (ties keep candidate order)."""
+    s, t = _prepare(s_scores, t_scores)
+    with torch.autocast(s.device.type, enabled=False):
+        order = t.sort(dim=1, descending=True, stable=True).indices
+        return -_log_plackett_luce(s.gather(1, order.flip(1))).mean()
+
+
+@lru_cache(maxsize=8)
+def _subset_layers(m: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Bitmasks of the subsets of range(m), one tensor per subset size 0..m (ascending masks)."""
+    masks = torch.arange(2**m, device=device)
+    size = sum((masks >> j) & 1 for j in range(m))
+    return tuple(masks[size == k] for k in range(m + 1))
+
+
+def _chunk_rows(per_row_elements: int, itemsize: int, live_tensors: int) -> int:
+    return max(1, _CHUNK_BYTES // (per_row_elements * itemsize * live_tensors))
+
+
+def _subset_logsumexp(scores: Tensor) -> Tensor:
+    """[2^M, rows] table of logsumexp over every subset (row = bitmask), built by doubling:
+    lse(S + j) = logaddexp(lse(S), x_j), so the subsets with bit j are appended after those without."""
+    table = scores.new_full((1, scores.shape[1]), float("-inf"))
+    for x in scores:
+        table = torch.cat([table, torch.logaddexp(table, x)])
+    return table
+
+
+def _soft_exact_rows(s: Tensor, t: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Exact KL(P_t || P_s) per row by the subset DP (module docstring); also its student gradient.
+
+    Subsets are processed layer by layer from size M down to 2 (a singleton's step is certain and
+    adds nothing). Tables are [2^M, rows], indexed by bitmask, rows last so that every gather is
+    a contiguous row copy; inside a layer every op is a tensor op over (subsets, members, rows).
+    """
+    rows, m = s.shape
+    s, t = s.T.contiguous(), t.T.contiguous()  # [m, rows]
+    lse_s, lse_t = _subset_logsumexp(s), _subset_logsumexp(t)
+    ids = torch.arange(m, device=s.device)
+    bit = 1 << ids
+    q = s.new_zeros(2**m, rows)
+    q[-1] = 1.0
+    kl = s.new_zeros(rows)
+    grad = torch.zeros_like(s) if need_grad else None
+    layers = _subset_layers(m, s.device)
+    for k in range(m, 1, -1):
+        masks = layers[k]
+        inside = (masks[:, None] & bit) != 0
+        members = ids.expand_as(inside)[inside]  # [C * k] candidates of each subset, subset-major
+        if k < m:  # q(S) = sum_{j not in S} q(S + j) * softmax(t_{S+j})_j
+            outside = ids.expand_as(inside)[~inside].view(-1, m - k)
+            parents = (masks[:, None] | bit[outside]).flatten()  # bitmasks of S + j
+            log_p = t.index_select(0, outside.flatten()) - lse_t.index_select(0, parents)
+            q_s = (q.index_select(0, parents) * log_p.exp()).view(-1, m - k, rows).sum(1)
+            q.index_copy_(0, masks, q_s)
+        else:
+            q_s = q[masks]
+        shape = (-1, k, rows)
+        log_pt = t.index_select(0, members).view(shape) - lse_t.index_select(0, masks)[:, None]
+        log_ps = s.index_select(0, members).view(shape) - lse_s.index_select(0, masks)[:, None]
+        pt = log_pt.exp()
+        kl += (q_s * (pt * (log_pt - log_ps)).sum(1)).sum(0)
+        if grad is not None:
+            grad.index_add_(0, members, (q_s[:, None] * (log_ps.exp() - pt)).view(-1, rows))
+    return kl, None if grad is None else grad.T
+
+
+@lru_cache(maxsize=4)
+def _permutations(m: int, device: torch.device) -> Tensor:
+    return torch.tensor(list(itertools.permutations(range(m))), device=device)
+
+
+def _soft_bruteforce_rows(s: Tensor, t: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """KL(P_t || P_s) per row by enumerating all M! rankings (the paper's way; reference).
+    Each permutation is read last-ranked first, which enumerates the same set of rankings."""
+    perms = _permutations(s.shape[1], s.device)
+    with torch.enable_grad():
+        s = s.detach().requires_grad_(need_grad)
+        log_pt = _log_plackett_luce(t[:, perms])
+        kl = (log_pt.exp() * (log_pt - _log_plackett_luce(s[:, perms]))).sum(-1)
+        grad = torch.autograd.grad(kl.sum(), s)[0] if need_grad else None
+    return kl.detach(), grad
+
+
+class _RowwiseKL(torch.autograd.Function):
+    """Per-row KL whose student gradient is computed with the value, chunk by chunk of rows,
+    so memory stays at one chunk's working set instead of an autograd graph over all rows."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, t: Tensor, rows_fn: RowsFn, chunk: int) -> Tensor:  # type: ignore[override]
+        need_grad = ctx.needs_input_grad[0]
+        parts = [rows_fn(s[i : i + chunk], t[i : i + chunk], need_grad) for i in range(0, s.shape[0], chunk)]
+        if need_grad:
+            ctx.save_for_backward(torch.cat([g for _, g in parts]))
+        return torch.cat([kl for kl, _ in parts])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad_out[:, None] * grad, None, None, None
+
+
+def _soft_sampled(s: Tensor, t: Tensor, num_samples: int) -> Tensor:
+    """Monte-Carlo KL: mean of ``log P_t(pi) - log P_s(pi)`` over rankings pi ~ P_t.
+
+    pi is drawn by Gumbel-top-k (sorting t + Gumbel noise is an exact Plackett-Luce sample).
+    The sampling does not depend on s, so the estimate and its student gradient are unbiased.
+    """
+    gumbel = -torch.empty(t.shape[0], num_samples, t.shape[1], dtype=t.dtype, device=t.device).exponential_().log()
+    order = (t[:, None, :] + gumbel).argsort(dim=-1)  # last-ranked first
+    t_ranked = t[:, None, :].expand_as(order).gather(-1, order)
+    s_ranked = s[:, None, :].expand_as(order).gather(-1, order)
+    return (_log_plackett_luce(t_ranked) - _log_plackett_luce(s_ranked)).mean(1)
+
+
+def soft_darkrank(s_scores: Tensor, t_scores: Tensor, method: str = "exact", num_samples: int = 128) -> Tensor:
+    """Soft DarkRank: mean over rows of KL(P(.|t) || P(.|s)) over all M! rankings.
+
+    ``method``: "exact" (subset DP, M <= 20), "bruteforce" (enumeration, M <= 9), or "sampled"
+    (unbiased Monte-Carlo estimate from ``num_samples`` teacher rankings per row, any M).
+    """
+    if method not in METHODS:
+        raise DistillError(f"unknown DarkRank method {method!r}; choose one of {', '.join(METHODS)}")
+    s, t = _prepare(s_scores, t_scores)
+    m = s.shape[1]
+    with torch.autocast(s.device.type, enabled=False):
+        if method == "sampled":
+            if num_samples < 1:
+                raise DistillError(f"DarkRank num_samples must be >= 1; got {num_samples}")
+            return _soft_sampled(s, t, num_samples).mean()
+        if method == "exact":
+            if m > MAX_EXACT_M:
+                raise DistillError(
+                    f"exact soft DarkRank supports at most {MAX_EXACT_M} candidates per query (got M={m}); "
+                    f"use a list size <= {MAX_EXACT_M} or method 'sampled'"
+                )
+            chunk = _chunk_rows(math.comb(m, m // 2) * m + 2**m, s.element_size(), 8)
+            return _RowwiseKL.apply(s, t, _soft_exact_rows, chunk).mean()
+        if m > MAX_BRUTEFORCE_M:
+            raise DistillError(
+                f"bruteforce soft DarkRank enumerates M! rankings and supports M <= {MAX_BRUTEFORCE_M} "
+                f"(got M={m}); use method 'exact'"
+            )
+        chunk = _chunk_rows(math.factorial(m) * m, s.element_size(), 8)
+        return _RowwiseKL.apply(s, t, _soft_bruteforce_rows, chunk).mean()
+
+
+class DarkRankLoss(nn.Module):
+    """DarkRank between student and teacher embeddings of one minibatch.
+
+    Each sample is a query; its candidates are the other samples, or with ``list_size=M`` the M
+    samples the teacher ranks closest. Scores are ``-alpha * ||q - x||^beta`` in each model's own
+    embedding space (dimensions may differ); the teacher side never receives gradients.
+    Defaults alpha = beta = 3 follow the DarkRank paper.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 3.0,
+        beta: float = 3.0,
+        mode: str = "soft",
+        list_size: int | None = None,
+        method: str = "exact",
+        num_samples: int = 128,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise DistillError(f"unknown DarkRank mode {mode!r}; choose one of {', '.join(MODES)}")
+        if method not in METHODS:
+            raise DistillError(f"unknown DarkRank method {method!r}; choose one of {', '.join(METHODS)}")
+        if not (alpha > 0 and beta > 0):
+            raise DistillError(f"DarkRank alpha and beta must be > 0; got alpha={alpha}, beta={beta}")
+        if list_size is not None and list_size < 1:
+            raise DistillError(f"DarkRank list_size must be >= 1 (or None for all other samples); got {list_size}")
+        self.alpha, self.beta, self.mode = alpha, beta, mode
+        self.list_size, self.method, self.num_samples = list_size, method, num_samples
+
+    def candidates(self, teacher_emb: Tensor) -> Tensor:
+        """[N, M] indices of each query's candidates, nearest first by teacher distance."""
+        n = teacher_emb.shape[0]
+        if n < 2:
+            raise DistillError(f"DarkRank needs a batch of at least 2 samples (got {n})")
+        m = n - 1 if self.list_size is None else self.list_size
+        if m >= n:
+            raise DistillError(
+                f"DarkRank list_size={m} needs a batch of at least {m + 1} samples (got {n}); "
+                f"use a larger batch or a smaller --darkrank-list-size"
+            )
+        dist = torch.cdist(teacher_emb, teacher_emb).fill_diagonal_(float("inf"))
+        return dist.sort(dim=1, stable=True).indices[:, :m]
+
+    def forward(self, student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
+        if student_emb.dim() != 2 or teacher_emb.dim() != 2 or student_emb.shape[0] != teacher_emb.shape[0]:
+            raise DistillError(
+                f"DarkRankLoss needs student and teacher embeddings [N, D] of the same batch size; got "
+                f"{list(student_emb.shape)} and {list(teacher_emb.shape)}"
+            )
+        with torch.autocast(student_emb.device.type, enabled=False):
+            dtype = torch.promote_types(student_emb.dtype, torch.float32)
+            student, teacher = student_emb.to(dtype), teacher_emb.detach().to(dtype)
+            idx = self.candidates(teacher)
+            s = darkrank_scores(student, student[idx], self.alpha, self.beta)
+            t = darkrank_scores(teacher, teacher[idx], self.alpha, self.beta)
+        if self.mode == "hard":
+            return hard_darkrank(s, t)
+        return soft_darkrank(s, t, self.method, self.num_samples)
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, mode={self.mode!r}, list_size={self.list_size}, "
+            f"method={self.method!r}"
+        )

@@ -1,0 +1,270 @@
+"""DarkRank against slow, obviously-right references (Python loops, enumeration, float64)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import distill.losses.darkrank as darkrank
+from distill.errors import DistillError
+from distill.losses.darkrank import DarkRankLoss, darkrank_scores, hard_darkrank, soft_darkrank
+
+F64 = torch.float64
+
+
+def make_scores(kind: str, q: int, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher scores [q, m]: "normal", "ties" (few distinct values), or "large" (+-60)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":
+        return (torch.randint(-2, 3, (2, q, m), generator=g).to(F64) * 0.5).unbind()
+    scale = 20.0 if kind == "large" else 1.0
+    return (torch.randn(2, q, m, generator=g, dtype=F64) * scale).unbind()
+
+
+def py_logsumexp(xs: list[float]) -> float:
+    top = max(xs)
+    return top + math.log(sum(math.exp(x - top) for x in xs))
+
+
+def py_log_pl(scores: list[float], order: list[int]) -> float:
+    """log Plackett-Luce probability of ranking ``order``, term by term."""
+    return sum(scores[order[i]] - py_logsumexp([scores[j] for j in order[i:]]) for i in range(len(order)))
+
+
+def py_hard(s: torch.Tensor, t: torch.Tensor) -> float:
+    total = 0.0
+    for srow, trow in zip(s.tolist(), t.tolist()):
+        order = sorted(range(len(trow)), key=lambda j: -trow[j])  # stable: ties keep candidate order
+        total -= py_log_pl(srow, order)
+    return total / len(s)
+
+
+def py_soft(s: torch.Tensor, t: torch.Tensor) -> float:
+    total = 0.0
+    for srow, trow in zip(s.tolist(), t.tolist()):
+        for order in itertools.permutations(range(len(trow))):
+            lt = py_log_pl(trow, list(order))
+            total += math.exp(lt) * (lt - py_log_pl(srow, list(order)))
+    return total / len(s)
+
+
+def value_and_grad(fn, s: torch.Tensor, t: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    s = s.clone().requires_grad_(True)
+    loss = fn(s, t, **kw)
+    return loss.detach(), torch.autograd.grad(loss, s)[0]
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "large"])
+@pytest.mark.parametrize("m", range(2, 9))
+def test_exact_equals_bruteforce(kind: str, m: int) -> None:
+    for seed in range(2):
+        s, t = make_scores(kind, 4, m, seed + 10 * m)
+        exact, g_exact = value_and_grad(soft_darkrank, s, t, method="exact")
+        brute, g_brute = value_and_grad(soft_darkrank, s, t, method="bruteforce")
+        torch.testing.assert_close(exact, brute, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(g_exact, g_brute, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "large"])
+def test_bruteforce_equals_python_loop(kind: str) -> None:
+    for seed in range(3):
+        s, t = make_scores(kind, 3, 4, seed)
+        assert soft_darkrank(s, t, method="bruteforce").item() == pytest.approx(py_soft(s, t), rel=1e-10, abs=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "large"])
+def test_hard_equals_python_loop(kind: str) -> None:
+    for seed in range(3):
+        s, t = make_scores(kind, 5, 7, seed)
+        assert hard_darkrank(s, t).item() == pytest.approx(py_hard(s, t), rel=1e-10, abs=1e-10)
+
+
+@pytest.mark.parametrize("method", ["exact", "bruteforce"])
+@pytest.mark.parametrize("kind", ["normal", "ties", "large"])
+def test_soft_nonnegative_and_zero_iff_shift(method: str, kind: str) -> None:
+    s, t = make_scores(kind, 6, 5, 3)
+    per_row = torch.stack([soft_darkrank(s[i : i + 1], t[i : i + 1], method) for i in range(6)])
+    differ = ~torch.isclose(s - s.mean(1, keepdim=True), t - t.mean(1, keepdim=True)).all(1)
+    assert differ.any()
+    assert (per_row[differ] > 1e-6).all()
+    assert (per_row[~differ].abs() < 1e-12).all()
+    shifted = t + torch.randn(6, 1, dtype=F64) * 5
+    assert soft_darkrank(shifted, t, method).abs().item() < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "large"])
+def test_row_shift_invariance(kind: str) -> None:
+    s, t = make_scores(kind, 5, 6, 4)
+    shift_s, shift_t = torch.randn(5, 1, dtype=F64) * 10, torch.randn(5, 1, dtype=F64) * 10
+    for fn in (hard_darkrank, soft_darkrank):
+        torch.testing.assert_close(fn(s + shift_s, t + shift_t), fn(s, t), rtol=1e-10, atol=1e-10)
+
+
+def test_sampled_is_unbiased_in_value_and_gradient() -> None:
+    torch.manual_seed(0)
+    s, t = make_scores("normal", 2, 6, 5)
+    exact, g_exact = value_and_grad(soft_darkrank, s, t)
+    runs = [value_and_grad(soft_darkrank, s, t, method="sampled", num_samples=64) for _ in range(300)]
+    values = torch.stack([v for v, _ in runs])
+    grads = torch.stack([g for _, g in runs])
+    se = values.std() / math.sqrt(len(runs))
+    assert se < 0.05 * exact  # the check below is sharp enough to see a bias
+    assert (values.mean() - exact).abs() < 4 * se
+    g_se = grads.std(0) / math.sqrt(len(runs))
+    assert ((grads.mean(0) - g_exact).abs() < 5 * g_se).all()
+
+
+def test_sampled_any_list_size_and_close_to_exact_at_m12() -> None:
+    torch.manual_seed(1)
+    s, t = make_scores("normal", 2, 12, 6)
+    exact = soft_darkrank(s, t)
+    assert soft_darkrank(s, t, method="sampled", num_samples=4000).item() == pytest.approx(exact.item(), rel=0.05)
+    s, t = make_scores("normal", 3, 40, 7)
+    assert torch.isfinite(soft_darkrank(s, t, method="sampled", num_samples=8))
+
+
+def test_gradcheck() -> None:
+    s, t = make_scores("normal", 3, 5, 8)
+    t[:, 1] = t[:, 3]  # a tie in the teacher
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: soft_darkrank(x, t, method="exact"), (s,))
+    assert torch.autograd.gradcheck(lambda x: soft_darkrank(x, t, method="bruteforce"), (s,))
+    assert torch.autograd.gradcheck(lambda x: hard_darkrank(x, t), (s,))
+
+
+def test_exact_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    s, t = make_scores("normal", 7, 9, 9)
+    whole, g_whole = value_and_grad(soft_darkrank, s, t)
+    monkeypatch.setattr(darkrank, "_CHUNK_BYTES", 1)  # one query per chunk
+    chunked, g_chunked = value_and_grad(soft_darkrank, s, t)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_chunked, g_whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_extreme_scores_stay_finite(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(4, 7, generator=g).sign().to(dtype) * 1e4
+    t = torch.randn(4, 7, generator=g).sign().to(dtype) * -1e4
+    for fn, kw in [
+        (hard_darkrank, {}),
+        (soft_darkrank, {"method": "exact"}),
+        (soft_darkrank, {"method": "bruteforce"}),
+        (soft_darkrank, {"method": "sampled", "num_samples": 16}),
+    ]:
+        value, grad = value_and_grad(fn, s, t, **kw)
+        assert value.dtype == dtype and torch.isfinite(value) and value > 0
+        assert torch.isfinite(grad).all()
+
+
+def test_float32_close_to_float64_and_low_precision_computed_in_float32() -> None:
+    s, t = make_scores("normal", 4, 10, 12)
+    ref = soft_darkrank(s, t)
+    assert ref.dtype == F64
+    assert soft_darkrank(s.float(), t.float()).item() == pytest.approx(ref.item(), rel=1e-5)
+    low = soft_darkrank(s.bfloat16(), t.half())
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(soft_darkrank(s.bfloat16().float(), t.half().float()).item(), rel=1e-6)
+
+
+def test_teacher_scores_get_no_gradient() -> None:
+    s, t = make_scores("normal", 3, 5, 13)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    (hard_darkrank(s, t) + soft_darkrank(s, t) + soft_darkrank(s, t, "sampled", 4)).backward()
+    assert t.grad is None and s.grad is not None
+
+
+def test_darkrank_scores_against_loop() -> None:
+    g = torch.Generator().manual_seed(14)
+    query, cand = torch.randn(3, 4, generator=g, dtype=F64), torch.randn(3, 5, 4, generator=g, dtype=F64)
+    scores = darkrank_scores(query, cand, alpha=2.0, beta=1.5)
+    for i in range(3):
+        for j in range(5):
+            dist = math.sqrt(sum((a - b) ** 2 for a, b in zip(query[i].tolist(), cand[i, j].tolist())))
+            assert scores[i, j].item() == pytest.approx(-2.0 * dist**1.5, rel=1e-12)
+    shared = cand[0]
+    torch.testing.assert_close(darkrank_scores(query, shared, 2.0, 1.5), darkrank_scores(query, shared.expand(3, 5, 4), 2.0, 1.5))
+
+
+def test_darkrank_scores_zero_distance_has_finite_gradient() -> None:
+    query = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    cand = torch.stack([query.detach(), torch.randn(2, 3, dtype=F64)], dim=1).requires_grad_(True)
+    darkrank_scores(query, cand, 3.0, 3.0).sum().backward()
+    assert torch.isfinite(query.grad).all() and torch.isfinite(cand.grad).all()
+
+
+def hand_built_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: float, beta: float, m: int, mode: str):
+    """Each query's list built by a loop: the m others nearest to it in teacher space."""
+    def dist(x: torch.Tensor, i: int, j: int) -> float:
+        return math.sqrt(sum((a - b) ** 2 for a, b in zip(x[i].tolist(), x[j].tolist())))
+
+    n = len(student)
+    s_rows, t_rows = [], []
+    for i in range(n):
+        others = sorted((j for j in range(n) if j != i), key=lambda j: dist(teacher, i, j))[:m]
+        s_rows.append([-alpha * dist(student, i, j) ** beta for j in others])
+        t_rows.append([-alpha * dist(teacher, i, j) ** beta for j in others])
+    s, t = torch.tensor(s_rows, dtype=F64), torch.tensor(t_rows, dtype=F64)
+    return py_hard(s, t) if mode == "hard" else soft_darkrank(s, t, method="bruteforce").item()
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("list_size", [None, 3, 5])
+def test_darkrank_loss_lists_match_hand_built(mode: str, list_size: int | None) -> None:
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        student = torch.randn(7, 4, generator=g, dtype=F64)
+        teacher = torch.randn(7, 6, generator=g, dtype=F64)  # embedding sizes may differ
+        loss = DarkRankLoss(alpha=2.0, beta=1.5, mode=mode, list_size=list_size)(student, teacher)
+        ref = hand_built_loss(student, teacher, 2.0, 1.5, list_size or 6, mode)
+        assert loss.item() == pytest.approx(ref, rel=1e-10)
+
+
+def test_darkrank_loss_gradients_reach_only_the_student() -> None:
+    student = torch.randn(6, 4, requires_grad=True)
+    teacher = torch.randn(6, 8, requires_grad=True)
+    DarkRankLoss(list_size=4)(student, teacher).backward()
+    assert teacher.grad is None
+    assert student.grad is not None and torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+def test_darkrank_loss_under_autocast_computes_in_float32() -> None:
+    torch.manual_seed(15)
+    student, teacher = torch.randn(10, 8), torch.randn(10, 8)
+    loss_fn = DarkRankLoss(list_size=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(student.bfloat16(), teacher.bfloat16())
+    assert loss.dtype == torch.float32
+    ref = loss_fn(student.bfloat16().float(), teacher.bfloat16().float())
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: soft_darkrank(torch.zeros(3, 4), torch.zeros(3, 5)), r"same shape; got student \[3, 4\] and teacher \[3, 5\]"),
+        (lambda: hard_darkrank(torch.zeros(4), torch.zeros(4)), r"must be \[Q, M\] tensors"),
+        (lambda: hard_darkrank(torch.zeros(2, 0), torch.zeros(2, 0)), "at least one query and one candidate"),
+        (lambda: soft_darkrank(torch.zeros(2, 10), torch.zeros(2, 10), "bruteforce"), r"supports M <= 9 \(got M=10\)"),
+        (lambda: soft_darkrank(torch.zeros(1, 21), torch.zeros(1, 21)), r"at most 20 candidates per query \(got M=21\)"),
+        (lambda: soft_darkrank(torch.zeros(2, 3), torch.zeros(2, 3), "greedy"), "unknown DarkRank method 'greedy'"),
+        (lambda: soft_darkrank(torch.zeros(2, 3), torch.zeros(2, 3), "sampled", 0), "num_samples must be >= 1"),
+        (lambda: DarkRankLoss(mode="medium"), "unknown DarkRank mode 'medium'; choose one of hard, soft"),
+        (lambda: DarkRankLoss(method="greedy"), "unknown DarkRank method 'greedy'"),
+        (lambda: DarkRankLoss(alpha=0.0), "alpha and beta must be > 0"),
+        (lambda: DarkRankLoss(list_size=0), "list_size must be >= 1"),
+        (lambda: DarkRankLoss(list_size=8)(torch.zeros(8, 4), torch.zeros(8, 4)), r"list_size=8 needs a batch of at least 9 samples \(got 8\)"),
+        (lambda: DarkRankLoss()(torch.zeros(1, 4), torch.zeros(1, 4)), r"a batch of at least 2 samples \(got 1\)"),
+        (lambda: DarkRankLoss()(torch.zeros(6, 4), torch.zeros(5, 4)), "same batch size; got"),
+        (lambda: DarkRankLoss()(torch.zeros(22, 4), torch.zeros(22, 4)), r"at most 20 candidates per query \(got M=21\)"),
+        (lambda: darkrank_scores(torch.zeros(3, 4), torch.zeros(3, 5, 6)), "with the same D"),
+        (lambda: darkrank_scores(torch.zeros(3, 4), torch.zeros(2, 5, 4)), "lists for 2 queries but query_emb has 3"),
+    ],
+)
+def test_bad_inputs(call, message: str) -> None:
+    with pytest.raises(DistillError, match=message):
+        call()
