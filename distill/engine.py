@@ -77,6 +77,12 @@ def is_main_process() -> bool:
     return distributed()[0] == 0
 
 
+def barrier() -> None:
+    """Wait for every process (no-op outside torchrun): e.g. until rank 0 has written a model file."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

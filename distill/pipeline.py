@@ -19,7 +19,7 @@ from distill.config import Config
 from distill.data import Splits, load_dataset
 from distill.data.dataset import ImageDataset, make_label_map, stack_labels
 from distill.data.transforms import build_transform
-from distill.engine import TrainSettings, extract, fit, is_main_process, resolve_device
+from distill.engine import TrainSettings, barrier, extract, fit, is_main_process, resolve_device
 from distill.errors import DistillError
 from distill.evaluate import reid_metrics, retrieval_metrics
 from distill.losses.darkrank import DarkRankLoss
@@ -130,6 +130,7 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
     fit(model, objective, data.train, train_settings(cfg, device, teacher=True), cfg.out_dir / "teacher.ckpt", desc="teacher")
     if is_main_process():
         save_model(path, model, arch=cfg.teacher, data=fingerprint, image_size=list(cfg.image_size))
+    barrier()
     return load_teacher(cfg.teacher, weights=str(path), device=str(device))
 
 

@@ -70,3 +70,12 @@ def test_soft_darkrank_list_size_default_and_limits():
         load_config(None, darkrank="soft", darkrank_list_size=21)
     with pytest.raises(DistillError, match="at most 9 candidates"):
         load_config(None, darkrank="soft", darkrank_method="bruteforce", darkrank_list_size=10)
+
+
+@pytest.mark.parametrize("name", ["market1501.toml", "cub200.toml"])
+def test_example_configs_load(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parent.parent / "examples" / name)
+    assert cfg.teacher == "inception_bn" and cfg.student == "nin_bn"
+    assert cfg.data.partition(":")[0] in ("market1501", "cub200")
