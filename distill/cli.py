@@ -119,9 +119,7 @@ def train_teacher(
     from distill import pipeline
 
     cfg = _config(config, **overrides)
-    pipeline.prepare_out_dir(cfg)
-    data_ = pipeline.prepare_data(cfg)
-    pipeline.get_teacher(cfg, data_, pipeline.resolve_device(cfg.device))
+    pipeline.get_teacher(cfg, *pipeline.setup(cfg))
     err_console.print(f"teacher: {cfg.out_dir / 'teacher.pt'}")
 
 
@@ -146,9 +144,7 @@ def train(
     from distill import pipeline
 
     cfg = _config(config, **overrides)
-    pipeline.prepare_out_dir(cfg)
-    data_ = pipeline.prepare_data(cfg)
-    device_ = pipeline.resolve_device(cfg.device)
+    data_, device_ = pipeline.setup(cfg)
     pipeline.train_student(cfg, data_, device_, teacher=pipeline.get_teacher(cfg, data_, device_))
     err_console.print(f"student: {cfg.out_dir / 'student.pt'}")
 

@@ -212,6 +212,19 @@ def evaluate_model(fn: Callable[[Tensor], Any], data: Prepared, device: torch.de
     return metrics
 
 
+def setup(cfg: Config) -> tuple[Prepared, torch.device]:
+    """What every command that trains needs first: checked names, a writable out dir, the data."""
+    device = resolve_device(cfg.device)
+    check_models(cfg)
+    prepare_out_dir(cfg)
+    data = prepare_data(cfg)
+    console.print(
+        f"data [bold]{data.splits.name}[/]: {len(data.splits.train)} train images of {data.num_classes} identities, "
+        f"{len(data.splits.query)} queries, {len(data.splits.gallery)} gallery; device {device}"
+    )
+    return data, device
+
+
 def run(cfg: Config) -> dict:
     """The whole job of ``distill run``; returns the report dict (also written to ``cfg.out_dir``)."""
     from distill.bench import benchmark_onnx, benchmark_torch, count_gflops, count_params
@@ -219,14 +232,8 @@ def run(cfg: Config) -> dict:
     from distill.report import build_report, print_report, write_report
 
     started = time.perf_counter()
-    device = resolve_device(cfg.device)
-    check_models(cfg)
-    out = prepare_out_dir(cfg)
-    data = prepare_data(cfg)
-    console.print(
-        f"data [bold]{data.splits.name}[/]: {len(data.splits.train)} train images of {data.num_classes} identities, "
-        f"{len(data.splits.query)} queries, {len(data.splits.gallery)} gallery; device {device}"
-    )
+    data, device = setup(cfg)
+    out = cfg.out_dir
     teacher = get_teacher(cfg, data, device)
     baseline = train_student(cfg, data, device, name="student_baseline") if cfg.baseline else None
     student = train_student(cfg, data, device, teacher=teacher, name="student")

@@ -15,15 +15,6 @@ from distill.losses.hdml import HDMLLoss, hardness_aware_negatives, random_tripl
 SEEDS = [0, 1, 2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add overhead (a lot on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def ref_augment(z, zp, zn, lam):
     d_n, d_p = (zn - z).norm(), (zp - z).norm()
     if d_n > d_p:

@@ -28,15 +28,6 @@ from distill.losses.metric import (
 SEEDS = [0, 1, 2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add overhead (a lot on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def batch(seed: int, n: int = 10, d: int = 4, ties: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Random float64 embeddings with classes of several sizes, one of size 1, and (optionally)
     duplicated rows and equal distances (ties)."""

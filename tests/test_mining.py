@@ -18,15 +18,6 @@ from distill.losses.mining import (
 SEEDS = [0, 1, 2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add overhead (a lot on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 def test_pairwise_sq_dist_matches_loop(seed):
     g = torch.Generator().manual_seed(seed)

@@ -19,16 +19,6 @@ from distill.teachers import build_teacher_model
 from distill.teachers.inception_bn import inception_bn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared, busy CPU every parallel op waits for
-    a descheduled sibling thread (30x slower here): run this module single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

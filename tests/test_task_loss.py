@@ -20,15 +20,6 @@ from distill.losses.task import HPARAMS, build_task_loss, parse_loss_spec, task_
 NAMES = ["softmax", "verification", "lsoftmax", "triplet", "lifted", "npair", "logratio", "hdml-triplet", "hdml-npair"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only add overhead (a lot on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def pk_batch(seed, p=4, k=3, d=8, c=6, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randperm(c, generator=g)[:p].repeat_interleave(k)

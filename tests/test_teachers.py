@@ -20,15 +20,6 @@ from distill.students.registry import LibraryBackbone
 from distill.teachers import build_teacher_model, load_backbone_weights, load_teacher, teacher_names
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads; on a busy shared CPU threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def resnet18_teacher():
     torch.manual_seed(0)
