@@ -45,7 +45,7 @@ class Config:
     darkrank_weight: float = 0.1  # hard DarkRank sums ~N log N terms per query: keep it near the task losses
     darkrank_alpha: float = 3.0
     darkrank_beta: float = 3.0
-    darkrank_list_size: int | None = None  # None: all other samples (hard, sampled); 8 for exact/bruteforce soft
+    darkrank_list_size: int | None = None  # None: the teacher's 8 nearest (the informative head of the ranking)
     darkrank_method: str = "exact"
     baseline: bool = True
     # engine
@@ -126,11 +126,11 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.darkrank_list_size is not None and not 2 <= cfg.darkrank_list_size < cfg.batch_size:
         raise DistillError(f"darkrank_list_size must be in [2, batch_size), got {cfg.darkrank_list_size}")
+    if cfg.darkrank_list_size is None:
+        cfg.darkrank_list_size = min(8, cfg.batch_size - 1)
     if cfg.darkrank == "soft" and cfg.darkrank_method != "sampled":
         limit = 20 if cfg.darkrank_method == "exact" else 9
-        if cfg.darkrank_list_size is None:
-            cfg.darkrank_list_size = min(8, cfg.batch_size - 1)
-        elif cfg.darkrank_list_size > limit:
+        if cfg.darkrank_list_size > limit:
             raise DistillError(
                 f"soft DarkRank with method {cfg.darkrank_method} handles lists of at most {limit} candidates, "
                 f"got --darkrank-list-size {cfg.darkrank_list_size}: lower it or use --darkrank-method sampled"

@@ -63,8 +63,9 @@ def test_loss_options_from_cli_pairs_and_toml_table(tmp_path):
 
 def test_soft_darkrank_list_size_default_and_limits():
     assert load_config(None, darkrank="soft").darkrank_list_size == 8
-    assert load_config(None, darkrank="soft", darkrank_method="sampled").darkrank_list_size is None
-    assert load_config(None, darkrank="hard").darkrank_list_size is None
+    assert load_config(None, darkrank="hard").darkrank_list_size == 8
+    assert load_config(None, darkrank="hard", batch_size=8, images_per_id=2).darkrank_list_size == 7
+    assert load_config(None, darkrank="soft", darkrank_method="sampled", darkrank_list_size=40).darkrank_list_size == 40
     assert load_config(None, darkrank="soft", darkrank_list_size=20).darkrank_list_size == 20
     with pytest.raises(DistillError, match="handles lists of at most 20 candidates, got --darkrank-list-size 21"):
         load_config(None, darkrank="soft", darkrank_list_size=21)
