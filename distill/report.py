@@ -157,7 +157,7 @@ def plot_png(report: dict) -> bytes:
     """Latency (log x) vs Recall@1 (circles) and mAP (squares), one labelled point per model/runtime."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig = Figure(figsize=(7, 4.5), dpi=120)
     FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch, no display needed
@@ -176,7 +176,7 @@ def plot_png(report: dict) -> bytes:
     if plotted:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
     else:
         ax.text(0.5, 0.5, "no latency/accuracy pairs to plot", ha="center", va="center", transform=ax.transAxes)
     ax.scatter([], [], marker="o", c="gray", label="Recall@1")
