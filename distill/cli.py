@@ -45,6 +45,11 @@ def friendly(fn: Callable) -> Callable:
     return wrapper
 
 
+def _trained_size(header: dict) -> list[int]:
+    """The input size a model file was trained at (its ``meta``), else the default 64x32."""
+    return header.get("meta", {}).get("image_size") or [64, 32]
+
+
 def _config(config: Optional[Path], **overrides):
     from distill.config import load_config
 
@@ -154,16 +159,16 @@ def train(
 def eval_(
     checkpoint: Path = typer.Option(..., help="A distill model file (teacher.pt, student.pt)."),
     data: str = typer.Option("synthetic", help="Data set NAME:PATH."),
-    image_size: str = typer.Option("64x32", help="Input size HxW the model was trained at."),
+    image_size: Optional[str] = typer.Option(None, help="Input size HxW (default: the size the model was trained at)."),
     device: str = typer.Option("auto"),
 ) -> None:
     """Evaluate a model file: Recall@K, NMI, F1, mAP, rank-1 (the data set's protocol)."""
     from distill import pipeline
     from distill.modelfile import load_model
 
-    cfg = _config(None, data=data, image_size=image_size, device=device)
+    model, info = load_model(checkpoint)
+    cfg = _config(None, data=data, image_size=image_size or _trained_size(info), device=device)
     device_ = pipeline.resolve_device(cfg.device)
-    model, _ = load_model(checkpoint)
     metrics = pipeline.evaluate_model(model.to(device_), pipeline.prepare_data(cfg), device_)
     table = Table("metric", "value", title=str(checkpoint))
     for k, v in metrics.items():
@@ -176,7 +181,7 @@ def eval_(
 def export(
     checkpoint: Path = typer.Option(..., help="A distill model file."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the .onnx file."),
-    image_size: str = typer.Option("64x32"),
+    image_size: Optional[str] = typer.Option(None, help="Input size HxW (default: the size the model was trained at)."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or int8."),
 ) -> None:
     """Export a model file to ONNX (dynamic batch), check it and its parity with ONNX Runtime."""
@@ -184,8 +189,8 @@ def export(
     from distill.export import export_onnx
     from distill.modelfile import load_model
 
-    model, _ = load_model(checkpoint)
-    info = export_onnx(model, output, _coerce("image_size", image_size), precision=precision)
+    model, header = load_model(checkpoint)
+    info = export_onnx(model, output, _coerce("image_size", image_size or _trained_size(header)), precision=precision)
     Console().print(f"wrote {info['path']} (max abs diff vs PyTorch {info['max_abs_diff']:.2e})")
 
 

@@ -73,7 +73,7 @@ def check_models(cfg: Config) -> None:
 
 
 def prepare_data(cfg: Config) -> Prepared:
-    """Load the data set, drop unreadable images, build train (augmented and plain) datasets."""
+    """Load the data set (its loader skips unreadable images), build train (augmented and plain) datasets."""
     splits = load_dataset(cfg.data, **cfg.data_options())
     if not splits.train or not splits.query:
         raise DistillError(f"data set '{cfg.data}' has no training or no test images")
@@ -186,7 +186,10 @@ def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=Non
     teacher_fn = teacher_outputs(cfg, teacher, data, device) if teacher is not None else None
     fit(model, objective, data.train, train_settings(cfg, device), cfg.out_dir / f"{name}.ckpt", teacher_fn=teacher_fn, desc=name)
     if is_main_process():
-        save_model(cfg.out_dir / f"{name}.pt", model, arch=cfg.student, width=cfg.student_width, multiscale=cfg.multiscale)
+        save_model(
+            cfg.out_dir / f"{name}.pt", model, arch=cfg.student, width=cfg.student_width,
+            multiscale=cfg.multiscale, image_size=list(cfg.image_size),
+        )
     return model
 
 

@@ -61,6 +61,15 @@ def test_run_writes_report_and_a_matching_onnx_and_reuses_the_teacher(tiny_data,
     shown = runner.invoke(app, ["report", str(out)])
     assert shown.exit_code == 0 and "student" in shown.output
 
+    # the model file remembers its input size (32x16), so eval and export need no --image-size
+    evaluated = runner.invoke(app, ["eval", "--checkpoint", str(out / "student.pt")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "recall@1" in evaluated.output and "map" in evaluated.output
+    exported = runner.invoke(app, ["export", "--checkpoint", str(out / "student.pt"), "-o", str(tmp_path / "s.onnx")])
+    assert exported.exit_code == 0, exported.output
+    session = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[2:] == [32, 16]
+
 
 @pytest.mark.parametrize(
     "args, message",
