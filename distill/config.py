@@ -33,6 +33,7 @@ class Config:
     teacher_epochs: int = 16
     batch_size: int = 64
     images_per_id: int = 4
+    sampler: str = "pk"  # pk (P x K batches) | importance (Deep Ranking's online importance sampling)
     lr: float = 3e-3
     teacher_lr: float = 5e-3
     weight_decay: float = 5e-4
@@ -78,6 +79,7 @@ class Config:
 
 DARKRANK_MODES = ("hard", "soft", "none")
 DARKRANK_METHODS = ("exact", "bruteforce", "sampled")
+SAMPLERS = ("pk", "importance")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -114,6 +116,8 @@ def validate(cfg: Config) -> Config:
     """Check option values and combinations; raise one clear ``DistillError`` for the first bad one."""
     if cfg.darkrank not in DARKRANK_MODES:
         raise DistillError(f"--darkrank must be one of {', '.join(DARKRANK_MODES)}, got '{cfg.darkrank}'")
+    if cfg.sampler not in SAMPLERS:
+        raise DistillError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{cfg.sampler}'")
     if cfg.darkrank_method not in DARKRANK_METHODS:
         raise DistillError(f"--darkrank-method must be one of {', '.join(DARKRANK_METHODS)}, got '{cfg.darkrank_method}'")
     for name in ("epochs", "teacher_epochs", "batch_size", "images_per_id", "embed_dim", "bench_iters"):

@@ -1,4 +1,4 @@
-"""Training loop: PK batches, AdamW + one-cycle schedule, AMP (bf16) and channels_last on GPU,
+"""Training loop: PK (or importance-sampled) batches, AdamW + one-cycle schedule, AMP (bf16) and channels_last on GPU,
 optional torch.compile, DDP under torchrun, atomic per-epoch checkpoints with every RNG state (so
 ``resume`` continues bit-for-bit on CPU), a JSONL metrics log and a rich progress bar.
 
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from distill.atomic import atomic_torch_save
 from distill.data.dataset import ImageDataset
-from distill.data.samplers import PKSampler, loader_settings
+from distill.data.samplers import ImportanceBatchSampler, PKSampler, loader_settings
 from distill.errors import DistillError
 
 TeacherFn = Callable[[Tensor, Tensor], Any]
@@ -45,6 +45,9 @@ class TrainSettings:
     compile: bool = False
     workers: int | None = None
     resume: bool = False
+    sampler: str = "pk"  # pk | importance
+    margin: float = 0.2  # the importance sampler's triplet margin
+
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -116,14 +119,16 @@ def fit(
     settings: TrainSettings,
     checkpoint: str | Path,
     teacher_fn: TeacherFn | None = None,
+    penalty: Callable[[nn.Module], Tensor] | None = None,
     desc: str = "train",
 ) -> nn.Module:
     """Train ``model`` (and the learnable parts of ``objective``) on P x K batches of ``dataset``.
 
     A checkpoint is written atomically after every epoch; with ``settings.resume`` and an existing
     checkpoint, training continues from the epoch after the last one saved. Metrics go to
-    ``<checkpoint>.jsonl``. A NaN/inf loss stops training with a clear message, keeping the last
-    good checkpoint.
+    ``<checkpoint>.jsonl`` (started afresh unless resuming). ``penalty(model)``, when given, is added
+    to every step's loss (e.g. Deep Ranking's L2 weight penalty). A NaN/inf loss stops training with
+    a clear message, keeping the last good checkpoint.
     """
     checkpoint = Path(checkpoint)
     device = torch.device(settings.device)
@@ -135,7 +140,13 @@ def fit(
         model.to(memory_format=torch.channels_last)
 
     k = settings.images_per_id
-    sampler = PKSampler(dataset.labels, p=settings.batch_size // k, k=k, seed=settings.seed, rank=rank, world_size=world)
+    if settings.sampler == "importance":
+        sampler = ImportanceBatchSampler(
+            dataset.labels, settings.batch_size, margin=settings.margin, seed=settings.seed, rank=rank, world_size=world
+        )
+    else:
+        sampler = PKSampler(dataset.labels, p=settings.batch_size // k, k=k, seed=settings.seed, rank=rank, world_size=world)
+    observe = getattr(sampler, "observe", None)
     if len(sampler) == 0:
         raise DistillError(
             f"the training set is too small for batches of {settings.batch_size // k} identities x {k} images "
@@ -154,6 +165,8 @@ def fit(
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if "sampler" in state:
+            sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
 
@@ -165,6 +178,8 @@ def fit(
     use_amp = settings.amp and device.type == "cuda"
     log_path = checkpoint.with_suffix(".jsonl")
     main = rank == 0
+    if main and start_epoch == 0:
+        log_path.unlink(missing_ok=True)
 
     with _progress() as progress:
         task = progress.add_task(desc, total=(settings.epochs - start_epoch) * len(sampler), info="", visible=main)
@@ -182,7 +197,13 @@ def fit(
                 teacher_out = teacher_fn(images, indices) if teacher_fn is not None else None
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     emb, logits = train_model(images)
+                if observe is not None:
+                    observe(indices, emb, labels)
                 loss, parts = objective(emb.float(), logits.float(), labels, teacher_out)
+                if penalty is not None:
+                    reg = penalty(model)
+                    loss = loss + reg
+                    parts = {**parts, "weight_l2": reg.item()}
                 if not torch.isfinite(loss):
                     raise DistillError(
                         f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
@@ -208,6 +229,8 @@ def fit(
                     "rng": _rng_state(),
                     "epoch": epoch,
                 }
+                if observe is not None:
+                    state["sampler"] = sampler.state_dict()
                 atomic_torch_save(state, checkpoint)
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")

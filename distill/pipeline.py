@@ -23,6 +23,7 @@ from distill.engine import TrainSettings, barrier, extract, fit, is_main_process
 from distill.errors import DistillError
 from distill.evaluate import reid_metrics, retrieval_metrics
 from distill.losses.darkrank import DarkRankLoss
+from distill.losses.task import HPARAMS
 from distill.modelfile import read_model_file, save_model
 from distill.objective import StudentObjective
 from distill.students import create_student
@@ -99,6 +100,8 @@ def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> 
         weight_decay=cfg.weight_decay,
         batch_size=cfg.batch_size,
         images_per_id=cfg.images_per_id,
+        sampler=cfg.sampler,
+        margin=float(cfg.loss_options.get("triplet_margin", HPARAMS["triplet_margin"])),
         seed=cfg.seed,
         device=str(device),
         amp=cfg.amp,
@@ -127,11 +130,19 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
     if cfg.teacher_weights:
         load_backbone_weights(model, cfg.teacher_weights)
     objective = StudentObjective(cfg.loss, cfg.embed_dim, data.num_classes, loss_options=cfg.loss_options)
-    fit(model, objective, data.train, train_settings(cfg, device, teacher=True), cfg.out_dir / "teacher.ckpt", desc="teacher")
+    fit(
+        model, objective, data.train, train_settings(cfg, device, teacher=True), cfg.out_dir / "teacher.ckpt",
+        penalty=weight_penalty(objective), desc="teacher",
+    )
     if is_main_process():
         save_model(path, model, arch=cfg.teacher, data=fingerprint, image_size=list(cfg.image_size))
     barrier()
     return load_teacher(cfg.teacher, weights=str(path), device=str(device))
+
+
+def weight_penalty(objective: StudentObjective) -> Callable[[nn.Module], Tensor] | None:
+    """The task loss's L2 weight penalty (``--loss-opt weight_l2=0.001``), or None when it is off."""
+    return objective.task.weight_penalty if objective.task.hparams["weight_l2"] > 0 else None
 
 
 def is_distill_model_file(path: str) -> bool:
@@ -184,7 +195,10 @@ def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=Non
         loss_options=cfg.loss_options,
     )
     teacher_fn = teacher_outputs(cfg, teacher, data, device) if teacher is not None else None
-    fit(model, objective, data.train, train_settings(cfg, device), cfg.out_dir / f"{name}.ckpt", teacher_fn=teacher_fn, desc=name)
+    fit(
+        model, objective, data.train, train_settings(cfg, device), cfg.out_dir / f"{name}.ckpt",
+        teacher_fn=teacher_fn, penalty=weight_penalty(objective), desc=name,
+    )
     if is_main_process():
         save_model(
             cfg.out_dir / f"{name}.pt", model, arch=cfg.student, width=cfg.student_width,

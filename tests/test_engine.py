@@ -54,8 +54,8 @@ def steps_per_epoch(dataset) -> int:
     return len(PKSampler(dataset.labels, p=3, k=4))
 
 
-def settings(epochs: int, resume: bool = False) -> TrainSettings:
-    return TrainSettings(epochs=epochs, lr=1e-2, batch_size=12, images_per_id=4, seed=3, resume=resume)
+def settings(epochs: int, resume: bool = False, sampler: str = "pk") -> TrainSettings:
+    return TrainSettings(epochs=epochs, lr=1e-2, batch_size=12, images_per_id=4, seed=3, resume=resume, sampler=sampler)
 
 
 def test_training_reduces_the_loss_and_logs_every_epoch(dataset, tmp_path):
@@ -65,6 +65,27 @@ def test_training_reduces_the_loss_and_logs_every_epoch(dataset, tmp_path):
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
     assert log[-1]["loss"] < log[0]["loss"]
     assert {"ce", "lr", "images_per_s"} <= set(log[0])
+
+
+def test_a_fresh_run_starts_a_fresh_log(dataset, tmp_path):
+    ckpt = tmp_path / "m.ckpt"
+    fit(tiny_model(6), CrossEntropy(), dataset, settings(2), ckpt)
+    fit(tiny_model(6), CrossEntropy(), dataset, settings(1), ckpt)
+    assert [json.loads(line)["epoch"] for line in ckpt.with_suffix(".jsonl").read_text().splitlines()] == [1]
+
+
+def test_penalty_is_added_to_the_loss_and_logged(dataset, tmp_path):
+    def weights(model):
+        return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1])
+
+    plain = fit(tiny_model(6), CrossEntropy(), dataset, settings(2), tmp_path / "a.ckpt")
+    shrunk = fit(
+        tiny_model(6), CrossEntropy(), dataset, settings(2), tmp_path / "b.ckpt",
+        penalty=lambda m: 10.0 * sum(p.pow(2).sum() for n, p in m.named_parameters() if n.endswith("weight") and p.dim() > 1),
+    )
+    assert weights(shrunk).norm() < 0.9 * weights(plain).norm()
+    log = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert all(r["weight_l2"] > 0 and r["loss"] > r["ce"] for r in log)
 
 
 class Interrupted(CrossEntropy):
@@ -81,14 +102,16 @@ class Interrupted(CrossEntropy):
         return super().forward(emb, logits, labels)
 
 
-def test_resume_after_ctrl_c_continues_bit_for_bit(dataset, tmp_path):
-    straight = fit(tiny_model(6), CrossEntropy(), dataset, settings(3), tmp_path / "a.ckpt")
+@pytest.mark.parametrize("sampler", ["pk", "importance"])
+def test_resume_after_ctrl_c_continues_bit_for_bit(dataset, tmp_path, sampler):
+    straight = fit(tiny_model(6), CrossEntropy(), dataset, settings(3, sampler=sampler), tmp_path / "a.ckpt")
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_model(6), Interrupted(after=steps_per_epoch(dataset) + 1), dataset, settings(3), tmp_path / "b.ckpt")
+        fit(tiny_model(6), Interrupted(after=steps_per_epoch(dataset) + 1), dataset, settings(3, sampler=sampler), tmp_path / "b.ckpt")
     state = torch.load(tmp_path / "b.ckpt", weights_only=False)
     assert state["epoch"] == 0  # epoch 1 finished and saved; epoch 2 was interrupted
+    assert ("sampler" in state) == (sampler == "importance")
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
-    resumed = fit(tiny_model(6), CrossEntropy(), dataset, settings(3, resume=True), tmp_path / "b.ckpt")
+    resumed = fit(tiny_model(6), CrossEntropy(), dataset, settings(3, resume=True, sampler=sampler), tmp_path / "b.ckpt")
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from distill.data import samplers
-from distill.data.samplers import PKSampler, loader_settings
+from distill.data.samplers import ImportanceBatchSampler, PKSampler, loader_settings
 from distill.errors import DistillError
 
 
@@ -159,3 +159,76 @@ def test_loader_settings_explicit_workers() -> None:
     assert loader_settings(torch.device("cpu"), 3) == {"num_workers": 3, "pin_memory": False, "persistent_workers": True}
     with pytest.raises(DistillError, match=r"--workers must be >= 0, got -1"):
         loader_settings("cpu", -1)
+
+
+def _loop_importance(emb: torch.Tensor, labels: torch.Tensor, margin: float) -> list[float]:
+    """Each image's hardest triplet violation, by explicit loops in float64 (0 without a positive or negative)."""
+    e = emb.double()
+    out = []
+    for a in range(len(labels)):
+        pos = [float((e[a] - e[p]).pow(2).sum()) for p in range(len(labels)) if p != a and labels[p] == labels[a]]
+        neg = [float((e[a] - e[n]).pow(2).sum()) for n in range(len(labels)) if labels[n] != labels[a]]
+        out.append(max(0.0, margin + max(pos) - min(neg)) if pos and neg else 0.0)
+    return out
+
+
+def test_importance_batches_are_full_unique_and_deterministic() -> None:
+    labels = np.repeat(np.arange(10), 7)
+    sampler = ImportanceBatchSampler(labels, batch_size=16, seed=1)
+    assert len(sampler) == len(PKSampler(labels, p=4, k=4)) == 4
+    first = list(sampler)
+    assert len(first) == 4 and all(len(b) == 16 == len(set(b)) and 0 <= min(b) and max(b) < 70 for b in first)
+    assert list(ImportanceBatchSampler(labels, batch_size=16, seed=1)) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    # triplets come first: every batch holds same-identity pairs for the triplet and DarkRank losses
+    assert all(len(set(labels[b])) < len(b) for b in first)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_observe_sets_the_hardest_violation_as_importance(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])  # class 2 has no positive in the batch
+    emb = torch.randn(8, 5, generator=gen)
+    sampler = ImportanceBatchSampler(np.repeat(np.arange(4), 5), batch_size=8, margin=0.3)
+    indices = torch.tensor([0, 1, 5, 6, 7, 10, 15, 16])
+    sampler.observe(indices, emb, labels)
+    expected = torch.tensor(_loop_importance(emb, labels, 0.3), dtype=torch.float64) + sampler.FLOOR
+    torch.testing.assert_close(sampler.importance[indices], expected, rtol=1e-5, atol=1e-5)  # float32 distances
+    untouched = torch.ones(20, dtype=torch.bool)
+    untouched[indices] = False
+    assert bool((sampler.importance[untouched] == 1).all())
+    torch.testing.assert_close(sampler.table[indices], emb)
+
+
+def test_important_images_are_drawn_more_often() -> None:
+    labels = np.repeat(np.arange(10), 8)
+    sampler = ImportanceBatchSampler(labels, batch_size=12, seed=0)
+    sampler.importance[:] = sampler.FLOOR
+    sampler.importance[labels == 3] = 100.0
+    drawn = np.concatenate([b for epoch in range(5) for b in (sampler.set_epoch(epoch), list(sampler))[1]])
+    share = np.mean(labels[drawn] == 3)
+    assert share > 0.3  # a uniform draw gives 0.1; class 3 supplies every query and its positive
+
+
+def test_satisfied_triplets_are_dropped_and_random_images_fill_the_batch() -> None:
+    labels = np.repeat(np.arange(6), 4)
+    sampler = ImportanceBatchSampler(labels, batch_size=9, margin=0.2)
+    # identities 10 apart, images of one identity identical: every triplet satisfies the margin
+    sampler.observe(torch.arange(24), torch.tensor(labels, dtype=torch.float32).unsqueeze(1) * 10, torch.tensor(labels))
+    assert bool((sampler.importance == sampler.FLOOR).all())
+    for batch in sampler:
+        assert len(batch) == 9 == len(set(batch))
+
+
+def test_importance_sampler_state_and_bad_input() -> None:
+    labels = np.repeat(np.arange(4), 4)
+    a = ImportanceBatchSampler(labels, batch_size=8)
+    a.observe(torch.arange(8), torch.randn(8, 3), torch.tensor(labels[:8]))
+    b = ImportanceBatchSampler(labels, batch_size=8)
+    b.load_state_dict(a.state_dict())
+    assert list(a) == list(b)
+    with pytest.raises(DistillError, match="sampler state covers 16 images, this training set has 12"):
+        ImportanceBatchSampler(labels[:12], batch_size=8).load_state_dict(a.state_dict())
+    with pytest.raises(DistillError, match="at least 2 identities and batches of at least 3 images, got 1 identities"):
+        ImportanceBatchSampler([5, 5, 5], batch_size=3)

@@ -181,8 +181,8 @@ class TaskLoss(nn.Module):
         return total, {**dict(zip(parts, values)), **extra}
 
     def weight_penalty(self, model: nn.Module) -> Tensor:
-        """Deep Ranking's ``weight_l2 * ||W||^2`` over the model's (and this module's) weight matrices;
-        add it to the loss when ``weight_l2 > 0`` (or use optimizer weight decay ``2 * weight_l2``)."""
+        """Deep Ranking's ``weight_l2 * ||W||^2`` over the model's (and this module's) weight matrices.
+        The pipeline adds it to every training step when ``weight_l2 > 0``."""
         return l2_weight_penalty([*model.parameters(), *self.parameters()], self.hparams["weight_l2"])
 
 
