@@ -90,6 +90,7 @@ def run(
     darkrank_list_size: Optional[int] = typer.Option(None, help="Candidates per query: the teacher's M nearest (default 8)."),
     darkrank_method: Optional[str] = typer.Option(None, help="Soft DarkRank: exact, bruteforce or sampled."),
     baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline", help="Also train the student without distillation."),
+    clustering: Optional[bool] = typer.Option(None, "--clustering/--no-clustering", help="NMI/F1 by k-means (slow for ~10k classes without faiss)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]."),
     seed: Optional[int] = typer.Option(None),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on GPU."),
@@ -163,6 +164,7 @@ def eval_(
     data: str = typer.Option("synthetic", help="Data set NAME:PATH."),
     image_size: Optional[str] = typer.Option(None, help="Input size HxW (default: the size the model was trained at)."),
     device: str = typer.Option("auto"),
+    clustering: bool = typer.Option(True, "--clustering/--no-clustering", help="NMI/F1 by k-means (slow for ~10k classes without faiss)."),
 ) -> None:
     """Evaluate a model file: Recall@K, NMI, F1, mAP, rank-1 (the data set's protocol)."""
     from distill import pipeline
@@ -171,7 +173,7 @@ def eval_(
     model, info = load_model(checkpoint)
     cfg = _config(None, data=data, image_size=image_size or _trained_size(info), device=device)
     device_ = pipeline.resolve_device(cfg.device)
-    metrics = pipeline.evaluate_model(model.to(device_), pipeline.prepare_data(cfg), device_)
+    metrics = pipeline.evaluate_model(model.to(device_), pipeline.prepare_data(cfg), device_, clustering)
     table = Table("metric", "value", title=str(checkpoint))
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")

@@ -49,6 +49,8 @@ class Config:
     darkrank_list_size: int | None = None  # None: the teacher's 8 nearest (the informative head of the ranking)
     darkrank_method: str = "exact"
     baseline: bool = True
+    # evaluation
+    clustering: bool = True  # NMI/F1 by k-means; turn off for ~10k classes (SOP) without faiss
     # engine
     device: str = "auto"
     seed: int = 0

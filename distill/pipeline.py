@@ -207,8 +207,9 @@ def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=Non
     return model
 
 
-def evaluate_model(fn: Callable[[Tensor], Any], data: Prepared, device: torch.device) -> dict[str, float]:
-    """Recall@K and NMI over all test images; mAP and rank-1 with the data set's protocol."""
+def evaluate_model(fn: Callable[[Tensor], Any], data: Prepared, device: torch.device, clustering: bool = True) -> dict[str, float]:
+    """Recall@K (and, with ``clustering``, k-means NMI/F1) over all test images; mAP and rank-1 with
+    the data set's protocol."""
     splits = data.splits
     q_ds = ImageDataset(splits.query, data.eval_transform)
     qf = extract(fn, q_ds, device)[0]
@@ -218,12 +219,12 @@ def evaluate_model(fn: Callable[[Tensor], Any], data: Prepared, device: torch.de
         gf = extract(fn, g_ds, device)[0]
         g_labels, g_cams = stack_labels(splits.gallery)
         reid = reid_metrics(qf, gf, q_labels, g_labels, q_cams, g_cams)
-        retrieval = retrieval_metrics(torch.cat([qf, gf]), torch.cat([q_labels, g_labels]))
+        retrieval = retrieval_metrics(torch.cat([qf, gf]), torch.cat([q_labels, g_labels]), clustering=clustering)
     else:
         # every test image queries all the others: a distinct "camera" per image removes only itself
         cams = torch.arange(len(q_labels))
         reid = reid_metrics(qf, qf, q_labels, q_labels, cams, cams)
-        retrieval = retrieval_metrics(qf, q_labels)
+        retrieval = retrieval_metrics(qf, q_labels, clustering=clustering)
     metrics = {k: float(v) for k, v in retrieval.items() if k.startswith("recall@") or k in ("nmi", "f1")}
     metrics.update(map=float(reid["map"]), rank1=float(reid["rank1"]))
     return metrics
@@ -258,9 +259,8 @@ def run(cfg: Config) -> dict:
         return {}
 
     console.print("evaluating")
-    metrics = {"teacher": evaluate_model(teacher, data, device), "student": evaluate_model(student, data, device)}
-    if baseline is not None:
-        metrics["student_baseline"] = evaluate_model(baseline, data, device)
+    models = {"teacher": teacher, "student": student} | ({"student_baseline": baseline} if baseline is not None else {})
+    metrics = {name: evaluate_model(model, data, device, cfg.clustering) for name, model in models.items()}
 
     console.print("exporting to ONNX")
     cpu = torch.device("cpu")

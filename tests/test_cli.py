@@ -64,7 +64,9 @@ def test_run_writes_report_and_a_matching_onnx_and_reuses_the_teacher(tiny_data,
     # the model file remembers its input size (32x16), so eval and export need no --image-size
     evaluated = runner.invoke(app, ["eval", "--checkpoint", str(out / "student.pt")])
     assert evaluated.exit_code == 0, evaluated.output
-    assert "recall@1" in evaluated.output and "map" in evaluated.output
+    assert all(k in evaluated.output for k in ("recall@1", "map", "nmi", "f1"))
+    quick = runner.invoke(app, ["eval", "--checkpoint", str(out / "student.pt"), "--no-clustering"])
+    assert quick.exit_code == 0 and "recall@1" in quick.output and "nmi" not in quick.output and "f1" not in quick.output
     exported = runner.invoke(app, ["export", "--checkpoint", str(out / "student.pt"), "-o", str(tmp_path / "s.onnx")])
     assert exported.exit_code == 0, exported.output
     session = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
