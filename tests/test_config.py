@@ -27,6 +27,7 @@ def test_run_table_and_hxw_string(tmp_path):
     "overrides, message",
     [
         ({"darkrank": "medium"}, "--darkrank must be one of hard, soft, none"),
+        ({"sampler": "random"}, "--sampler must be one of pk, importance, got 'random'"),
         ({"darkrank_method": "fast"}, "--darkrank-method must be one of exact, bruteforce, sampled"),
         ({"image_size": "64"}, "image_size must be HxW"),
         ({"image_size": "8x8"}, "too small"),
