@@ -1,6 +1,7 @@
-"""Training loop: PK (or importance-sampled) batches, AdamW + one-cycle schedule, AMP (bf16) and channels_last on GPU,
-optional torch.compile, DDP under torchrun, atomic per-epoch checkpoints with every RNG state (so
-``resume`` continues bit-for-bit on CPU), a JSONL metrics log and a rich progress bar.
+"""Training loop: P x K (or importance-sampled) batches, AdamW + one-cycle schedule, AMP (bf16)
+and channels_last on GPU, optional torch.compile, DDP under torchrun, atomic per-epoch checkpoints
+with every RNG state (so ``resume`` continues bit-for-bit on CPU), a JSONL metrics log and a rich
+progress bar.
 
 ``fit`` knows nothing about distillation: it calls ``objective(emb, logits, labels, teacher_out)``
 where ``teacher_out`` is whatever ``teacher_fn(images, indices)`` returns for the batch (or None).
@@ -47,7 +48,6 @@ class TrainSettings:
     resume: bool = False
     sampler: str = "pk"  # pk | importance
     margin: float = 0.2  # the importance sampler's triplet margin
-
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -122,7 +122,8 @@ def fit(
     penalty: Callable[[nn.Module], Tensor] | None = None,
     desc: str = "train",
 ) -> nn.Module:
-    """Train ``model`` (and the learnable parts of ``objective``) on P x K batches of ``dataset``.
+    """Train ``model`` (and the learnable parts of ``objective``) on P x K (or, with
+    ``settings.sampler == "importance"``, importance-sampled) batches of ``dataset``.
 
     A checkpoint is written atomically after every epoch; with ``settings.resume`` and an existing
     checkpoint, training continues from the epoch after the last one saved. Metrics go to
