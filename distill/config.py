@@ -23,7 +23,10 @@ class Config:
     embed_dim: int = 128
     # data
     data: str = "synthetic"
-    image_size: tuple[int, int] = (64, 32)
+    image_size: tuple[int, int] | None = None  # None: chosen from the data set (distill.data.inputs)
+    augment: str | None = None  # none | light | standard; None: chosen from the data set
+    flip: bool | None = None  # random horizontal flip in training; None: the preset's choice
+    val_fraction: float = 0.2  # training identities held out for validation and the teacher gate; 0 = off
     strict: bool = False
     cuhk03_variant: str | None = None  # cuhk03 only: labeled | detected
     bbox_crop: bool | None = None  # cub200 only: crop to the published bounding boxes
@@ -31,6 +34,10 @@ class Config:
     # training (students; the teacher uses teacher_epochs and teacher_lr)
     epochs: int = 12
     teacher_epochs: int = 24  # 16 left BN-Inception under-trained: R@1 0.74-0.85 run to run vs 0.885-0.893 at 24
+    steps: int | None = None  # student optimiser steps (rounded up to whole epochs); overrides epochs
+    teacher_steps: int | None = None  # the same for the teacher; overrides teacher_epochs
+    min_steps: int = 150  # at least this many student steps, however few epochs that is (small data sets)
+    teacher_min_steps: int = 300  # the same for the teacher
     batch_size: int = 64
     images_per_id: int = 4
     sampler: str = "pk"  # pk (P x K batches) | importance (Deep Ranking's online importance sampling)
@@ -49,6 +56,8 @@ class Config:
     darkrank_list_size: int | None = None  # None: the teacher's 8 nearest (the informative head of the ranking)
     darkrank_method: str = "exact"
     baseline: bool = True
+    require_better_teacher: bool = False  # the teacher gate fails the run (exit 1) instead of warning
+    gate_margin: float = 0.02  # the teacher must beat the baseline student by this much on validation
     # evaluation
     clustering: bool = True  # NMI/F1 by k-means; turn off for ~10k classes (SOP) without faiss
     # engine
@@ -75,18 +84,21 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["image_size"] = list(self.image_size)
+        d["image_size"] = list(self.image_size) if self.image_size is not None else None
         return d
 
 
 DARKRANK_MODES = ("hard", "soft", "none")
 DARKRANK_METHODS = ("exact", "bruteforce", "sampled")
 SAMPLERS = ("pk", "importance")
+AUGMENT_PRESETS = ("none", "light", "standard")
 
 
 def _coerce(name: str, value: Any) -> Any:
     """Bring a TOML/CLI value to the field's type (tuples from lists or ``HxW`` strings)."""
     if name == "image_size":
+        if value is None or (isinstance(value, str) and value.lower() == "auto"):
+            return None
         if isinstance(value, str):
             parts = value.lower().split("x")
             value = parts if len(parts) == 2 else [value]
@@ -122,9 +134,19 @@ def validate(cfg: Config) -> Config:
         raise DistillError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{cfg.sampler}'")
     if cfg.darkrank_method not in DARKRANK_METHODS:
         raise DistillError(f"--darkrank-method must be one of {', '.join(DARKRANK_METHODS)}, got '{cfg.darkrank_method}'")
+    if cfg.augment is not None and cfg.augment not in AUGMENT_PRESETS:
+        raise DistillError(f"--augment must be one of {', '.join(AUGMENT_PRESETS)}, got '{cfg.augment}'")
     for name in ("epochs", "teacher_epochs", "batch_size", "images_per_id", "embed_dim", "bench_iters"):
         if getattr(cfg, name) < 1:
             raise DistillError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("steps", "teacher_steps", "min_steps", "teacher_min_steps"):
+        value = getattr(cfg, name)
+        if value is not None and value < (0 if name.startswith(("min", "teacher_min")) else 1):
+            raise DistillError(f"{name} must be >= {0 if 'min' in name else 1}, got {value}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise DistillError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.gate_margin < 0:
+        raise DistillError(f"gate_margin must be >= 0, got {cfg.gate_margin}")
     if cfg.batch_size % cfg.images_per_id or cfg.batch_size // cfg.images_per_id < 2:
         raise DistillError(
             f"batch_size {cfg.batch_size} must be a multiple of images_per_id {cfg.images_per_id} "

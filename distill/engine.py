@@ -9,9 +9,12 @@ where ``teacher_out`` is whatever ``teacher_fn(images, indices)`` returns for th
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +34,19 @@ from distill.errors import DistillError
 
 TeacherFn = Callable[[Tensor, Tensor], Any]
 Objective = Callable[[Tensor, Tensor, Tensor, Any], tuple[Tensor, dict[str, float]]]
+Validator = Callable[[nn.Module], float]
+MAX_VALIDATIONS = 20  # validation rounds per training at most (small data sets run hundreds of epochs)
 
 
 @dataclass
 class TrainSettings:
+    """``epochs`` is the length in passes over the data; ``steps``/``min_steps`` turn it into
+    optimiser steps (rounded up to whole epochs), see :meth:`num_epochs`."""
+
     epochs: int
     lr: float
+    steps: int | None = None  # exactly this many steps (rounded up to whole epochs) instead of epochs
+    min_steps: int = 0  # at least this many steps
     weight_decay: float = 5e-4
     batch_size: int = 64
     images_per_id: int = 4
@@ -48,6 +58,12 @@ class TrainSettings:
     resume: bool = False
     sampler: str = "pk"  # pk | importance
     margin: float = 0.2  # the importance sampler's triplet margin
+
+    def num_epochs(self, steps_per_epoch: int) -> int:
+        """Epochs to train: ``ceil(steps / steps_per_epoch)`` when ``steps`` is set, else ``epochs``,
+        and never fewer than ``min_steps`` need (so a 100-image set still gets a real training)."""
+        wanted = math.ceil(self.steps / steps_per_epoch) if self.steps else self.epochs
+        return max(wanted, math.ceil(self.min_steps / steps_per_epoch))
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -101,7 +117,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _progress() -> Progress:
+def _progress(desc: str) -> Progress:
+    """A rich bar on a terminal; elsewhere (a log file, CI) the bar is off and ``fit`` prints one
+    line per epoch instead, so a long stage is never silent."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -109,7 +127,12 @@ def _progress() -> Progress:
         TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(),
         transient=True,
+        disable=not sys.stderr.isatty(),
     )
+
+
+def _val_every(epochs: int) -> int:
+    return max(1, math.ceil(epochs / MAX_VALIDATIONS))
 
 
 def fit(
@@ -121,6 +144,7 @@ def fit(
     teacher_fn: TeacherFn | None = None,
     penalty: Callable[[nn.Module], Tensor] | None = None,
     desc: str = "train",
+    validate: Validator | None = None,
 ) -> nn.Module:
     """Train ``model`` (and the learnable parts of ``objective``) on P x K (or, with
     ``settings.sampler == "importance"``, importance-sampled) batches of ``dataset``.
@@ -130,6 +154,11 @@ def fit(
     ``<checkpoint>.jsonl`` (started afresh unless resuming). ``penalty(model)``, when given, is added
     to every step's loss (e.g. Deep Ranking's L2 weight penalty). A NaN/inf loss stops training with
     a clear message, keeping the last good checkpoint.
+
+    ``validate(model) -> score`` (higher is better), when given, runs every few epochs (at most
+    ``MAX_VALIDATIONS`` times, and after the last epoch); the weights with the best score (ties go
+    to the later epoch) are kept in the checkpoint and loaded into ``model`` at the end. Its
+    ``best_epoch`` and ``best_score`` are set on the returned model's ``fit_summary`` dict.
     """
     checkpoint = Path(checkpoint)
     device = torch.device(settings.device)
@@ -156,10 +185,12 @@ def fit(
     loader = DataLoader(dataset, batch_sampler=sampler, **loader_settings(device, settings.workers))
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    steps = settings.epochs * len(sampler)
+    epochs = settings.num_epochs(len(sampler))
+    steps = epochs * len(sampler)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=steps, pct_start=0.15)
 
     start_epoch = 0
+    best: dict[str, Any] | None = None  # {"score", "epoch", "model"}: the best validated weights
     if settings.resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
@@ -170,6 +201,7 @@ def fit(
             sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
+        best = state.get("best")
 
     train_model: nn.Module = model
     if world > 1:
@@ -182,9 +214,12 @@ def fit(
     if main and start_epoch == 0:
         log_path.unlink(missing_ok=True)
 
-    with _progress() as progress:
-        task = progress.add_task(desc, total=(settings.epochs - start_epoch) * len(sampler), info="", visible=main)
-        for epoch in range(start_epoch, settings.epochs):
+    every = _val_every(epochs)
+    if main and start_epoch == 0:
+        print(f"{desc}: {epochs} epochs x {len(sampler)} steps" + (f", validated every {every} epoch(s)" if validate else ""), file=sys.stderr)
+    with _progress(desc) as progress:
+        task = progress.add_task(desc, total=(epochs - start_epoch) * len(sampler), info="", visible=main)
+        for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
             model.train()
             objective.train()
@@ -218,9 +253,18 @@ def fit(
                 for name, value in {"loss": loss.item(), **parts}.items():
                     totals[name] = totals.get(name, 0.0) + value
                 seen += len(labels)
-                progress.update(task, advance=1, info=f"epoch {epoch + 1}/{settings.epochs} loss {loss.item():.3f}")
+                shown = f" val {best['score']:.3f}" if best else ""
+                progress.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss.item():.3f}{shown}")
             record = {k: v / len(sampler) for k, v in totals.items()}
             record.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], images_per_s=seen / (time.perf_counter() - t0))
+            if validate is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
+                score = float(validate(model))
+                if best is None or score >= best["score"]:
+                    best = {"score": score, "epoch": epoch + 1, "model": copy.deepcopy(model.state_dict())}
+                record.update(val_score=score, best_val_score=best["score"], best_epoch=best["epoch"])
+            if main and progress.disable:
+                val = f" val {record['val_score']:.3f} (best {best['score']:.3f} @ {best['epoch']})" if "val_score" in record else ""
+                print(f"{desc}: epoch {epoch + 1}/{epochs} loss {record['loss']:.4f}{val} {record['images_per_s']:.0f} img/s", file=sys.stderr)
             if main:
                 state = {
                     "model": model.state_dict(),
@@ -229,12 +273,18 @@ def fit(
                     "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(),
                     "epoch": epoch,
+                    "best": best,
                 }
                 if observe is not None:
                     state["sampler"] = sampler.state_dict()
                 atomic_torch_save(state, checkpoint)
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
+    if best is not None:
+        model.load_state_dict(best["model"])
+    model.fit_summary = {"epochs": epochs, "steps": steps} | (
+        {"best_epoch": best["epoch"], "best_score": best["score"]} if best else {}
+    )
     model.eval()
     return model
 

@@ -7,7 +7,7 @@ Only the main process (rank 0 under torchrun) evaluates, exports, benchmarks and
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,7 +16,8 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from distill.config import Config
-from distill.data import Splits, load_dataset
+from distill.data import Sample, Splits, hold_out_identities, load_dataset
+from distill.data.inputs import choose_augment, choose_image_size
 from distill.data.dataset import ImageDataset, make_label_map, stack_labels
 from distill.data.transforms import build_transform
 from distill.engine import TrainSettings, barrier, extract, fit, is_main_process, resolve_device
@@ -35,11 +36,13 @@ console = Console(stderr=True)
 
 @dataclass
 class Prepared:
-    """The data of a run: splits, the training set (with contiguous labels) and the eval transform."""
+    """The data of a run: splits, the training set (with contiguous labels), the validation images
+    (held-out training identities; empty when validation is off) and the eval transform."""
 
     splits: Splits
     train: ImageDataset
     train_plain: ImageDataset
+    val: list[Sample]
     eval_transform: Callable
     num_classes: int
 
@@ -73,29 +76,68 @@ def check_models(cfg: Config) -> None:
         )
 
 
-def prepare_data(cfg: Config) -> Prepared:
-    """Load the data set (its loader skips unreadable images), build train (augmented and plain) datasets."""
+def choose_inputs(cfg: Config, splits: Splits, device: torch.device) -> None:
+    """Fill in what was left to the data (input size, augmentation preset, batch size) and print it."""
+    dataset = cfg.data.partition(":")[0]
+    chosen = []
+    if cfg.image_size is None:
+        cfg.image_size = choose_image_size(dataset, splits.train, gpu=device.type == "cuda")
+        chosen.append(f"input {cfg.image_size[0]}x{cfg.image_size[1]}")
+    if cfg.augment is None:
+        cfg.augment = choose_augment(dataset)
+        chosen.append(f"augmentation '{cfg.augment}'" + ("" if cfg.flip is None else f" (flip {'on' if cfg.flip else 'off'})"))
+    ids = len({s.label for s in splits.train})
+    if ids < cfg.batch_size // cfg.images_per_id:
+        cfg.batch_size = max(2, ids) * cfg.images_per_id
+        chosen.append(f"batch {cfg.batch_size} ({ids} identities x {cfg.images_per_id})")
+    if chosen:
+        console.print(f"chosen for {splits.name}: " + ", ".join(chosen) + " (set them with --image-size, --augment, --batch-size)")
+
+
+def prepare_data(cfg: Config, device: torch.device = torch.device("cpu")) -> Prepared:
+    """Load the data set (its loader skips unreadable images), choose its inputs, hold out
+    validation identities, build train (augmented and plain) datasets."""
     splits = load_dataset(cfg.data, **cfg.data_options())
     if not splits.train or not splits.query:
         raise DistillError(f"data set '{cfg.data}' has no training or no test images")
-    label_map = make_label_map(splits.train)
-    preload = len(splits.train) <= 20_000 and cfg.image_size[0] * cfg.image_size[1] <= 128 * 64
+    train_samples, val = hold_out_identities(splits.train, cfg.val_fraction)
+    choose_inputs(cfg, replace(splits, train=train_samples), device)
+    label_map = make_label_map(train_samples)
+    preload = len(train_samples) <= 20_000 and cfg.image_size[0] * cfg.image_size[1] <= 128 * 128
     kind = splits.protocol
-    # The embedded default is already varied per image; it trains un-augmented so the teacher
-    # outputs can be cached once for every epoch.
-    augment = cfg.data.partition(":")[0] != "synthetic"
     eval_tf = build_transform(cfg.image_size, train=False, kind=kind)
-    train_tf = build_transform(cfg.image_size, train=True, kind=kind) if augment else eval_tf
-    train = ImageDataset(splits.train, train_tf, label_map, preload=preload)
-    plain = ImageDataset(splits.train, eval_tf, label_map, preload=False) if augment else train
+    # Un-augmented training (the embedded default is already varied per image) lets the teacher's
+    # outputs be cached once for every epoch.
+    augment = cfg.augment != "none" or bool(cfg.flip)
+    train_tf = build_transform(cfg.image_size, train=True, kind=kind, preset=cfg.augment, flip=cfg.flip) if augment else eval_tf
+    train = ImageDataset(train_samples, train_tf, label_map, preload=preload)
+    plain = ImageDataset(train_samples, eval_tf, label_map, preload=False) if augment else train
     if plain is not train and preload:
         plain._cache = train._cache
-    return Prepared(splits, train, plain, eval_tf, len(label_map))
+    return Prepared(splits, train, plain, val, eval_tf, len(label_map))
+
+
+def validation_score(fn: Callable[[Tensor], Any], data: Prepared, device: torch.device) -> float:
+    """Score on the held-out training identities, every image querying all others: Recall@1 for
+    retrieval, mAP for re-ID (the metric each protocol ranks models by)."""
+    feats = extract(fn, ImageDataset(data.val, data.eval_transform), device)[0]
+    labels = torch.tensor([s.label for s in data.val])
+    if data.splits.protocol == "reid":
+        cams = torch.arange(len(labels))  # a distinct "camera" per image removes only the query itself
+        return float(reid_metrics(feats, feats, labels, labels, cams, cams)["map"])
+    return float(retrieval_metrics(feats, labels, ks=(1,), clustering=False)["recall@1"])
+
+
+def validator(data: Prepared, device: torch.device) -> Callable[[nn.Module], float] | None:
+    """The ``fit`` hook that scores a model on the validation identities (None when there are none)."""
+    return (lambda model: validation_score(model, data, device)) if data.val else None
 
 
 def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> TrainSettings:
     return TrainSettings(
         epochs=cfg.teacher_epochs if teacher else cfg.epochs,
+        steps=cfg.teacher_steps if teacher else cfg.steps,
+        min_steps=cfg.teacher_min_steps if teacher else cfg.min_steps,
         lr=cfg.teacher_lr if teacher else cfg.lr,
         weight_decay=cfg.weight_decay,
         batch_size=cfg.batch_size,
@@ -118,11 +160,11 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
     if cfg.teacher_weights and is_distill_model_file(cfg.teacher_weights):
         return load_teacher(cfg.teacher, weights=cfg.teacher_weights, device=str(device))
     path = cfg.out_dir / "teacher.pt"
-    fingerprint = data_fingerprint(data.splits.train)
+    fingerprint = data_fingerprint(data.train.samples)
     if path.exists():
         info, _ = read_model_file(path)
         meta = info.get("meta", {})
-        if info.get("arch") == cfg.teacher and meta.get("data") == fingerprint and meta.get("image_size") == list(cfg.image_size):
+        if info.get("arch") == cfg.teacher and meta.get("data") == fingerprint and meta.get("image_size") == list(cfg.image_size) and meta.get("augment") == [cfg.augment, cfg.flip]:
             console.print(f"[green]reusing the teacher trained earlier:[/] {path}")
             return load_teacher(cfg.teacher, weights=str(path), device=str(device))
         console.print(f"[yellow]{path} was trained for another teacher, data set or image size: training a new one")
@@ -132,10 +174,13 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
     objective = StudentObjective(cfg.loss, cfg.embed_dim, data.num_classes, loss_options=cfg.loss_options)
     fit(
         model, objective, data.train, train_settings(cfg, device, teacher=True), cfg.out_dir / "teacher.ckpt",
-        penalty=weight_penalty(objective), desc="teacher",
+        penalty=weight_penalty(objective), desc="teacher", validate=validator(data, device),
     )
     if is_main_process():
-        save_model(path, model, arch=cfg.teacher, data=fingerprint, image_size=list(cfg.image_size))
+        save_model(
+            path, model, arch=cfg.teacher, data=fingerprint, image_size=list(cfg.image_size),
+            augment=[cfg.augment, cfg.flip], fit=model.fit_summary,
+        )
     barrier()
     return load_teacher(cfg.teacher, weights=str(path), device=str(device))
 
@@ -197,12 +242,12 @@ def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=Non
     teacher_fn = teacher_outputs(cfg, teacher, data, device) if teacher is not None else None
     fit(
         model, objective, data.train, train_settings(cfg, device), cfg.out_dir / f"{name}.ckpt",
-        teacher_fn=teacher_fn, penalty=weight_penalty(objective), desc=name,
+        teacher_fn=teacher_fn, penalty=weight_penalty(objective), desc=name, validate=validator(data, device),
     )
     if is_main_process():
         save_model(
             cfg.out_dir / f"{name}.pt", model, arch=cfg.student, width=cfg.student_width,
-            multiscale=cfg.multiscale, image_size=list(cfg.image_size),
+            multiscale=cfg.multiscale, image_size=list(cfg.image_size), fit=model.fit_summary,
         )
     return model
 
@@ -230,14 +275,49 @@ def evaluate_model(fn: Callable[[Tensor], Any], data: Prepared, device: torch.de
     return metrics
 
 
+def teacher_gate(cfg: Config, teacher, baseline: nn.Module | None, data: Prepared, device: torch.device) -> dict:
+    """Is the teacher clearly better than the student trained alone? Compared on the validation
+    identities (never the test set); a warning, or with ``require_better_teacher`` an error (exit 1).
+
+    Returns what ``report.json`` records as ``teacher_gate``: both scores, the metric, the margin and
+    a ``verdict`` of ``better``, ``not better`` or ``skipped`` (no validation split or no baseline).
+    """
+    metric = "map" if data.splits.protocol == "reid" else "recall@1"
+    gate = {"metric": metric, "margin": cfg.gate_margin, "teacher": None, "baseline": None, "verdict": "skipped"}
+    if not data.val or baseline is None:
+        console.print("[yellow]teacher gate skipped[/]: it needs a validation split (--val-fraction) and the baseline student")
+        return gate
+    gate["teacher"] = validation_score(teacher, data, device)
+    gate["baseline"] = validation_score(baseline, data, device)
+    better = gate["teacher"] >= gate["baseline"] + cfg.gate_margin
+    gate["verdict"] = "better" if better else "not better"
+    line = (
+        f"teacher gate: validation {metric} teacher {gate['teacher']:.3f} vs student alone {gate['baseline']:.3f} "
+        f"(needs +{cfg.gate_margin:.2f})"
+    )
+    if better:
+        console.print(f"[green]{line}: the teacher is clearly better")
+        return gate
+    advice = (
+        "the teacher is not clearly better than the student trained alone, so distilling from it is unlikely "
+        "to help: train the teacher longer (--teacher-steps, --teacher-epochs), give better weights "
+        "(--teacher-weights), or check the data"
+    )
+    if cfg.require_better_teacher:
+        raise DistillError(f"{line}; {advice} (--require-better-teacher)", exit_code=1)
+    console.print(f"[yellow]warning:[/] {line}; {advice}")
+    return gate
+
+
 def setup(cfg: Config) -> tuple[Prepared, torch.device]:
     """What every command that trains needs first: checked names, a writable out dir, the data."""
     device = resolve_device(cfg.device)
     check_models(cfg)
     prepare_out_dir(cfg)
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, device)
+    val = f", {len(data.val)} validation images of held-out identities" if data.val else ""
     console.print(
-        f"data [bold]{data.splits.name}[/]: {len(data.splits.train)} train images of {data.num_classes} identities, "
+        f"data [bold]{data.splits.name}[/]: {len(data.train)} train images of {data.num_classes} identities{val}, "
         f"{len(data.splits.query)} queries, {len(data.splits.gallery)} gallery; device {device}"
     )
     return data, device
@@ -254,6 +334,7 @@ def run(cfg: Config) -> dict:
     out = cfg.out_dir
     teacher = get_teacher(cfg, data, device)
     baseline = train_student(cfg, data, device, name="student_baseline") if cfg.baseline else None
+    gate = teacher_gate(cfg, teacher, baseline, data, device) if is_main_process() else None
     student = train_student(cfg, data, device, teacher=teacher, name="student")
     if not is_main_process():
         return {}
@@ -290,7 +371,7 @@ def run(cfg: Config) -> dict:
     entry("student", "onnxruntime", benchmark_onnx(onnx_info["path"], **bench_kw), s_params, s_flops)
 
     config = cfg.to_dict() | {"device_resolved": str(device), "wall_time_s": round(time.perf_counter() - started, 1)}
-    report = build_report(entries, config, onnx_info)
+    report = build_report(entries, config, onnx_info) | {"teacher_gate": gate}
     write_report(report, out)
     print_report(report)
     return report

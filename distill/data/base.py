@@ -6,6 +6,7 @@ Every loader returns ``Splits`` of plain ``Sample`` records; images are read lat
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -65,3 +66,28 @@ def load_dataset(spec: str, **options) -> Splits:
     if name not in _LOADERS:
         raise DistillError(f"unknown data set '{name}'; known: {', '.join(dataset_names())} (use NAME:PATH)")
     return _LOADERS[name](path or None, **options)
+
+
+MIN_VAL_IDS, MIN_TRAIN_IDS = 2, 4
+
+
+def hold_out_identities(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Split training samples by identity into ``(train, validation)``.
+
+    ``round(fraction * ids)`` identities (at least ``MIN_VAL_IDS``), evenly spread over the sorted
+    labels, are held out: deterministic, the same for every seed so that seeds compare on the same
+    data. Validation is off (empty) for ``fraction == 0`` or when fewer than ``MIN_TRAIN_IDS``
+    identities would be left to train on.
+    """
+    labels = sorted({s.label for s in samples})
+    n_val = max(MIN_VAL_IDS, round(fraction * len(labels))) if fraction > 0 else 0
+    if n_val == 0 or len(labels) - n_val < MIN_TRAIN_IDS:
+        if fraction > 0:
+            warnings.warn(
+                f"validation is off: {len(labels)} training identities are too few to hold out {n_val} "
+                f"and keep {MIN_TRAIN_IDS} to train on (no best checkpoint, no teacher gate)",
+                stacklevel=2,
+            )
+        return list(samples), []
+    held = {labels[int((j + 0.5) * len(labels) / n_val)] for j in range(n_val)}
+    return [s for s in samples if s.label not in held], [s for s in samples if s.label in held]

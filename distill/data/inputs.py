@@ -1,0 +1,67 @@
+"""Inputs that fit the data: the input size and augmentation preset a data set trains with.
+
+Used when ``--image-size`` / ``--augment`` / ``--flip`` are not given, and printed by the run:
+
+- input size: the published size of a known benchmark (re-ID 256x128, retrieval 224x224; the
+  embedded set its rendered 64x32), halved on a CPU so that it trains in minutes; for an
+  ImageFolder the median aspect ratio of its training images at about 64x64 pixels on a CPU
+  (224x224 on a GPU), in multiples of 8, at least 32 a side.
+- augmentation: ``standard`` for the benchmarks (the protocols their papers use), ``light`` for an
+  ImageFolder of unknown content (small shifts and scale/brightness jitter, no flip: a flip turns
+  one handwritten character into another), ``none`` for the embedded set (already varied per image,
+  and un-augmented training lets the teacher's outputs be cached once).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Sequence
+
+from PIL import Image
+
+from distill.data.base import Sample
+
+PUBLISHED_SIZES = {
+    "synthetic": (64, 32),
+    "market1501": (256, 128),
+    "cuhk03": (256, 128),
+    "cub200": (224, 224),
+    "cars196": (224, 224),
+    "sop": (224, 224),
+}
+PRESETS = {"synthetic": "none", "imagefolder": "light", "digits": "light"}
+CPU_AREA, GPU_AREA, MIN_SIDE = 64 * 64, 224 * 224, 32
+
+
+def _round8(value: float) -> int:
+    return max(MIN_SIDE, int(round(value / 8)) * 8)
+
+
+def median_aspect(samples: Sequence[Sample], limit: int = 200) -> float:
+    """Median height / width over (at most ``limit``, evenly spread) images; reads headers only."""
+    step = max(1, len(samples) // limit)
+    ratios = []
+    for s in samples[::step][:limit]:
+        try:
+            with Image.open(s.path) as img:
+                ratios.append(img.height / img.width)
+        except OSError:
+            continue  # unreadable images are reported by the loader's check
+    return statistics.median(ratios) if ratios else 1.0
+
+
+def choose_image_size(dataset: str, samples: Sequence[Sample], gpu: bool) -> tuple[int, int]:
+    """``(H, W)`` for ``dataset`` (its loader name) from its published size or its images' shape."""
+    if dataset in PUBLISHED_SIZES:
+        h, w = PUBLISHED_SIZES[dataset]
+        if gpu or dataset == "synthetic":
+            return h, w
+        return _round8(h / 2), _round8(w / 2)
+    aspect = median_aspect(samples)
+    area = GPU_AREA if gpu else CPU_AREA
+    return _round8((area * aspect) ** 0.5), _round8((area / aspect) ** 0.5)
+
+
+def choose_augment(dataset: str) -> str:
+    """The augmentation preset for ``dataset``: ``standard`` unless :data:`PRESETS` says otherwise."""
+    return PRESETS.get(dataset, "standard")
