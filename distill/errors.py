@@ -12,3 +12,20 @@ class DistillError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def load_error_reason(err: BaseException) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` (or a reader) failed on a file.
+
+    Torch's refusal of a pickled object advises re-running with ``weights_only=False``; that advice
+    is never ours to give, so only the object it refused is named. An empty message (an empty
+    file raises a bare ``EOFError``) becomes the exception's type.
+    """
+    text = str(err)
+    if "Weights only load failed" in text:
+        refused = next((line.strip() for line in text.splitlines() if "unsupported" in line or "GLOBAL" in line), "")
+        return "it holds pickled objects that are never loaded" + (f" ({refused})" if refused else "")
+    if isinstance(err, EOFError):
+        return "the file is empty or cut short"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
