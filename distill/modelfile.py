@@ -86,7 +86,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors all mean "not a file we wrote"
-        raise DistillError(f"{not_ours} ({load_error_reason(err)})") from None
+        raise DistillError(f"{not_ours} (torch.load failed: {load_error_reason(err)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise DistillError(f"{not_ours} (no '{FORMAT}' header; is it a plain state dict?)")
     state = data.pop("model", None)
