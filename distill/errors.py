@@ -23,8 +23,12 @@ def load_error_reason(err: BaseException) -> str:
     """
     text = str(err)
     if "Weights only load failed" in text:
-        refused = next((line.strip() for line in text.splitlines() if "unsupported" in line or "GLOBAL" in line), "")
-        return "it holds pickled objects that are never loaded" + (f" ({refused})" if refused else "")
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        details = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(boilerplate)]
+        detail = f" ({details[0]})" if details else ""
+        if "GLOBAL" in detail:
+            return f"it holds pickled objects, which are never loaded{detail}"
+        return f"it is not a file of tensors{detail}"
     if isinstance(err, EOFError):
         return "the file is empty or cut short"
     lines = [line.strip() for line in text.splitlines() if line.strip()]

@@ -6,6 +6,7 @@ Only the main process (rank 0 under torchrun) evaluates, exports, benchmarks and
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from distill.modelfile import read_model_file, save_model
 from distill.objective import StudentObjective
 from distill.students import create_student
 from distill.teachers import build_teacher_model, load_backbone_weights, load_teacher
+from distill.teachers.registry import file_fingerprint
 from distill.teachers.cache import cache_key, cached_outputs, data_fingerprint
 
 console = Console(stderr=True)
@@ -111,31 +113,70 @@ def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> 
     )
 
 
+# Every Config field that shapes a teacher trained here: a cached <out>/teacher.pt is reused only
+# when all of them (and the training data) match. New options that shape the teacher go here.
+TEACHER_FIELDS = (
+    "teacher", "teacher_weights", "embed_dim", "image_size", "teacher_epochs", "teacher_lr", "weight_decay",
+    "batch_size", "images_per_id", "sampler", "loss", "loss_options", "seed",
+)
+
+
+def teacher_recipe(cfg: Config) -> dict[str, Any]:
+    """The ``TEACHER_FIELDS`` of ``cfg`` as JSON values; given weights by their content hash, not their path."""
+    recipe = {name: getattr(cfg, name) for name in TEACHER_FIELDS}
+    if cfg.teacher_weights:
+        recipe["teacher_weights"] = file_fingerprint(cfg.teacher_weights)
+    return json.loads(json.dumps(recipe))
+
+
+def cached_teacher_differences(path: Path, recipe: dict[str, Any], fingerprint: str) -> list[str] | None:
+    """What differs between the teacher cached at ``path`` and the one asked for ([] when it can be
+    reused); None when there is no usable cache (missing or unreadable: it is then trained anew)."""
+    if not path.exists():
+        return None
+    try:
+        info, _ = read_model_file(path)
+    except DistillError as err:
+        console.print(f"[yellow]the cached teacher is unusable ({err}): training a new one")
+        return None
+    meta = info.get("meta", {})
+    cached = meta.get("recipe", {})
+    diffs = [f"{k}={cached.get(k)!r} (now {v!r})" for k, v in recipe.items() if cached.get(k) != v]
+    if meta.get("data") != fingerprint:
+        diffs.append("the training data")
+    return diffs
+
+
 def get_teacher(cfg: Config, data: Prepared, device: torch.device):
-    """A frozen teacher: from ``onnx:``/a distill model file, or trained here once and cached in the run dir."""
+    """A frozen teacher: from ``onnx:``/a distill model file, or trained here once and cached in the run dir.
+
+    Given weights are always read and checked first; the cache is reused only when every field in
+    ``TEACHER_FIELDS`` and the training data match what it was trained with.
+    """
     if cfg.teacher.startswith("onnx:"):
         return load_teacher(cfg.teacher, device=str(device))
     if cfg.teacher_weights and is_distill_model_file(cfg.teacher_weights):
         return load_teacher(cfg.teacher, weights=cfg.teacher_weights, device=str(device))
-    path = cfg.out_dir / "teacher.pt"
-    fingerprint = data_fingerprint(data.splits.train)
-    if path.exists():
-        info, _ = read_model_file(path)
-        meta = info.get("meta", {})
-        if info.get("arch") == cfg.teacher and meta.get("data") == fingerprint and meta.get("image_size") == list(cfg.image_size):
-            console.print(f"[green]reusing the teacher trained earlier:[/] {path}")
-            return load_teacher(cfg.teacher, weights=str(path), device=str(device))
-        console.print(f"[yellow]{path} was trained for another teacher, data set or image size: training a new one")
+    torch.manual_seed(cfg.seed)  # the same --seed gives the same teacher
     model = build_teacher_model(cfg.teacher, cfg.embed_dim, data.num_classes)
     if cfg.teacher_weights:
         load_backbone_weights(model, cfg.teacher_weights)
+    path = cfg.out_dir / "teacher.pt"
+    fingerprint = data_fingerprint(data.splits.train)
+    recipe = teacher_recipe(cfg)
+    diffs = cached_teacher_differences(path, recipe, fingerprint)
+    if diffs == []:
+        console.print(f"[green]reusing the teacher trained earlier:[/] {path}")
+        return load_teacher(cfg.teacher, weights=str(path), device=str(device))
+    if diffs:
+        console.print(f"[yellow]{path} was trained with other settings ({'; '.join(diffs)}): training a new one")
     objective = StudentObjective(cfg.loss, cfg.embed_dim, data.num_classes, loss_options=cfg.loss_options)
     fit(
         model, objective, data.train, train_settings(cfg, device, teacher=True), cfg.out_dir / "teacher.ckpt",
         penalty=weight_penalty(objective), desc="teacher",
     )
     if is_main_process():
-        save_model(path, model, arch=cfg.teacher, data=fingerprint, image_size=list(cfg.image_size))
+        save_model(path, model, arch=cfg.teacher, data=fingerprint, image_size=list(cfg.image_size), recipe=recipe)
     barrier()
     return load_teacher(cfg.teacher, weights=str(path), device=str(device))
 
