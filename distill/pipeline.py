@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -78,8 +79,7 @@ def check_models(cfg: Config) -> None:
 def prepare_data(cfg: Config) -> Prepared:
     """Load the data set (its loader skips unreadable images), build train (augmented and plain) datasets."""
     splits = load_dataset(cfg.data, **cfg.data_options())
-    if not splits.train or not splits.query:
-        raise DistillError(f"data set '{cfg.data}' has no training or no test images")
+    check_splits(splits, cfg.data)
     label_map = make_label_map(splits.train)
     preload = len(splits.train) <= 20_000 and cfg.image_size[0] * cfg.image_size[1] <= 128 * 64
     kind = splits.protocol
@@ -93,6 +93,41 @@ def prepare_data(cfg: Config) -> Prepared:
     if plain is not train and preload:
         plain._cache = train._cache
     return Prepared(splits, train, plain, eval_tf, len(label_map))
+
+
+def check_splits(splits: Splits, spec: str) -> None:
+    """Fail before any training when the data cannot be trained or evaluated on: P x K batches and
+    the triplet/verification losses need 2 training classes with 2+ images; the test protocol needs
+    queries that have a match (retrieval: a test class with 2+ images, and 9+ images for Recall@8;
+    re-ID: a query whose person is in the gallery from another camera)."""
+    if not splits.train or not splits.query:
+        raise DistillError(f"data set '{spec}' has no training or no test images")
+    reid = splits.protocol == "reid"
+    word, unit = ("identities", "identity") if reid else ("classes", "class")
+    train_counts = Counter(s.label for s in splits.train)
+    if sum(n >= 2 for n in train_counts.values()) < 2:
+        raise DistillError(
+            f"data set '{spec}': training needs at least 2 {word} with 2 or more images each, got "
+            f"{len(train_counts)} {word} and {len(splits.train)} images: add images per {unit}"
+        )
+    if reid:
+        cameras: dict[int, set[int]] = {}
+        for s in splits.gallery:
+            cameras.setdefault(s.label, set()).add(s.camera)
+        if not any(cameras.get(q.label, set()) - {q.camera} for q in splits.query):
+            raise DistillError(
+                f"data set '{spec}': no query has an image of the same person from another camera in the gallery, "
+                "so mAP and rank-1 cannot be measured: check the query and gallery images"
+            )
+    else:
+        test_counts = Counter(s.label for s in splits.query)
+        if not any(n >= 2 for n in test_counts.values()):
+            raise DistillError(
+                f"data set '{spec}': no test class has 2 or more images, so no query has a match: "
+                "add test images per class"
+            )
+        if len(splits.query) < 9:
+            raise DistillError(f"data set '{spec}': Recall@8 needs at least 9 test images, got {len(splits.query)}")
 
 
 def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> TrainSettings:

@@ -158,3 +158,47 @@ def test_train_commands_take_the_batch_size_their_advice_names(tiny_data, tmp_pa
     assert "lower --batch-size" in result.output
     for command in ("train-teacher", "train"):
         assert "--batch-size" in runner.invoke(app, [command, "--help"]).output
+
+
+def image_folder(root, images_per_class: dict[str, int]):
+    from PIL import Image
+
+    for c, n in images_per_class.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (16, 32), (20 * i, 40, 9 * len(c))).save(root / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "per_class, message",
+    [
+        ({f"c{i}": 1 for i in range(8)}, "training needs at least 2 classes with 2 or more images each, got 4 classes and 4 images: add images per class"),
+        ({**{f"a{i}": 3 for i in range(4)}, **{f"b{i}": 1 for i in range(4)}}, "no test class has 2 or more images, so no query has a match"),
+        ({**{f"a{i}": 3 for i in range(2)}, **{f"b{i}": 2 for i in range(2)}}, "Recall@8 needs at least 9 test images, got 4"),
+    ],
+)
+def test_data_that_cannot_be_trained_or_evaluated_fails_before_training(tmp_path, per_class, message):
+    root = image_folder(tmp_path / "folder", per_class)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "--data", f"imagefolder:{root}", "--out", str(out), "--image-size", "32x16", "--batch-size", "8"])
+    one_line_error(result, f"data set 'imagefolder:{root}': {message}")
+    assert "camera" not in result.output
+    assert not list(out.glob("*.ckpt")) and not list(out.glob("*.pt"))  # nothing was trained
+
+
+def test_reid_data_without_a_cross_camera_match_fails_before_training():
+    from distill.data.base import Sample, Splits
+    from distill.errors import DistillError
+    from distill.pipeline import check_splits
+
+    train = [Sample(f"t{i}", i // 2, i % 2) for i in range(8)]
+    query = [Sample("q", 10, 1)]
+    splits = Splits("market1501", train, query, [Sample("g0", 10, 1), Sample("g1", 11, 2)], protocol="reid")
+    with pytest.raises(DistillError, match=r"no query has an image of the same person from another camera in the gallery"):
+        check_splits(splits, "market1501:/x")
+    splits.gallery.append(Sample("g2", 10, 3))
+    check_splits(splits, "market1501:/x")
+    splits.train = train[:3]
+    with pytest.raises(DistillError, match=r"training needs at least 2 identities with 2 or more images each, got 2 identities"):
+        check_splits(splits, "market1501:/x")
