@@ -1,5 +1,7 @@
 """User-facing errors: one clear line, a non-zero exit, no traceback (unless --debug)."""
 
+import re
+
 
 class DistillError(Exception):
     """Bad input or an unrecoverable condition the user can fix; the message says what and how.
@@ -23,12 +25,11 @@ def load_error_reason(err: BaseException) -> str:
     """
     text = str(err)
     if "Weights only load failed" in text:
-        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-        details = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(boilerplate)]
-        detail = f" ({details[0]})" if details else ""
-        if "GLOBAL" in detail:
-            return f"it holds pickled objects, which are never loaded{detail}"
-        return f"it is not a file of tensors{detail}"
+        refused = re.search(r"GLOBAL ([\w.]+)", text)
+        if refused:
+            return f"it holds pickled objects, which are never loaded ({refused.group(1)})"
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        return "it is not a file of tensors" + (f" ({detail.group(1).strip()})" if detail else "")
     if isinstance(err, EOFError):
         return "the file is empty or cut short"
     lines = [line.strip() for line in text.splitlines() if line.strip()]

@@ -36,7 +36,8 @@ def test_resume_refuses_a_malicious_pickle_without_running_it(dataset, tmp_path)
     with pytest.raises(DistillError) as err:
         fit(tiny_model(6), CrossEntropy(), dataset, settings(2, resume=True), ckpt)
     message = str(err.value)
-    assert message.startswith(f"cannot resume from {ckpt}: it holds pickled objects, which are never loaded (Trying to load unsupported GLOBAL builtins.open")
+    assert message.startswith(f"cannot resume from {ckpt}: it holds pickled objects, which are never loaded (")
+    assert "open)" in message
     assert "weights_only=False" not in message and "weights_only` set to `False" not in message
     assert "\n" not in message
     assert not victim.exists()
