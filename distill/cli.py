@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from distill.errors import DistillError
@@ -24,6 +26,13 @@ DEBUG = {"on": False}
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
     DEBUG["on"] = debug
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line ``warning: ...`` (the source line only with --debug)."""
+    where = f" ({filename}:{lineno})" if DEBUG["on"] else ""
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}{where}", highlight=False, soft_wrap=True)
 
 
 def friendly(fn: Callable) -> Callable:
@@ -41,6 +50,16 @@ def friendly(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: finished files are intact; continue with --resume")
             raise typer.Exit(130) from None
+        except OSError as err:  # a full disk or a lost permission mid-run: files are written atomically
+            if DEBUG["on"]:
+                raise
+            where = f" {err.filename}" if err.filename else ""
+            err_console.print(
+                f"[red]error:[/] cannot read or write{where}: {err.strerror or err} (finished files are intact; "
+                "free disk space or fix permissions, then run again)",
+                highlight=False, soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -54,6 +73,13 @@ def _config(config: Optional[Path], **overrides):
     from distill.config import load_config
 
     return load_config(config, **overrides)
+
+
+def _locked(cfg):
+    """Hold the lock of the run's output directory (one run per --out at a time)."""
+    from distill.outdir import locked_out_dir
+
+    return locked_out_dir(cfg.out_dir)
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (flat keys as in distill.config.Config).")
@@ -86,6 +112,8 @@ def run(
     images_per_id: Optional[int] = typer.Option(None, help="K, images per identity in a batch."),
     sampler: Optional[str] = typer.Option(None, help="Batches: pk (P x K) or importance (Deep Ranking's online importance sampling)."),
     lr: Optional[float] = typer.Option(None, help="Student learning rate."),
+    teacher_lr: Optional[float] = typer.Option(None, help="Teacher learning rate (when it is trained here)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (teacher and students)."),
     loss: Optional[str] = typer.Option(None, help="Task losses with weights, e.g. softmax=1,triplet=1,lifted=0.5."),
     loss_options: Optional[list[str]] = typer.Option(None, "--loss-opt", help="Task-loss hyper-parameter KEY=VALUE (repeatable), e.g. triplet_margin=0.3."),
     kd_weight: Optional[float] = typer.Option(None, help="Weight of Hinton KD (0 disables it)."),
@@ -117,7 +145,9 @@ def run(
     overrides = {k: v for k, v in locals().items() if k != "config" and v != []}
     from distill.pipeline import run as run_pipeline
 
-    run_pipeline(_config(config, **overrides))
+    cfg = _config(config, **overrides)
+    with _locked(cfg):
+        run_pipeline(cfg)
 
 
 @app.command("train-teacher")
@@ -129,6 +159,11 @@ def train_teacher(
     data: Optional[str] = typer.Option(None),
     image_size: Optional[str] = typer.Option(None),
     teacher_epochs: Optional[int] = typer.Option(None),
+    teacher_steps: Optional[int] = typer.Option(None, help="Teacher optimiser steps (overrides --teacher-epochs)."),
+    teacher_min_steps: Optional[int] = typer.Option(None, help="At least this many teacher steps (default 300)."),
+    teacher_lr: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (P identities x K images)."),
+    seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
     out: Optional[str] = typer.Option(None),
 ) -> None:
@@ -137,7 +172,8 @@ def train_teacher(
     from distill import pipeline
 
     cfg = _config(config, **overrides)
-    pipeline.get_teacher(cfg, *pipeline.setup(cfg))
+    with _locked(cfg):
+        pipeline.get_teacher(cfg, *pipeline.setup(cfg))
     err_console.print(f"teacher: {cfg.out_dir / 'teacher.pt'}")
 
 
@@ -151,6 +187,9 @@ def train(
     data: Optional[str] = typer.Option(None),
     image_size: Optional[str] = typer.Option(None),
     epochs: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (P identities x K images)."),
+    seed: Optional[int] = typer.Option(None),
     loss: Optional[str] = typer.Option(None),
     sampler: Optional[str] = typer.Option(None, help="pk or importance."),
     darkrank: Optional[str] = typer.Option(None),
@@ -163,8 +202,9 @@ def train(
     from distill import pipeline
 
     cfg = _config(config, **overrides)
-    data_, device_ = pipeline.setup(cfg)
-    pipeline.train_student(cfg, data_, device_, teacher=pipeline.get_teacher(cfg, data_, device_))
+    with _locked(cfg):
+        data_, device_ = pipeline.setup(cfg)
+        pipeline.train_student(cfg, data_, device_, teacher=pipeline.get_teacher(cfg, data_, device_))
     err_console.print(f"student: {cfg.out_dir / 'student.pt'}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -92,6 +93,18 @@ DARKRANK_MODES = ("hard", "soft", "none")
 DARKRANK_METHODS = ("exact", "bruteforce", "sampled")
 SAMPLERS = ("pk", "importance")
 AUGMENT_PRESETS = ("none", "light", "standard")
+# (field, lower bound, bound excluded): a learning rate of 0 would train nothing and say nothing
+NUMBER_RANGES = (
+    ("lr", 0.0, True),
+    ("teacher_lr", 0.0, True),
+    ("weight_decay", 0.0, False),
+    ("student_width", 0.0, True),
+    ("kd_weight", 0.0, False),
+    ("kd_temperature", 0.0, True),
+    ("darkrank_weight", 0.0, False),
+    ("darkrank_alpha", 0.0, True),
+    ("darkrank_beta", 0.0, True),
+)
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -163,8 +176,12 @@ def validate(cfg: Config) -> Config:
                 f"soft DarkRank with method {cfg.darkrank_method} handles lists of at most {limit} candidates, "
                 f"got --darkrank-list-size {cfg.darkrank_list_size}: lower it or use --darkrank-method sampled"
             )
-    if cfg.student_width <= 0:
-        raise DistillError(f"student_width must be > 0, got {cfg.student_width}")
+    for name, low, strict in NUMBER_RANGES:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DistillError(f"{name} (--{name.replace('_', '-')}) must be a number, got {value!r}")
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise DistillError(f"{name} (--{name.replace('_', '-')}) must be {'>' if strict else '>='} {low:g}, got {value:g}")
     if cfg.export_precision not in ("fp32", "fp16", "int8"):
         raise DistillError(f"export_precision must be fp32, fp16 or int8, got '{cfg.export_precision}'")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):

@@ -27,7 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from distill.atomic import atomic_torch_save
+from distill.atomic import atomic_write_text
+from distill.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from distill.data.dataset import ImageDataset
 from distill.data.samplers import ImportanceBatchSampler, PKSampler, loader_settings
 from distill.errors import DistillError
@@ -102,21 +103,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _progress(desc: str) -> Progress:
     """A rich bar on a terminal; elsewhere (a log file, CI) the bar is off and ``fit`` prints one
     line per epoch instead, so a long stage is never silent."""
@@ -151,9 +137,9 @@ def fit(
 
     A checkpoint is written atomically after every epoch; with ``settings.resume`` and an existing
     checkpoint, training continues from the epoch after the last one saved. Metrics go to
-    ``<checkpoint>.jsonl`` (started afresh unless resuming). ``penalty(model)``, when given, is added
-    to every step's loss (e.g. Deep Ranking's L2 weight penalty). A NaN/inf loss stops training with
-    a clear message, keeping the last good checkpoint.
+    ``<checkpoint>.jsonl`` (a fresh run replaces the old log once its first epoch is done).
+    ``penalty(model)``, when given, is added to every step's loss (e.g. Deep Ranking's L2 weight
+    penalty). A NaN/inf loss stops training with a clear message, keeping the last good checkpoint.
 
     ``validate(model) -> score`` (higher is better), when given, runs every few epochs (at most
     ``MAX_VALIDATIONS`` times, and after the last epoch); the weights with the best score (ties go
@@ -192,14 +178,14 @@ def fit(
     start_epoch = 0
     best: dict[str, Any] | None = None  # {"score", "epoch", "model"}: the best validated weights
     if settings.resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = load_checkpoint(checkpoint)
         model.load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if "sampler" in state:
             sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         start_epoch = state["epoch"] + 1
         best = state.get("best")
 
@@ -211,8 +197,8 @@ def fit(
     use_amp = settings.amp and device.type == "cuda"
     log_path = checkpoint.with_suffix(".jsonl")
     main = rank == 0
-    if main and start_epoch == 0:
-        log_path.unlink(missing_ok=True)
+    # the log is rewritten whole after each epoch: the previous run's stays until there is a new one
+    log = log_path.read_text(encoding="utf-8") if start_epoch > 0 and log_path.exists() else ""
 
     every = _val_every(epochs)
     if main and start_epoch == 0:
@@ -271,15 +257,15 @@ def fit(
                     "objective": objective.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(),
+                    "rng": rng_state(),
                     "epoch": epoch,
                     "best": best,
                 }
                 if observe is not None:
                     state["sampler"] = sampler.state_dict()
-                atomic_torch_save(state, checkpoint)
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
+                save_checkpoint(checkpoint, state)
+                log += json.dumps(record) + "\n"
+                atomic_write_text(log_path, log)
     if best is not None:
         model.load_state_dict(best["model"])
     model.fit_summary = {"epochs": epochs, "steps": steps} | (

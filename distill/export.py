@@ -137,5 +137,8 @@ def export_onnx(
             if not diff <= tol:
                 raise DistillError(f"{precision} ONNX embeddings differ from PyTorch by {diff:.2e} > {tol:.0e}; use a higher precision")
         data = final.read_bytes()
-    atomic_write_bytes(path, data)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as err:
+        raise DistillError(f"cannot write the ONNX file {path}: {err.strerror} (choose another output path)") from None
     return {"path": str(path), "max_abs_diff": diff, "atol": tol, "opset": opset, "precision": precision, "bytes": len(data)}

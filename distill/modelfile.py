@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from distill.atomic import atomic_torch_save, atomic_write_bytes
-from distill.errors import DistillError
+from distill.errors import DistillError, load_error_reason
 
 FORMAT = "distill-model-v1"
 
@@ -79,14 +79,14 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
                 metadata = f.metadata() or {}
             state = load_file(str(path))
         except (SafetensorError, OSError) as err:
-            raise DistillError(f"{not_ours} (unreadable safetensors: {err})") from None
+            raise DistillError(f"{not_ours} (unreadable safetensors: {load_error_reason(err)})") from None
         if metadata.get("format") != json.dumps(FORMAT):
             raise DistillError(f"{not_ours} (no '{FORMAT}' metadata; is it a plain state dict?)")
         return {k: json.loads(v) for k, v in metadata.items()}, state
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors all mean "not a file we wrote"
-        raise DistillError(f"{not_ours} (torch.load failed: {str(err).splitlines()[0]})") from None
+        raise DistillError(f"{not_ours} (torch.load failed: {load_error_reason(err)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise DistillError(f"{not_ours} (no '{FORMAT}' header; is it a plain state dict?)")
     state = data.pop("model", None)

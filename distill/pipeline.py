@@ -6,7 +6,9 @@ Only the main process (rank 0 under torchrun) evaluates, exports, benchmarks and
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +31,7 @@ from distill.modelfile import read_model_file, save_model
 from distill.objective import StudentObjective
 from distill.students import create_student
 from distill.teachers import build_teacher_model, load_backbone_weights, load_teacher
+from distill.teachers.registry import file_fingerprint
 from distill.teachers.cache import cache_key, cached_outputs, data_fingerprint
 
 console = Console(stderr=True)
@@ -98,8 +101,7 @@ def prepare_data(cfg: Config, device: torch.device = torch.device("cpu")) -> Pre
     """Load the data set (its loader skips unreadable images), choose its inputs, hold out
     validation identities, build train (augmented and plain) datasets."""
     splits = load_dataset(cfg.data, **cfg.data_options())
-    if not splits.train or not splits.query:
-        raise DistillError(f"data set '{cfg.data}' has no training or no test images")
+    check_splits(splits, cfg.data)
     train_samples, val = hold_out_identities(splits.train, cfg.val_fraction)
     choose_inputs(cfg, replace(splits, train=train_samples), device)
     label_map = make_label_map(train_samples)
@@ -133,6 +135,41 @@ def validator(data: Prepared, device: torch.device) -> Callable[[nn.Module], flo
     return (lambda model: validation_score(model, data, device)) if data.val else None
 
 
+def check_splits(splits: Splits, spec: str) -> None:
+    """Fail before any training when the data cannot be trained or evaluated on: P x K batches and
+    the triplet/verification losses need 2 training classes with 2+ images; the test protocol needs
+    queries that have a match (retrieval: a test class with 2+ images, and 9+ images for Recall@8;
+    re-ID: a query whose person is in the gallery from another camera)."""
+    if not splits.train or not splits.query:
+        raise DistillError(f"data set '{spec}' has no training or no test images")
+    reid = splits.protocol == "reid"
+    word, unit = ("identities", "identity") if reid else ("classes", "class")
+    train_counts = Counter(s.label for s in splits.train)
+    if sum(n >= 2 for n in train_counts.values()) < 2:
+        raise DistillError(
+            f"data set '{spec}': training needs at least 2 {word} with 2 or more images each, got "
+            f"{len(train_counts)} {word} and {len(splits.train)} images: add images per {unit}"
+        )
+    if reid:
+        cameras: dict[int, set[int]] = {}
+        for s in splits.gallery:
+            cameras.setdefault(s.label, set()).add(s.camera)
+        if not any(cameras.get(q.label, set()) - {q.camera} for q in splits.query):
+            raise DistillError(
+                f"data set '{spec}': no query has an image of the same person from another camera in the gallery, "
+                "so mAP and rank-1 cannot be measured: check the query and gallery images"
+            )
+    else:
+        test_counts = Counter(s.label for s in splits.query)
+        if not any(n >= 2 for n in test_counts.values()):
+            raise DistillError(
+                f"data set '{spec}': no test class has 2 or more images, so no query has a match: "
+                "add test images per class"
+            )
+        if len(splits.query) < 9:
+            raise DistillError(f"data set '{spec}': Recall@8 needs at least 9 test images, got {len(splits.query)}")
+
+
 def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> TrainSettings:
     return TrainSettings(
         epochs=cfg.teacher_epochs if teacher else cfg.epochs,
@@ -153,24 +190,64 @@ def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> 
     )
 
 
+# Every Config field that shapes a teacher trained here: a cached <out>/teacher.pt is reused only
+# when all of them (and the training data) match. New options that shape the teacher go here.
+TEACHER_FIELDS = (
+    "teacher", "teacher_weights", "embed_dim", "image_size", "augment", "flip", "val_fraction", "teacher_epochs",
+    "teacher_steps", "teacher_min_steps", "teacher_lr", "weight_decay", "batch_size", "images_per_id", "sampler",
+    "loss", "loss_options", "seed",
+)
+
+
+def teacher_recipe(cfg: Config) -> dict[str, Any]:
+    """The ``TEACHER_FIELDS`` of ``cfg`` as JSON values; given weights by their content hash, not their path."""
+    recipe = {name: getattr(cfg, name) for name in TEACHER_FIELDS}
+    if cfg.teacher_weights:
+        recipe["teacher_weights"] = file_fingerprint(cfg.teacher_weights)
+    return json.loads(json.dumps(recipe))
+
+
+def cached_teacher_differences(path: Path, recipe: dict[str, Any], fingerprint: str) -> list[str] | None:
+    """What differs between the teacher cached at ``path`` and the one asked for ([] when it can be
+    reused); None when there is no usable cache (missing or unreadable: it is then trained anew)."""
+    if not path.exists():
+        return None
+    try:
+        info, _ = read_model_file(path)
+    except DistillError as err:
+        console.print(f"[yellow]the cached teacher is unusable ({err}): training a new one")
+        return None
+    meta = info.get("meta", {})
+    cached = meta.get("recipe", {})
+    diffs = [f"{k}={cached.get(k)!r} (now {v!r})" for k, v in recipe.items() if cached.get(k) != v]
+    if meta.get("data") != fingerprint:
+        diffs.append("the training data")
+    return diffs
+
+
 def get_teacher(cfg: Config, data: Prepared, device: torch.device):
-    """A frozen teacher: from ``onnx:``/a distill model file, or trained here once and cached in the run dir."""
+    """A frozen teacher: from ``onnx:``/a distill model file, or trained here once and cached in the run dir.
+
+    Given weights are always read and checked first; the cache is reused only when every field in
+    ``TEACHER_FIELDS`` and the training data match what it was trained with.
+    """
     if cfg.teacher.startswith("onnx:"):
         return load_teacher(cfg.teacher, device=str(device))
     if cfg.teacher_weights and is_distill_model_file(cfg.teacher_weights):
         return load_teacher(cfg.teacher, weights=cfg.teacher_weights, device=str(device))
-    path = cfg.out_dir / "teacher.pt"
-    fingerprint = data_fingerprint(data.train.samples)
-    if path.exists():
-        info, _ = read_model_file(path)
-        meta = info.get("meta", {})
-        if info.get("arch") == cfg.teacher and meta.get("data") == fingerprint and meta.get("image_size") == list(cfg.image_size) and meta.get("augment") == [cfg.augment, cfg.flip]:
-            console.print(f"[green]reusing the teacher trained earlier:[/] {path}")
-            return load_teacher(cfg.teacher, weights=str(path), device=str(device))
-        console.print(f"[yellow]{path} was trained for another teacher, data set or image size: training a new one")
+    torch.manual_seed(cfg.seed)  # the same --seed gives the same teacher
     model = build_teacher_model(cfg.teacher, cfg.embed_dim, data.num_classes)
     if cfg.teacher_weights:
         load_backbone_weights(model, cfg.teacher_weights)
+    path = cfg.out_dir / "teacher.pt"
+    fingerprint = data_fingerprint(data.train.samples)
+    recipe = teacher_recipe(cfg)
+    diffs = cached_teacher_differences(path, recipe, fingerprint)
+    if diffs == []:
+        console.print(f"[green]reusing the teacher trained earlier:[/] {path}")
+        return load_teacher(cfg.teacher, weights=str(path), device=str(device))
+    if diffs:
+        console.print(f"[yellow]{path} was trained with other settings ({'; '.join(diffs)}): training a new one")
     objective = StudentObjective(cfg.loss, cfg.embed_dim, data.num_classes, loss_options=cfg.loss_options)
     fit(
         model, objective, data.train, train_settings(cfg, device, teacher=True), cfg.out_dir / "teacher.ckpt",
@@ -178,8 +255,8 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
     )
     if is_main_process():
         save_model(
-            path, model, arch=cfg.teacher, data=fingerprint, image_size=list(cfg.image_size),
-            augment=[cfg.augment, cfg.flip], fit=model.fit_summary,
+            path, model, arch=cfg.teacher, data=fingerprint, image_size=list(cfg.image_size), recipe=recipe,
+            fit=model.fit_summary,
         )
     barrier()
     return load_teacher(cfg.teacher, weights=str(path), device=str(device))

@@ -16,7 +16,7 @@ from distill.data.synthetic import load_synthetic
 from distill.modelfile import load_model
 
 runner = CliRunner()
-TINY = ["--image-size", "32x16", "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "16", "--bench-iters", "2"]
+TINY = ["--image-size", "32x16", "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "16", "--bench-iters", "2", "--min-steps", "0", "--teacher-min-steps", "0"]
 
 
 @pytest.fixture
@@ -83,6 +83,8 @@ def test_run_writes_report_and_a_matching_onnx_and_reuses_the_teacher(tiny_data,
         (["--teacher", "onnx:/nonexistent/t.onnx"], "ONNX teacher file not found"),
         (["--data", "nowhere"], "unknown data set 'nowhere'"),
         (["--data", "market1501:/nonexistent"], "/nonexistent"),
+        (["--lr", "-1"], "lr (--lr) must be > 0, got -1"),
+        (["--lr", "0"], "lr (--lr) must be > 0, got 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):

@@ -36,6 +36,18 @@ def test_run_table_and_hxw_string(tmp_path):
         ({"darkrank_list_size": 64}, r"darkrank_list_size must be in \[2, batch_size\)"),
         ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
         ({"bogus": 1}, "unknown config key"),
+        ({"lr": -1}, r"^lr \(--lr\) must be > 0, got -1$"),
+        ({"lr": 0}, r"^lr \(--lr\) must be > 0, got 0$"),
+        ({"lr": float("nan")}, r"^lr \(--lr\) must be > 0, got nan$"),
+        ({"lr": "fast"}, r"^lr \(--lr\) must be a number, got 'fast'$"),
+        ({"teacher_lr": 0.0}, r"^teacher_lr \(--teacher-lr\) must be > 0, got 0$"),
+        ({"weight_decay": -1e-4}, r"^weight_decay \(--weight-decay\) must be >= 0, got -0.0001$"),
+        ({"kd_temperature": 0}, r"^kd_temperature \(--kd-temperature\) must be > 0, got 0$"),
+        ({"kd_weight": -1}, r"^kd_weight \(--kd-weight\) must be >= 0, got -1$"),
+        ({"darkrank_weight": float("inf")}, r"^darkrank_weight \(--darkrank-weight\) must be >= 0, got inf$"),
+        ({"darkrank_alpha": 0}, r"^darkrank_alpha \(--darkrank-alpha\) must be > 0"),
+        ({"darkrank_beta": -2}, r"^darkrank_beta \(--darkrank-beta\) must be > 0"),
+        ({"student_width": 0}, r"^student_width \(--student-width\) must be > 0"),
     ],
 )
 def test_bad_values(overrides, message):

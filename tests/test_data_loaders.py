@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from scipy.io import savemat
+from scipy.io import loadmat, savemat
 
 from distill.data import cars196, cub200, cuhk03, dataset_names, load_dataset, market1501, sop
 from distill.data._common import build_cache
@@ -254,7 +255,8 @@ def test_cuhk03_extracts_and_splits(cuhk: Path, variant: str) -> None:
         got = [(Path(s.path).name, s.label, s.camera) for s in getattr(splits, part)]
         assert got == rows
     assert {s.label for s in splits.train} == {1, 2, 4} and {s.label for s in splits.query} == TEST_PERSONS
-    cache = cuhk / f"images_{variant}"
+    cache = Path(splits.info["images"])
+    assert not cache.is_relative_to(cuhk) and not (cuhk / f"images_{variant}").exists()  # nothing written into the data set
     assert sorted(p.name for p in cache.iterdir()) == sorted(source)  # every non-empty cell extracted, nothing else
     for name, image in source.items():
         np.testing.assert_array_equal(np.asarray(Image.open(cache / name)), image)
@@ -385,7 +387,8 @@ def test_cub200_bbox_crop(cub: Path) -> None:
     for cropped, original in zip(splits.train + splits.query, plain.train + plain.query):
         assert cropped.label == original.label
         rel = str(Path(original.path).relative_to(cub / "images"))
-        assert Path(cropped.path) == cub / "images_bbox" / rel
+        assert Path(cropped.path) == Path(splits.info["images"]) / rel
+        assert not Path(cropped.path).is_relative_to(cub)  # nothing written into the data set
         x, y, w, h = boxes[rel]
         reference = np.asarray(Image.open(original.path).convert("RGB"))[y : y + h, x : x + w].astype(float)
         got = np.asarray(Image.open(cropped.path)).astype(float)
@@ -611,3 +614,55 @@ def test_build_cache_keeps_the_copy_that_finished_first(tmp_path: Path) -> None:
     assert build_cache(final, fill) == final
     assert [p.name for p in final.iterdir()] == ["theirs.png"]
     assert [p.name for p in tmp_path.iterdir()] == ["images_labeled"]  # our temp dir is gone
+
+
+# ---------------------------------------------------------------- paths that leave the data set (issue 11)
+
+
+def test_cub200_rejects_paths_outside_the_data_set_and_writes_nothing_there(cub: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim" / "photo.jpg"
+    write_gradient(victim, blue=7)
+    before = victim.read_bytes()
+    images = cub / "images.txt"
+    original = images.read_text()
+    first = original.splitlines()[0].split()[1]
+    images.write_text(original.replace(f"1 {first}", "1 ../../victim/photo.jpg"))
+    with pytest.raises(DistillError, match=r"images.txt, line 1: path '../../victim/photo.jpg' leaves the data set's root .*images"):
+        load_dataset(f"cub200:{cub}", bbox_crop=True)
+    images.write_text(original.replace(f"1 {first}", f"1 {victim}"))
+    with pytest.raises(DistillError, match=r"images.txt, line 1: path '/.*victim/photo.jpg' leaves the data set's root"):
+        load_dataset(f"cub200:{cub}", bbox_crop=True)
+    assert victim.read_bytes() == before
+    images.write_text(original)
+    with pytest.raises(DistillError, match=r"cub200: cache_dir .*crops is inside the data set .*; choose a directory outside it"):
+        load_dataset(f"cub200:{cub}", bbox_crop=True, cache_dir=str(cub / "crops"))
+    assert not (cub / "crops").exists()
+
+
+def test_sop_and_cars196_reject_paths_outside_the_data_set(tmp_path: Path) -> None:
+    write_sop(tmp_path / "sop")
+    train = tmp_path / "sop" / "Ebay_train.txt"
+    rel = SOP_ROWS["Ebay_train.txt"][0][2]
+    train.write_text(train.read_text().replace(rel, "../outside.JPG"))
+    with pytest.raises(DistillError, match=r"Ebay_train.txt, line 2: path '../outside.JPG' leaves the data set's root"):
+        load_dataset(f"sop:{tmp_path / 'sop'}")
+    cars = tmp_path / "cars"
+    write_cars(cars, [1, 2, 99, 100])
+    mat = loadmat(cars / "cars_annos.mat")
+    mat["annotations"][0, 2]["relative_im_path"] = np.array(["../../etc/x.jpg"])
+    savemat(cars / "cars_annos.mat", {"annotations": mat["annotations"]})
+    with pytest.raises(DistillError, match=r"cars196: .*cars_annos.mat: annotation 3: path '../../etc/x.jpg' leaves the data set's root"):
+        load_dataset(f"cars196:{cars}")
+
+
+def test_imagefolder_symlink_loops_and_links_across_classes_count_each_file_once(folder: Path) -> None:
+    plain = load_dataset(f"imagefolder:{folder}")
+    (folder / "ant" / "loop").symlink_to("..")  # the whole tree again, test classes included
+    (folder / "ant" / "self").symlink_to(".")  # the class directory again
+    (folder / "bee" / "stolen.png").symlink_to(folder / "eel" / "0.png")  # a test image under a train class
+    (folder / "bee" / "again.png").symlink_to("0.png")  # the same file twice in one class
+    with pytest.warns(UserWarning, match=r"imagefolder: skipped \d+ path\(s\) under .*(ant|bee) that loop, leave the class directory"):
+        splits = load_dataset(f"imagefolder:{folder}")
+    assert splits.train == plain.train and splits.query == plain.query
+    real = [os.path.realpath(s.path) for s in splits.train + splits.query]
+    assert len(real) == len(set(real)) == sum(FOLDER.values())

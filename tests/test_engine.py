@@ -107,7 +107,7 @@ def test_resume_after_ctrl_c_continues_bit_for_bit(dataset, tmp_path, sampler):
     straight = fit(tiny_model(6), CrossEntropy(), dataset, settings(3, sampler=sampler), tmp_path / "a.ckpt")
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_model(6), Interrupted(after=steps_per_epoch(dataset) + 1), dataset, settings(3, sampler=sampler), tmp_path / "b.ckpt")
-    state = torch.load(tmp_path / "b.ckpt", weights_only=False)
+    state = torch.load(tmp_path / "b.ckpt", weights_only=True)
     assert state["epoch"] == 0  # epoch 1 finished and saved; epoch 2 was interrupted
     assert ("sampler" in state) == (sampler == "importance")
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
@@ -120,7 +120,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(dataset, t
     ckpt = tmp_path / "m.ckpt"
     with pytest.raises(DistillError, match=r"loss became nan at epoch 2, step 1; the last good checkpoint is kept"):
         fit(tiny_model(6), Exploding(good=steps_per_epoch(dataset)), dataset, settings(3), ckpt)
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 0
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 0
 
 
 def test_too_few_identities_for_a_batch(dataset, tmp_path):

@@ -161,3 +161,10 @@ def test_bad_inputs(tmp_path, kwargs, message):
     with pytest.raises(DistillError, match=message):
         export_onnx(tiny_net(), tmp_path / "m.onnx", **args)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_unwritable_output_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DistillError, match=r"^cannot write the ONNX file .*file/sub/m.onnx: Not a directory \(choose another output path\)$"):
+        export_onnx(tiny_net(), blocker / "sub" / "m.onnx", SIZE)

@@ -188,8 +188,15 @@ def test_model_file_errors(tmp_path):
         load_model(tmp_path / "junk.safetensors")
     # a pickled object torch.load(weights_only=True) refuses to run
     (tmp_path / "code.pt").write_bytes(pickle.dumps(ValueError("x"), protocol=2))
-    with pytest.raises(DistillError, match="code.pt is not a distill model file"):
+    with pytest.raises(DistillError, match="code.pt is not a distill model file") as err:
         load_model(tmp_path / "code.pt")
+    assert "weights_only" not in str(err.value) and "will likely succeed" not in str(err.value)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(DistillError, match=r"empty.pt is not a distill model file \(torch.load failed: the file is empty or cut short\)$"):
+        load_model(tmp_path / "empty.pt")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(DistillError, match=r"empty.safetensors is not a distill model file \(unreadable safetensors"):
+        load_model(tmp_path / "empty.safetensors")
 
     save_model(tmp_path / "m.pt", model, "nin_bn", width=0.25)
     data = torch.load(tmp_path / "m.pt", weights_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -11,6 +12,33 @@ from typing import Callable, Sequence
 
 from distill.data.base import Sample
 from distill.errors import DistillError
+
+
+def cache_root() -> Path:
+    """Where derived data (the embedded set, crops, extracted images) goes: ``$DISTILL_CACHE`` or ``~/.cache/distill``."""
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
+def inside_root(root: Path, rel: str, where: str) -> Path:
+    """``root / rel`` for a path read from a data set's file; ``DistillError`` (naming ``where``, e.g.
+    ``"images.txt, line 3"``) when ``rel`` is absolute or climbs out of ``root`` with ``..``."""
+    normal = os.path.normpath(rel)
+    if Path(rel).is_absolute() or normal == "." or Path(normal).parts[0] == "..":
+        raise DistillError(f"{where}: path '{rel}' leaves the data set's root {root}; paths must be relative and stay inside it")
+    return root / normal
+
+
+def derived_dir(name: str, root: Path, what: str, cache_dir: str | None) -> Path:
+    """The directory for files derived from the data set at ``root`` (crops, extracted images):
+    ``cache_dir`` when given, else ``cache_root()/<name>-<hash of root>/<what>``. Never inside
+    ``root``: loaders do not write into a data set's tree."""
+    if cache_dir:
+        target = Path(cache_dir).expanduser()
+        if target.resolve().is_relative_to(root.resolve()):
+            raise DistillError(f"{name}: cache_dir {target} is inside the data set {root}; choose a directory outside it")
+        return target
+    digest = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    return cache_root() / f"{name}-{digest}" / what
 
 
 def dataset_root(name: str, path: str | None, holds: str) -> Path:

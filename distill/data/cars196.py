@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.data._common import check_counts, class_counts, dataset_root, reject_options, require
+from distill.data._common import check_counts, class_counts, dataset_root, inside_root, reject_options, require
 from distill.data.base import Sample, Splits, register_dataset
 from distill.data.dataset import check_images
 from distill.errors import DistillError
@@ -47,7 +47,7 @@ def load_cars196(path: str | None, *, strict: bool = False, **options) -> Splits
         label = int(label)
         if not 1 <= label <= NUM_CLASSES:
             raise DistillError(f"cars196: {annos}: annotation {n} ({rel}) has class {label}, outside 1..{NUM_CLASSES}")
-        samples.append(Sample(str(root / str(rel)), label))
+        samples.append(Sample(str(inside_root(root, str(rel), f"cars196: {annos}: annotation {n}")), label))
     train = [s for s in samples if s.label <= TRAIN_CLASSES]
     test = [s for s in samples if s.label > TRAIN_CLASSES]
     counts = class_counts("train", train) | class_counts("test", test)

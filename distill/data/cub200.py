@@ -5,8 +5,9 @@
 ``bounding_boxes.txt`` (``<image_id> <x> <y> <width> <height>``). Classes 1-100 train,
 101-200 test; the test list is both query and gallery (Recall@K / NMI / F1).
 
-With ``bbox_crop=True`` every image is cropped to its box once, into ``PATH/images_bbox/``
-(written into a temp directory and renamed), and the crops are used from then on.
+With ``bbox_crop=True`` every image is cropped to its box once, into ``images_bbox/`` under the
+data cache (``derived_dir``; never into ``PATH``), written into a temp directory and renamed, and
+the crops are used from then on. Paths in ``images.txt`` must stay inside ``PATH/images``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from distill.data._common import build_cache, check_counts, class_counts, dataset_root, read_table, reject_options, require
+from distill.data._common import (
+    build_cache, check_counts, class_counts, dataset_root, derived_dir, inside_root, read_table, reject_options, require,
+)
 from distill.data.base import Sample, Splits, register_dataset
 from distill.data.dataset import check_images
 from distill.errors import DistillError
@@ -54,7 +57,7 @@ def load_cub200(
 ) -> Splits:
     """CUB-200-2011 at ``path`` -> retrieval splits (classes 1-100 train, 101-200 test).
 
-    ``cache_dir`` puts the bounding-box crops elsewhere (default ``PATH/images_bbox``).
+    ``cache_dir`` puts the bounding-box crops there (default: ``derived_dir``, outside ``PATH``).
     """
     reject_options("cub200", options, ["bbox_crop", "strict", "cache_dir"])
     root = dataset_root("cub200", path, HOLDS)
@@ -72,7 +75,10 @@ def load_cub200(
         if image_id not in labels:
             raise DistillError(f"{labels_txt}: no class for image id {image_id} (images.txt line {line})")
     ids = sorted(images)
-    samples = {i: Sample(str(root / "images" / images[i][1][0]), labels[i][1][0]) for i in ids}
+    samples = {
+        i: Sample(str(inside_root(root / "images", images[i][1][0], f"{images_txt}, line {images[i][0]}")), labels[i][1][0])
+        for i in ids
+    }
     train = [samples[i] for i in ids if samples[i].label <= TRAIN_CLASSES]
     test = [samples[i] for i in ids if samples[i].label > TRAIN_CLASSES]
     counts = class_counts("train", train) | class_counts("test", test)
@@ -90,7 +96,7 @@ def load_cub200(
                 raise DistillError(f"{boxes_txt}, line {line}: box width and height must be > 0")
         by_path = {s.path: i for i, s in samples.items()}
         kept = train + test
-        crops = Path(cache_dir).expanduser() if cache_dir else root / "images_bbox"
+        crops = derived_dir("cub200", root, "images_bbox", cache_dir)
         build_cache(crops, lambda tmp: _crop_all(root, kept, boxes, [by_path[s.path] for s in kept], tmp))
 
         def cropped(part: list[Sample]) -> list[Sample]:

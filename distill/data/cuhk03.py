@@ -7,8 +7,8 @@ missing. ``PATH/cuhk03_new_protocol_config_{labeled,detected}.mat`` hold the pro
 (names ``P_PPP_V_II.png``: camera pair, person in the pair, view, image), ``labels`` (person ids),
 ``camId`` (view 1 or 2), and 1-based ``train_idx``, ``query_idx``, ``gallery_idx``.
 
-Images are extracted once from ``cuhk-03.mat`` into ``PATH/images_{variant}/`` (the layout
-torchreid uses), written into a temp directory and renamed, and reused afterwards.
+Images are extracted once from ``cuhk-03.mat`` into ``images_{variant}/`` under the data cache
+(``derived_dir``; never into ``PATH``), written into a temp directory and renamed, and reused afterwards.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from distill.data._common import build_cache, check_counts, dataset_root, reject_options, require
+from distill.data._common import build_cache, check_counts, dataset_root, derived_dir, reject_options, require
 from distill.data.base import Sample, Splits, register_dataset
 from distill.data.dataset import check_images
 from distill.errors import DistillError
@@ -99,7 +99,7 @@ def load_cuhk03(
 ) -> Splits:
     """CUHK03 at ``path`` -> re-ID splits of the new protocol, ``labeled`` or ``detected`` boxes.
 
-    ``cache_dir`` puts the extracted images elsewhere (default ``PATH/images_{variant}``).
+    ``cache_dir`` puts the extracted images there (default: ``derived_dir``, outside ``PATH``).
     """
     reject_options("cuhk03", options, ["cuhk03_variant", "strict", "cache_dir"])
     if cuhk03_variant not in VARIANTS:
@@ -110,7 +110,7 @@ def load_cuhk03(
         mat_path = require("cuhk03", root / "cuhk03_release" / "cuhk-03.mat")
     config_path = require("cuhk03", root / f"cuhk03_new_protocol_config_{cuhk03_variant}.mat")
     protocol = _read_protocol(config_path)
-    images = Path(cache_dir).expanduser() if cache_dir else root / f"images_{cuhk03_variant}"
+    images = derived_dir("cuhk03", root, f"images_{cuhk03_variant}", cache_dir)
     build_cache(images, lambda tmp: _extract(mat_path, cuhk03_variant, tmp))
 
     def part(key: str) -> list[Sample]:

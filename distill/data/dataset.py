@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
@@ -14,11 +15,34 @@ from distill.data.base import Sample
 from distill.errors import DistillError
 
 
+WHITE = (255, 255, 255)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB, keeping the image's look.
+
+    16-bit and 32-bit integer greyscale (``I;16*``, ``I``: 16-bit PNGs) is scaled from 0..65535 to
+    0..255 (PIL's own conversion clips it, turning most images white). Transparency (``RGBA``,
+    ``LA``, ``PA``, a palette with a transparent colour) is composited on white, as a viewer shows it.
+    ``L``, ``1``, ``P`` and the colour modes go through PIL's conversion.
+    """
+    if img.mode.startswith("I"):
+        scaled = np.clip(np.round(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def read_image(path: str) -> Image.Image:
-    """Open an image as RGB; raise ``DistillError`` naming the file when it is missing or corrupt."""
+    """Open an image as RGB (``to_rgb``); raise ``DistillError`` naming the file when it is missing or corrupt."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except FileNotFoundError:
         raise DistillError(f"image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:

@@ -1,7 +1,9 @@
 """Any ``PATH/<class>/<image>`` tree, split by class for zero-shot retrieval.
 
 Classes are the sub-directories of ``PATH`` (hidden ones skipped), sorted by name; label ``i`` is
-the i-th class. Images are the files with an image extension anywhere under a class directory.
+the i-th class. Images are the files with an image extension anywhere under a class directory; symbolic links
+are followed only inside their class directory, and each real file is counted once (loops and
+links to other classes are skipped with a warning).
 Split rule: the first ``ceil(n / 2)`` classes train, the rest test. Or a split file
 (``split_file=FILE``): one ``<class name> <train|test>`` per line, blank lines and ``#`` comments
 ignored; classes it does not list are left out (with a warning).
@@ -23,11 +25,39 @@ from distill.errors import DistillError
 HOLDS = "one sub-directory of images per class"
 
 
-def _images(folder: Path) -> list[str]:
-    found = []
+def _images(folder: Path, seen: set[str]) -> list[str]:
+    """Image files under ``folder``, following links only while they stay inside it.
+
+    A directory reached twice (a link loop), a link leaving the class directory and a file whose
+    real path is in ``seen`` (already counted, here or in another class) are skipped with a
+    warning; the real paths taken are added to ``seen``.
+    """
+    top = folder.resolve()
+    found, skipped, visited = [], [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in visited or not real.is_relative_to(top):
+            skipped.append(dirpath)
+            dirnames[:] = []
+            continue
+        visited.add(real)
         dirnames.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)]
+        for name in sorted(filenames):
+            if not name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            path = os.path.join(dirpath, name)
+            target = os.path.realpath(path)
+            if target in seen or not Path(target).is_relative_to(top):
+                skipped.append(path)
+                continue
+            seen.add(target)
+            found.append(path)
+    if skipped:
+        warnings.warn(
+            f"imagefolder: skipped {len(skipped)} path(s) under {folder} that loop, leave the class directory "
+            f"or repeat an image already counted (links): {', '.join(skipped[:3])}",
+            stacklevel=3,
+        )
     return found
 
 
@@ -70,10 +100,11 @@ def load_imagefolder(path: str | None, *, split_file: str | None = None, strict:
             shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
             warnings.warn(f"imagefolder: {len(left_out)} class(es) not in {split_file} are left out: {shown}", stacklevel=2)
     parts: dict[str, list[Sample]] = {"train": [], "test": []}
+    seen: set[str] = set()
     for label, name in enumerate(classes):
         if name not in split:
             continue
-        files = _images(root / name)
+        files = _images(root / name, seen)
         if not files:
             raise DistillError(f"imagefolder: class directory {root / name} has no images ({', '.join(IMG_EXTENSIONS)})")
         parts[split[name]] += [Sample(f, label) for f in files]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.data._common import check_counts, class_counts, dataset_root, read_table, reject_options, require
+from distill.data._common import check_counts, class_counts, dataset_root, inside_root, read_table, reject_options, require
 from distill.data.base import Sample, Splits, register_dataset
 from distill.data.dataset import check_images
 from distill.errors import DistillError
@@ -27,7 +27,7 @@ def _read_list(root: Path, name: str) -> list[Sample]:
     rows = read_table(path, "<image_id> <class_id> <super_class_id> <path>", (int, int, int, str), header=HEADER)
     if not rows:
         raise DistillError(f"sop: {path} lists no images")
-    return [Sample(str(root / rel), class_id) for _, (_, class_id, _, rel) in rows]
+    return [Sample(str(inside_root(root, rel, f"{path}, line {line}")), class_id) for line, (_, class_id, _, rel) in rows]
 
 
 @register_dataset("sop")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from distill.data._common import cache_root
 from distill.data.base import Sample, Splits, register_dataset
 
 PALETTE = np.array(
@@ -132,10 +133,6 @@ def _render(person: dict, camera: dict, rng: np.random.Generator, h: int, w: int
     light = rng.uniform(0.85, 1.15)
     img = img * camera["gain"] * light + camera["bias"] + rng.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
 
 
 def generate(spec: SyntheticSpec, root: Path | None = None) -> Path:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.embedding import EmbeddingNet
-from distill.errors import DistillError
+from distill.errors import DistillError, load_error_reason
 from distill.modelfile import check_state_dict, load_model
 from distill.students import student_names, timm_model
 from distill.students.registry import LibraryBackbone
@@ -86,7 +86,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise DistillError(f"cannot read weights file {path}: {str(err).splitlines()[0]}") from None
+        raise DistillError(f"cannot read weights file {path}: {load_error_reason(err)}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -159,7 +159,7 @@ class OnnxTeacher(Teacher):
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as err:
-            raise DistillError(f"cannot load ONNX teacher {path}: {str(err).splitlines()[0]}") from None
+            raise DistillError(f"cannot load ONNX teacher {path}: {load_error_reason(err)}") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         emb_shape = outputs[0].shape
         if len(inputs) != 1 or len(emb_shape) != 2 or not isinstance(emb_shape[1], int):
