@@ -263,11 +263,11 @@ def result_path(out: Path, recipe: str, seed: int) -> Path:
     return out / "study" / "results" / recipe / f"seed-{seed}.json"
 
 
-def _identity(cfg: Config, teacher: str | None, data: str) -> dict[str, Any]:
+def _identity(cfg: Config, teacher: str | None, data: str, device: torch.device) -> dict[str, Any]:
     """What a stored result must match to be reused: the config (less output-only keys), the teacher
-    (None for the baseline, which has none) and the data."""
+    (None for the baseline, which has none), the data and the device ``--device auto`` resolved to."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in NOT_RESULT_KEYS}
-    return json.loads(json.dumps({"config": config, "teacher": teacher, "data": data}))
+    return json.loads(json.dumps({"config": config, "teacher": teacher, "data": data, "device": str(device)}))
 
 
 def _load_result(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -309,19 +309,20 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
     ctx = _Context(data, device, teacher)
     out = base.out_dir
     data_fp = data_fingerprint([*data.splits.train, *data.splits.query, *data.splits.gallery])
+    seed_list = list(range(base.seed, base.seed + seeds))
 
     results: dict[tuple[str, int], dict[str, Any]] = {}
     todo: list[tuple[str, Config, dict[str, Any]]] = []
-    for seed in range(base.seed, base.seed + seeds):  # seed-major: an interrupted study keeps whole pairs
+    for seed in seed_list:  # seed-major: an interrupted study keeps whole pairs
         for name, (_, rcfg) in recipes.items():
             cfg = replace(rcfg, seed=seed, resume=False)
-            identity = _identity(cfg, None if name == BASELINE else teacher.fingerprint, data_fp)
+            identity = _identity(cfg, None if name == BASELINE else teacher.fingerprint, data_fp, device)
             stored = _load_result(result_path(out, name, seed), identity)
             if stored is not None:
                 results[name, seed] = stored
             else:
                 todo.append((name, cfg, identity))
-    total = len(recipes) * seeds
+    total = len(recipes) * len(seed_list)
     console.print(f"study: {total - len(todo)} of {total} results stored already, {len(todo)} to train ({jobs} job(s))")
 
     def store(name: str, cfg: Config, identity: dict[str, Any], metrics: dict[str, float], seconds: float) -> None:
@@ -339,14 +340,19 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
     else:
         with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"), initializer=_worker_init) as pool:
             futures = {pool.submit(_worker_train, base, cfg, name): (name, cfg, identity) for name, cfg, identity in todo}
-            for future in as_completed(futures):
-                store(*futures[future], *future.result())
+            try:
+                for future in as_completed(futures):
+                    store(*futures[future], *future.result())
+            except BaseException:  # a failed training: stop, do not start the queued ones
+                for future in futures:
+                    future.cancel()
+                raise
 
     teacher_metrics = pipeline.evaluate_model(teacher, data, device, base.clustering)
-    ordered = [results[name, seed] for name in recipes for seed in range(base.seed, base.seed + seeds)]
+    ordered = [results[name, seed] for name in recipes for seed in seed_list]
     study = {
         "recipes": {name: overrides for name, (overrides, _) in recipes.items()},
-        "seeds": list(range(base.seed, base.seed + seeds)),
+        "seeds": seed_list,
         "ci": "95% paired t: mean(d) +- t.ppf(0.975, n-1) * sd(d) / sqrt(n), d = recipe - baseline on the same seed",
         "teacher": {"spec": base.teacher, "fingerprint": teacher.fingerprint, "metrics": teacher_metrics},
         "summary": summarize(ordered),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,6 +122,13 @@ def test_recipes_file(tmp_path):
     assert configs["kd-t2"][1].kd_temperature == 2.0 and configs["kd-t2"][1].darkrank == "hard"
     assert configs["dr.soft_w0.5"][1].loss_options == {"triplet_margin": 0.3}
     assert list(study.recipe_configs(load_config(None), ["kd", "kd-t2"], recipes)) == ["baseline", "kd", "kd-t2"]
+
+
+def test_example_recipes_file_is_valid():
+    path = Path(__file__).parent.parent / "examples" / "recipes.toml"
+    configs = study.recipe_configs(load_config(None), None, study.load_recipes_file(path))
+    assert list(configs) == ["baseline", "kd-w1", "kd-w3", "kd-w3+soft-darkrank"]
+    assert configs["kd-w3+soft-darkrank"][1].darkrank == "soft"
 
 
 @pytest.mark.parametrize(
