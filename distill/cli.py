@@ -114,7 +114,7 @@ def run(
 def study(
     config: Optional[Path] = ConfigOpt,
     recipes: Optional[str] = typer.Option(None, help="Comma-separated recipes, e.g. baseline,kd,darkrank-hard (baseline is always added)."),
-    recipes_file: Optional[Path] = typer.Option(None, help="TOML file of [[recipe]] tables: name = \"...\" plus Config keys."),
+    recipes_file: Optional[Path] = typer.Option(None, help="TOML file of \\[\\[recipe]] tables: name = \"...\" plus Config keys."),
     seeds: int = typer.Option(5, help="Seeds per recipe (base seed, base seed + 1, ...)."),
     jobs: int = typer.Option(1, help="Trainings run in parallel processes (one thread each)."),
     teacher: Optional[str] = typer.Option(None, help="Teacher: inception_bn, timm:NAME, torchvision:NAME or onnx:PATH."),
