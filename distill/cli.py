@@ -150,6 +150,46 @@ def run(
         run_pipeline(cfg)
 
 
+@app.command()
+@friendly
+def study(
+    config: Optional[Path] = ConfigOpt,
+    recipes: Optional[str] = typer.Option(None, help="Comma-separated recipes, e.g. baseline,kd,darkrank-hard (baseline is always added)."),
+    recipes_file: Optional[Path] = typer.Option(None, help="TOML file of \\[\\[recipe]] tables: name = \"...\" plus Config keys."),
+    seeds: int = typer.Option(5, help="Seeds per recipe (base seed, base seed + 1, ...)."),
+    jobs: int = typer.Option(1, help="Trainings run in parallel processes (one thread each)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher: inception_bn, timm:NAME, torchvision:NAME or onnx:PATH."),
+    teacher_weights: Optional[str] = typer.Option(None, help="Local teacher weights: a distill model file, or backbone weights to fine-tune."),
+    student: Optional[str] = typer.Option(None, help="Student: nin_bn or timm:NAME."),
+    student_width: Optional[float] = typer.Option(None, help="Student width multiplier."),
+    data: Optional[str] = typer.Option(None, help="Data set: synthetic or NAME:PATH."),
+    image_size: Optional[str] = typer.Option(None, help="Input size HxW, e.g. 64x32."),
+    epochs: Optional[int] = typer.Option(None, help="Student epochs."),
+    teacher_epochs: Optional[int] = typer.Option(None, help="Teacher epochs (when it is trained here)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (P identities x K images)."),
+    images_per_id: Optional[int] = typer.Option(None, help="K, images per identity in a batch."),
+    lr: Optional[float] = typer.Option(None, help="Student learning rate."),
+    loss: Optional[str] = typer.Option(None, help="Task losses with weights, e.g. softmax=1,triplet=1."),
+    loss_options: Optional[list[str]] = typer.Option(None, "--loss-opt", help="Task-loss hyper-parameter KEY=VALUE (repeatable)."),
+    clustering: Optional[bool] = typer.Option(None, "--clustering/--no-clustering", help="NMI/F1 by k-means."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]."),
+    seed: Optional[int] = typer.Option(None, help="First seed."),
+    workers: Optional[int] = typer.Option(None, help="Data-loader worker processes per training."),
+    out: Optional[str] = typer.Option(None, help="Output directory (default runs/<name>); results in <out>/study/."),
+    name: Optional[str] = typer.Option(None, help="Run name."),
+) -> None:
+    """Recipes x seeds on one teacher: mean ± std per recipe and the paired gain over the baseline (95% CI)."""
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "recipes", "recipes_file", "seeds", "jobs") and v != []}
+    from distill import study as study_
+
+    base = _config(config, **overrides)
+    names = [n.strip() for n in recipes.split(",") if n.strip()] if recipes is not None else None
+    file_recipes = study_.load_recipes_file(recipes_file) if recipes_file is not None else None
+    result = study_.run_study(base, study_.recipe_configs(base, names, file_recipes), seeds=seeds, jobs=jobs)
+    study_.print_study(result)
+    err_console.print(f"study: {base.out_dir / 'study.json'}, study.md, study.png")
+
+
 @app.command("train-teacher")
 @friendly
 def train_teacher(

@@ -1,0 +1,477 @@
+"""``distill study``: recipes x seeds on one teacher -> mean, std and the paired gain over the baseline.
+
+A *recipe* is a name plus ``Config`` overrides (loss weights, DarkRank mode...). Every recipe is
+trained once per seed; the ``baseline`` recipe (the student trained alone, as ``distill run``
+trains it) is always included and is the paired reference: with the same seed, baseline and recipe
+start from the same student initialisation (``train_student`` seeds before building the model) and
+see the same batches (the P x K sampler depends only on ``(seed, epoch)``).
+
+Each (recipe, seed) result is written atomically to ``<out>/study/results/<recipe>/seed-<s>.json``
+as soon as it is finished; a rerun skips the results whose config, teacher and data still match.
+Every training runs on one thread (in-process or in a worker process), so the numbers do not depend
+on ``jobs`` and the same study run twice gives the same numbers on the CPU.
+
+Statistics: per recipe the mean and sample standard deviation of every metric over the seeds, and
+the paired difference ``d_s = recipe_s - baseline_s`` with the 95% paired-t confidence interval
+``mean(d) +- t_{0.975, n-1} * sd(d) / sqrt(n)`` (none with one seed) and wins/losses/ties.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import time
+import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from scipy import stats
+
+from distill import pipeline
+from distill.atomic import atomic_write_bytes, atomic_write_text
+from distill.config import Config, load_config
+from distill.errors import DistillError
+from distill.teachers.cache import data_fingerprint
+
+BASELINE = "baseline"
+# The lead adds more (rkd, pkt, compat): a plain dict of name -> Config overrides on the base config.
+RECIPES: dict[str, dict[str, Any]] = {
+    BASELINE: {"kd_weight": 0.0, "darkrank": "none"},  # trained without a teacher
+    "kd": {"darkrank": "none"},
+    "darkrank-hard": {"kd_weight": 0.0, "darkrank": "hard"},
+    "darkrank-soft": {"kd_weight": 0.0, "darkrank": "soft"},
+    "kd+darkrank": {},  # the base config as given: distill run's defaults
+}
+DEFAULT_RECIPES = (BASELINE, "kd+darkrank")
+# Options every recipe shares: one teacher, one data set, one device; the study sets seed and out.
+SHARED_KEYS = (
+    "teacher", "teacher_weights", "teacher_epochs", "teacher_lr", "data", "image_size", "strict", "cuhk03_variant",
+    "bbox_crop", "split_file", "device", "seed", "out", "name", "resume",
+)
+# Config keys that change no trained number: ignored when deciding whether a stored result is reusable.
+NOT_RESULT_KEYS = ("out", "name", "resume", "baseline", "export_precision", "bench_iters")
+TABLE_METRICS = (("recall@1", "R@1"), ("map", "mAP"), ("rank1", "rank-1"), ("nmi", "NMI"))
+GAIN_METRICS = (("recall@1", "R@1"), ("map", "mAP"))
+TIE_TOLERANCE = 1e-9
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+console = Console(stderr=True)
+
+
+# ---------------------------------------------------------------- statistics (pure functions)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1 in the denominator; None for a single value)."""
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return mean, std
+
+
+def paired_gain(recipe: dict[int, float], baseline: dict[int, float], level: float = 0.95) -> dict[str, Any]:
+    """Paired difference ``recipe[s] - baseline[s]`` over the seeds both have.
+
+    Returns ``n``, ``mean``, ``std`` (sample), ``ci`` = ``[mean - h, mean + h]`` with
+    ``h = t.ppf((1 + level) / 2, n - 1) * std / sqrt(n)`` (paired t; None when n < 2), and the number of
+    seeds where the recipe ``wins`` (d > 0), ``losses`` (d < 0) and ``ties`` (|d| <= 1e-9).
+    """
+    seeds = sorted(set(recipe) & set(baseline))
+    if not seeds:
+        raise ValueError("no seed in common with the baseline")
+    diffs = [recipe[s] - baseline[s] for s in seeds]
+    mean, std = mean_std(diffs)
+    ci = None
+    if std is not None:
+        half = stats.t.ppf((1 + level) / 2, len(diffs) - 1) * std / math.sqrt(len(diffs))
+        ci = [mean - half, mean + half]
+    return {
+        "n": len(diffs),
+        "mean": mean,
+        "std": std,
+        "ci": ci,
+        "wins": sum(d > TIE_TOLERANCE for d in diffs),
+        "losses": sum(d < -TIE_TOLERANCE for d in diffs),
+        "ties": sum(abs(d) <= TIE_TOLERANCE for d in diffs),
+    }
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{recipe: {"n", "metrics": {m: {"mean", "std"}}, "gain": {m: paired_gain} or None}}`` from
+    results ``{"recipe", "seed", "metrics"}``; the gain is None for the baseline itself."""
+    by: dict[str, dict[int, dict[str, float]]] = {}
+    for r in results:
+        by.setdefault(r["recipe"], {})[r["seed"]] = r["metrics"]
+    base = by.get(BASELINE, {})
+    summary = {}
+    for name, per_seed in by.items():
+        names = sorted({m for metrics in per_seed.values() for m in metrics})
+        column = {m: {s: met[m] for s, met in per_seed.items() if met.get(m) is not None} for m in names}
+        metrics = {m: dict(zip(("mean", "std"), mean_std(list(v.values())))) for m, v in column.items() if v}
+        gain = None
+        if name != BASELINE:
+            gain = {}
+            for m, v in column.items():
+                ref = {s: base[s][m] for s in base if base[s].get(m) is not None}
+                if set(v) & set(ref):
+                    gain[m] = paired_gain(v, ref)
+        summary[name] = {"n": len(per_seed), "metrics": metrics, "gain": gain}
+    return summary
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def load_recipes_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """``[[recipe]] name = "..." <Config keys>`` tables of a TOML file -> ``{name: overrides}``.
+
+    The values are checked against ``Config`` by ``recipe_configs``; here only the file's shape.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DistillError(f"recipes file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise DistillError(f"recipes file {path} is not valid TOML: {err}") from None
+    extra = sorted(set(data) - {"recipe"})
+    tables = data.get("recipe")
+    if extra or not isinstance(tables, list) or not tables:
+        raise DistillError(
+            f"recipes file {path}: expected only [[recipe]] tables (name = \"...\" plus Config keys)"
+            + (f", found top-level key(s) {', '.join(extra)}" if extra else "")
+        )
+    recipes: dict[str, dict[str, Any]] = {}
+    for i, table in enumerate(tables, 1):
+        name = table.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise DistillError(
+                f"recipes file {path}: recipe #{i} needs name = \"...\" (letters, digits, . _ + -), got {name!r}"
+            )
+        if name in RECIPES:
+            raise DistillError(f"recipes file {path}: recipe '{name}' is a built-in recipe; give yours another name")
+        if name in recipes:
+            raise DistillError(f"recipes file {path}: recipe '{name}' is defined twice")
+        recipes[name] = {k: v for k, v in table.items() if k != "name"}
+    return recipes
+
+
+def _check_types(name: str, overrides: dict[str, Any], base: Config) -> None:
+    """Reject a value whose type cannot be the field's (the one of the base config's value)."""
+    for key, value in overrides.items():
+        current = getattr(base, key, None)
+        if current is None or isinstance(current, (tuple, dict)):
+            continue
+        if isinstance(current, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(current, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(current, float):
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            ok, kind = isinstance(value, type(current)), f"a {type(current).__name__}"
+        if not ok:
+            raise DistillError(f"recipe '{name}': {key} must be {kind}, got {value!r}")
+
+
+def recipe_config(base: Config, name: str, overrides: dict[str, Any]) -> Config:
+    """The base config with the recipe's overrides, validated like a run's config (``load_config``)."""
+    shared = sorted(set(overrides) & set(SHARED_KEYS))
+    if shared:
+        raise DistillError(
+            f"recipe '{name}' sets {', '.join(shared)}: a study shares one teacher, data set, device and output "
+            "directory across recipes and chooses the seeds; give these as options of `distill study` instead"
+        )
+    _check_types(name, overrides, base)
+    try:
+        return load_config(None, **(base.to_dict() | overrides))
+    except DistillError as err:
+        raise DistillError(f"recipe '{name}': {err}") from None
+
+
+def recipe_configs(
+    base: Config, names: Sequence[str] | None = None, file_recipes: dict[str, dict[str, Any]] | None = None
+) -> dict[str, tuple[dict[str, Any], Config]]:
+    """``{name: (overrides, config)}`` for the chosen recipes, ``baseline`` first and always there.
+
+    ``names`` picks from the built-ins and ``file_recipes``; without names: every file recipe, or
+    (no file) ``kd+darkrank``, the distillation ``distill run`` does.
+    """
+    file_recipes = file_recipes or {}
+    known = RECIPES | file_recipes
+    if names is None:
+        names = list(file_recipes) or list(DEFAULT_RECIPES)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise DistillError(
+            f"unknown recipe(s) {', '.join(unknown)}; known: {', '.join(known)} "
+            "(built in, or define it in a --recipes-file as [[recipe]] name = \"...\")"
+        )
+    chosen = dict.fromkeys([BASELINE, *names])
+    return {n: (known[n], recipe_config(base, n, known[n])) for n in chosen}
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class _Context:
+    """What every training of a study shares: the data, the device and the frozen teacher."""
+
+    data: pipeline.Prepared
+    device: torch.device
+    teacher: Any
+
+
+def _train_and_evaluate(ctx: _Context, cfg: Config, recipe: str) -> tuple[dict[str, float], float]:
+    """One student for ``(recipe, cfg.seed)`` and its test-set metrics (plus the seconds it took).
+    The baseline has no teacher, exactly as ``distill run`` trains its baseline."""
+    started = time.perf_counter()
+    teacher = None if recipe == BASELINE else ctx.teacher
+    name = f"study/models/{recipe}-seed{cfg.seed}"
+    model = pipeline.train_student(cfg, ctx.data, ctx.device, teacher=teacher, name=name)
+    return pipeline.evaluate_model(model, ctx.data, ctx.device, cfg.clustering), time.perf_counter() - started
+
+
+_WORKER: dict[str, _Context] = {}
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _worker_train(base: Config, cfg: Config, recipe: str) -> tuple[dict[str, float], float]:
+    """In a worker process: set up data and teacher once (the teacher file the parent wrote), train."""
+    if "ctx" not in _WORKER:
+        data, device = pipeline.setup(base)
+        _WORKER["ctx"] = _Context(data, device, pipeline.get_teacher(base, data, device))
+    return _train_and_evaluate(_WORKER["ctx"], cfg, recipe)
+
+
+def result_path(out: Path, recipe: str, seed: int) -> Path:
+    return out / "study" / "results" / recipe / f"seed-{seed}.json"
+
+
+def _identity(cfg: Config, teacher: str | None, data: str, device: torch.device) -> dict[str, Any]:
+    """What a stored result must match to be reused: the config (less output-only keys), the teacher
+    (None for the baseline, which has none), the data and the device ``--device auto`` resolved to."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in NOT_RESULT_KEYS}
+    return json.loads(json.dumps({"config": config, "teacher": teacher, "data": data, "device": str(device)}))
+
+
+def _load_result(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored result at ``path`` when it exists, is readable and was made with ``identity``."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or stored.get("identity") != identity or not isinstance(stored.get("metrics"), dict):
+        return None
+    return stored
+
+
+def run_study(
+    base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int = 5, jobs: int = 1
+) -> dict[str, Any]:
+    """Train and evaluate every recipe x seed (seeds ``base.seed .. base.seed + seeds - 1``) on one
+    teacher; reuse stored results that match; write ``study.json``, ``study.md`` and ``study.png``
+    into ``base.out_dir`` and return the study dict."""
+    if seeds < 1:
+        raise DistillError(f"--seeds must be >= 1, got {seeds}")
+    if jobs < 1:
+        raise DistillError(f"--jobs must be >= 1, got {jobs}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every training on one thread: numbers independent of --jobs, reproducible
+    try:
+        return _run(base, recipes, seeds, jobs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int, jobs: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    data, device = pipeline.setup(base)
+    # get_teacher builds a teacher it trains from the unseeded global RNG: seed it, so that the same
+    # study run twice trains the same teacher
+    torch.manual_seed(base.seed)
+    teacher = pipeline.get_teacher(base, data, device)
+    ctx = _Context(data, device, teacher)
+    out = base.out_dir
+    data_fp = data_fingerprint([*data.splits.train, *data.splits.query, *data.splits.gallery])
+    seed_list = list(range(base.seed, base.seed + seeds))
+
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    todo: list[tuple[str, Config, dict[str, Any]]] = []
+    for seed in seed_list:  # seed-major: an interrupted study keeps whole pairs
+        for name, (_, rcfg) in recipes.items():
+            cfg = replace(rcfg, seed=seed, resume=False)
+            identity = _identity(cfg, None if name == BASELINE else teacher.fingerprint, data_fp, device)
+            stored = _load_result(result_path(out, name, seed), identity)
+            if stored is not None:
+                results[name, seed] = stored
+            else:
+                todo.append((name, cfg, identity))
+    total = len(recipes) * len(seed_list)
+    console.print(f"study: {total - len(todo)} of {total} results stored already, {len(todo)} to train ({jobs} job(s))")
+
+    def store(name: str, cfg: Config, identity: dict[str, Any], metrics: dict[str, float], seconds: float) -> None:
+        result = {
+            "recipe": name, "seed": cfg.seed, "overrides": recipes[name][0], "metrics": metrics,
+            "wall_time_s": round(seconds, 1), "identity": identity,
+        }
+        atomic_write_text(result_path(out, name, cfg.seed), json.dumps(result, indent=2) + "\n")
+        results[name, cfg.seed] = result
+        console.print(f"study: {name} seed {cfg.seed}: R@1 {metrics.get('recall@1', float('nan')):.4f} mAP {metrics.get('map', float('nan')):.4f}")
+
+    if jobs == 1 or len(todo) <= 1:
+        for name, cfg, identity in todo:
+            store(name, cfg, identity, *_train_and_evaluate(ctx, cfg, name))
+    else:
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+            futures = {pool.submit(_worker_train, base, cfg, name): (name, cfg, identity) for name, cfg, identity in todo}
+            try:
+                for future in as_completed(futures):
+                    store(*futures[future], *future.result())
+            except BaseException:  # a failed training: stop, do not start the queued ones
+                for future in futures:
+                    future.cancel()
+                raise
+
+    teacher_metrics = pipeline.evaluate_model(teacher, data, device, base.clustering)
+    ordered = [results[name, seed] for name in recipes for seed in seed_list]
+    study = {
+        "recipes": {name: overrides for name, (overrides, _) in recipes.items()},
+        "seeds": seed_list,
+        "ci": "95% paired t: mean(d) +- t.ppf(0.975, n-1) * sd(d) / sqrt(n), d = recipe - baseline on the same seed",
+        "teacher": {"spec": base.teacher, "fingerprint": teacher.fingerprint, "metrics": teacher_metrics},
+        "summary": summarize(ordered),
+        "results": [{k: r[k] for k in ("recipe", "seed", "metrics")} for r in ordered],
+        "config": base.to_dict(),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
+    write_study(study, out)
+    return study
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _mean_std_cell(stat: dict[str, Any] | None) -> str:
+    if stat is None:
+        return "-"
+    return f"{stat['mean']:.3f}" + (f" ± {stat['std']:.3f}" if stat["std"] is not None else "")
+
+
+def _gain_cell(gain: dict[str, Any] | None) -> str:
+    if gain is None:
+        return "-"
+    ci = gain["ci"]
+    return f"{gain['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci is not None else "")
+
+
+def _rows(study: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the table shared by the console and Markdown."""
+    header = ["recipe", "seeds", *(label for _, label in TABLE_METRICS),
+              *(f"gain {label} [95% CI]" for _, label in GAIN_METRICS), "W/L/T R@1"]
+    teacher = study["teacher"]["metrics"]
+    cells = [["teacher", "-", *(f"{teacher[m]:.3f}" if m in teacher else "-" for m, _ in TABLE_METRICS),
+              *("-" for _ in GAIN_METRICS), "-"]]
+    for name, s in study["summary"].items():
+        gain = s["gain"] or {}
+        r1 = gain.get("recall@1")
+        cells.append([
+            name, str(s["n"]), *(_mean_std_cell(s["metrics"].get(m)) for m, _ in TABLE_METRICS),
+            *(_gain_cell(gain.get(m)) for m, _ in GAIN_METRICS),
+            f"{r1['wins']}/{r1['losses']}/{r1['ties']}" if r1 else "-",
+        ])
+    return header, cells
+
+
+def legend(study: dict[str, Any]) -> str:
+    """What the numbers mean; says so when one seed leaves no confidence interval."""
+    text = (
+        "mean ± sample std over seeds; gain = recipe - baseline on the same seed (same initialisation and batches), "
+        "mean with the 95% paired-t confidence interval; W/L/T = seeds where the recipe's R@1 is above/below/equal to the baseline's"
+    )
+    if len(study["seeds"]) == 1:
+        text += ". One seed: no standard deviation and no confidence interval (use --seeds 5)"
+    return text
+
+
+def to_markdown(study: dict[str, Any]) -> str:
+    header, cells = _rows(study)
+    lines = ["# distill study", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    lines += ["", legend(study) + ".", "", "## Recipes", ""]
+    lines += [f"- `{name}`: `{json.dumps(overrides, sort_keys=True)}`" for name, overrides in study["recipes"].items()]
+    lines += ["", f"Seeds: {', '.join(map(str, study['seeds']))}; teacher `{study['teacher']['spec']}` ({study['teacher']['fingerprint']}).", ""]
+    return "\n".join(lines)
+
+
+def plot_png(study: dict[str, Any]) -> bytes:
+    """Mean ± std per recipe for Recall@1 and mAP (one panel each), the teacher as a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(study["summary"])
+    fig = Figure(figsize=(max(6.0, 1.4 * len(names) + 2), 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    for i, (metric, label) in enumerate(GAIN_METRICS):
+        ax = fig.add_subplot(1, 2, i + 1)
+        stats_ = [study["summary"][n]["metrics"].get(metric) for n in names]
+        means = [s["mean"] if s else float("nan") for s in stats_]
+        stds = [(s["std"] or 0.0) if s else 0.0 for s in stats_]
+        ax.errorbar(range(len(names)), means, yerr=stds, fmt="o", capsize=5, color="C0")
+        t = study["teacher"]["metrics"].get(metric)
+        if t is not None:
+            ax.axhline(t, color="gray", linestyle="--", linewidth=1, label=f"teacher {t:.3f}")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.set_title(f"{label} (mean ± std, {len(study['seeds'])} seed(s))", fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def write_study(study: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``study.json``, ``study.md`` and ``study.png`` atomically into ``out_dir``."""
+    out = Path(out_dir)
+    return {
+        "json": atomic_write_text(out / "study.json", json.dumps(study, indent=2, allow_nan=False) + "\n"),
+        "md": atomic_write_text(out / "study.md", to_markdown(study)),
+        "png": atomic_write_bytes(out / "study.png", plot_png(study)),
+    }
+
+
+def print_study(study: dict[str, Any], console: Console | None = None) -> None:
+    """The study table on the console; a console too narrow for it (rich would cut numbers to "…")
+    gets two tables, the metrics and then the gains."""
+    console = console or Console()
+    header, cells = _rows(study)
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    gains = len(TABLE_METRICS) + 2
+    groups = [list(range(len(header)))]
+    if sum(widths) + 2 * len(widths) > console.width:
+        groups = [list(range(gains)), [0, *range(gains, len(header))]]
+    for i, columns in enumerate(groups):
+        table = Table(box=box.SIMPLE_HEAD, title="distill study" if i == 0 else None,
+                      caption=legend(study) if i == len(groups) - 1 else None)
+        for c in columns:
+            table.add_column(header[c], justify="left" if c == 0 else "right", no_wrap=True)
+        for row in cells:
+            table.add_row(*(row[c] for c in columns))
+        console.print(table)

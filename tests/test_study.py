@@ -1,0 +1,267 @@
+"""``distill study``: the statistics against hand-worked numbers, recipes and their errors, pairing
+(same init, same batches), resume, determinism, ``--jobs``, and the CLI's files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats
+from typer.testing import CliRunner
+
+from distill import engine, pipeline, study
+from distill.cli import app
+from distill.config import load_config
+from distill.data import base as data_base
+from distill.data.synthetic import load_synthetic
+from distill.errors import DistillError
+
+runner = CliRunner()
+SMALL = dict(train_ids=8, test_ids=4, images_per_id=8, height=32, width=16)
+TINY = dict(image_size="32x16", epochs=1, teacher_epochs=1, batch_size=16)
+TINY_ARGS = ["--image-size", "32x16", "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "16"]
+
+
+@pytest.fixture
+def tiny_data(monkeypatch):
+    """`synthetic` shrunk to 8 train / 4 test identities (as in test_cli)."""
+    monkeypatch.setitem(data_base._LOADERS, "synthetic", lambda path=None, **o: load_synthetic(path, **SMALL))
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_paired_gain_matches_a_hand_worked_example():
+    # d = recipe - baseline = 0.02, 0.04, 0.03, 0.05, 0.01: mean 0.03, sd = sqrt(0.001 / 4) = 0.015811,
+    # t(0.975, 4) = 2.7764 (t table), half width = 2.7764 * 0.015811 / sqrt(5) = 0.019632
+    baseline = {0: 0.50, 1: 0.60, 2: 0.55, 3: 0.70, 4: 0.65}
+    recipe = {0: 0.52, 1: 0.64, 2: 0.58, 3: 0.75, 4: 0.66}
+    gain = study.paired_gain(recipe, baseline)
+    assert gain["n"] == 5
+    assert gain["mean"] == pytest.approx(0.03)
+    assert gain["std"] == pytest.approx(0.0158114, abs=1e-6)
+    assert gain["ci"] == pytest.approx([0.010368, 0.049632], abs=1e-5)
+    assert (gain["wins"], gain["losses"], gain["ties"]) == (5, 0, 0)
+    # the same interval from scipy's paired t-test
+    test = stats.ttest_rel(list(recipe.values()), list(baseline.values()))
+    assert gain["ci"] == pytest.approx(list(test.confidence_interval(0.95)), abs=1e-12)
+
+
+def test_paired_gain_counts_wins_losses_ties_and_pairs_by_seed():
+    # d = +0.1 (seed 1), -0.2 (seed 2), 0 (seed 3); seeds 0 and 4 have no partner and are left out.
+    # mean -1/30, sd = sqrt((0.1333^2 + 0.1667^2 + 0.0333^2) / 2) = 0.152753, t(0.975, 2) = 4.3027
+    gain = study.paired_gain({0: 0.9, 1: 0.6, 2: 0.3, 3: 0.5}, {1: 0.5, 2: 0.5, 3: 0.5, 4: 0.1})
+    assert (gain["n"], gain["wins"], gain["losses"], gain["ties"]) == (3, 1, 1, 1)
+    assert gain["mean"] == pytest.approx(-1 / 30)
+    assert gain["std"] == pytest.approx(0.152753, abs=1e-6)
+    half = 4.3027 * 0.152753 / math.sqrt(3)
+    assert gain["ci"] == pytest.approx([-1 / 30 - half, -1 / 30 + half], abs=1e-4)
+
+
+def test_one_seed_has_no_spread_and_no_interval():
+    gain = study.paired_gain({7: 0.4}, {7: 0.3})
+    assert gain["n"] == 1 and gain["mean"] == pytest.approx(0.1)
+    assert gain["std"] is None and gain["ci"] is None and gain["wins"] == 1
+    assert study.mean_std([0.25]) == (0.25, None)
+    with pytest.raises(ValueError, match="no seed in common"):
+        study.paired_gain({0: 0.4}, {1: 0.3})
+
+
+def test_mean_std_is_the_sample_std():
+    mean, std = study.mean_std([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and std == pytest.approx(math.sqrt(5 / 3))  # sum of squares 5, over n - 1 = 3
+
+
+def test_summarize_per_recipe_mean_std_and_paired_gain():
+    results = [
+        {"recipe": "baseline", "seed": s, "metrics": {"recall@1": b, "map": b / 2}} for s, b in enumerate([0.5, 0.6, 0.4])
+    ] + [
+        {"recipe": "kd", "seed": s, "metrics": {"recall@1": r, "map": r / 2, "nmi": 0.1 * s}} for s, r in enumerate([0.6, 0.6, 0.5])
+    ]
+    summary = study.summarize(results)
+    assert list(summary) == ["baseline", "kd"]
+    assert summary["baseline"]["gain"] is None and summary["baseline"]["n"] == 3
+    assert summary["kd"]["metrics"]["recall@1"]["mean"] == pytest.approx(17 / 30)
+    assert summary["kd"]["metrics"]["recall@1"]["std"] == pytest.approx(study.mean_std([0.6, 0.6, 0.5])[1])
+    assert summary["kd"]["gain"]["recall@1"] == study.paired_gain({0: 0.6, 1: 0.6, 2: 0.5}, {0: 0.5, 1: 0.6, 2: 0.4})
+    assert summary["kd"]["gain"]["recall@1"]["ties"] == 1
+    assert summary["kd"]["gain"]["map"]["mean"] == pytest.approx(1 / 30)
+    assert "nmi" in summary["kd"]["metrics"] and "nmi" not in summary["kd"]["gain"]  # the baseline has no NMI
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def test_builtin_recipes_and_the_baseline_is_always_first():
+    base = load_config(None, kd_weight=2.0)
+    default = study.recipe_configs(base)
+    assert list(default) == ["baseline", "kd+darkrank"]
+    overrides, cfg = default["baseline"]
+    assert overrides == {"kd_weight": 0.0, "darkrank": "none"} and cfg.kd_weight == 0.0 and cfg.darkrank == "none"
+    assert default["kd+darkrank"][1] == base  # the base config as given
+
+    chosen = study.recipe_configs(base, ["darkrank-soft", "kd", "kd"])
+    assert list(chosen) == ["baseline", "darkrank-soft", "kd"]
+    assert (chosen["darkrank-soft"][1].darkrank, chosen["darkrank-soft"][1].kd_weight) == ("soft", 0.0)
+    assert (chosen["kd"][1].darkrank, chosen["kd"][1].kd_weight) == ("none", 2.0)
+
+
+def test_recipes_file(tmp_path):
+    path = tmp_path / "recipes.toml"
+    path.write_text('[[recipe]]\nname = "kd-t2"\nkd_weight = 1\nkd_temperature = 2.0\n\n'
+                    '[[recipe]]\nname = "dr.soft_w0.5"\ndarkrank = "soft"\ndarkrank_weight = 0.5\nloss_options = {triplet_margin = 0.3}\n')
+    recipes = study.load_recipes_file(path)
+    assert recipes == {"kd-t2": {"kd_weight": 1, "kd_temperature": 2.0},
+                       "dr.soft_w0.5": {"darkrank": "soft", "darkrank_weight": 0.5, "loss_options": {"triplet_margin": 0.3}}}
+    configs = study.recipe_configs(load_config(None), None, recipes)
+    assert list(configs) == ["baseline", "kd-t2", "dr.soft_w0.5"]
+    assert configs["kd-t2"][1].kd_temperature == 2.0 and configs["kd-t2"][1].darkrank == "hard"
+    assert configs["dr.soft_w0.5"][1].loss_options == {"triplet_margin": 0.3}
+    assert list(study.recipe_configs(load_config(None), ["kd", "kd-t2"], recipes)) == ["baseline", "kd", "kd-t2"]
+
+
+def test_example_recipes_file_is_valid():
+    path = Path(__file__).parent.parent / "examples" / "recipes.toml"
+    configs = study.recipe_configs(load_config(None), None, study.load_recipes_file(path))
+    assert list(configs) == ["baseline", "kd-w1", "kd-w3", "kd-w3+soft-darkrank"]
+    assert configs["kd-w3+soft-darkrank"][1].darkrank == "soft"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[[recipe]]\nname = "x"\nkd_wieght = 1\n', "recipe 'x': unknown config key(s): kd_wieght; known: "),
+        ('[[recipe]]\nname = "x"\nkd_weight = "high"\n', "recipe 'x': kd_weight must be a number, got 'high'"),
+        ('[[recipe]]\nname = "x"\nepochs = 2.5\n', "recipe 'x': epochs must be an integer, got 2.5"),
+        ('[[recipe]]\nname = "x"\nepochs = 0\n', "recipe 'x': epochs must be >= 1, got 0"),
+        ('[[recipe]]\nname = "x"\nteacher = "big"\nseed = 3\n', "recipe 'x' sets seed, teacher: a study shares one teacher"),
+        ('[[recipe]]\nkd_weight = 1\n', "recipe #1 needs name = \"...\" (letters, digits, . _ + -), got None"),
+        ('[[recipe]]\nname = "a/b"\n', "recipe #1 needs name = \"...\" (letters, digits, . _ + -), got 'a/b'"),
+        ('[[recipe]]\nname = "x"\n[[recipe]]\nname = "x"\n', "recipe 'x' is defined twice"),
+        ('[[recipe]]\nname = "kd"\n', "recipe 'kd' is a built-in recipe; give yours another name"),
+        ('kd_weight = 1\n', "expected only [[recipe]] tables (name = \"...\" plus Config keys), found top-level key(s) kd_weight"),
+        ('[[recipe]\nname = "x"\n', "is not valid TOML"),
+    ],
+)
+def test_bad_recipes_file_gives_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "recipes.toml"
+    path.write_text(text)
+    with pytest.raises(DistillError) as err:
+        study.recipe_configs(load_config(None), None, study.load_recipes_file(path))
+    assert message in str(err.value)
+
+
+def test_unknown_recipe_name_and_missing_file(tmp_path):
+    with pytest.raises(DistillError, match=r"unknown recipe\(s\) nope; known: baseline, kd, darkrank-hard, darkrank-soft, kd\+darkrank"):
+        study.recipe_configs(load_config(None), ["kd", "nope"])
+    with pytest.raises(DistillError, match="recipes file not found: "):
+        study.load_recipes_file(tmp_path / "missing.toml")
+    with pytest.raises(DistillError, match="--seeds must be >= 1, got 0"):
+        study.run_study(load_config(None), {}, seeds=0)
+    with pytest.raises(DistillError, match="--jobs must be >= 1, got 0"):
+        study.run_study(load_config(None), {}, jobs=0)
+
+
+# ---------------------------------------------------------------- studies on tiny data
+
+
+def test_pairs_share_init_and_batches_and_an_interrupted_study_resumes(tiny_data, tmp_path, monkeypatch):
+    inits, batches, current = {}, {}, []
+    real_fit, real_train = pipeline.fit, pipeline.train_student
+
+    def recording_fit(model, objective, dataset, settings, checkpoint, **kw):
+        current[:] = [kw.get("desc")]
+        inits[current[0]] = {k: v.clone() for k, v in model.state_dict().items()}
+        return real_fit(model, objective, dataset, settings, checkpoint, **kw)
+
+    class RecordingSampler(engine.PKSampler):
+        def __iter__(self):
+            epoch = list(super().__iter__())
+            batches.setdefault(current[0], []).append(epoch)
+            return iter(epoch)
+
+    monkeypatch.setattr(pipeline, "fit", recording_fit)
+    monkeypatch.setattr(engine, "PKSampler", RecordingSampler)
+    base = load_config(None, out=str(tmp_path / "s"), **TINY)
+    recipes = study.recipe_configs(base, ["kd"])
+    first = study.run_study(base, recipes, seeds=2)
+
+    def same_init(a: str, b: str) -> bool:
+        return all(torch.equal(inits[a][k], inits[b][k]) for k in inits[a])
+
+    b0, k0, b1 = "study/models/baseline-seed0", "study/models/kd-seed0", "study/models/baseline-seed1"
+    assert set(inits) == {"teacher", b0, k0, b1, "study/models/kd-seed1"}
+    assert same_init(b0, k0) and batches[b0] == batches[k0]
+    assert not same_init(b0, b1) and batches[b0] != batches[b1]  # the check can fail
+    assert [r["recipe"] for r in first["results"]] == ["baseline", "baseline", "kd", "kd"]
+
+    # interrupt: one result lost, one made with another config; only those two are trained again
+    results = tmp_path / "s" / "study" / "results"
+    (results / "kd" / "seed-1.json").unlink()
+    stale = json.loads((results / "baseline" / "seed-0.json").read_text())
+    stale["identity"]["config"]["lr"] = 0.1
+    (results / "baseline" / "seed-0.json").write_text(json.dumps(stale))
+    trained = []
+
+    def counting_train(cfg, data, device, teacher=None, name="student"):
+        trained.append(name)
+        return real_train(cfg, data, device, teacher=teacher, name=name)
+
+    monkeypatch.setattr(pipeline, "train_student", counting_train)
+    again = study.run_study(base, recipes, seeds=2)
+    assert sorted(trained) == [b0, "study/models/kd-seed1"]
+    assert again["results"] == first["results"] and again["summary"] == first["summary"]
+    assert json.loads((results / "kd" / "seed-1.json").read_text())["overrides"] == {"darkrank": "none"}
+
+
+def test_cli_study_writes_its_files_and_repeats_its_numbers(tiny_data, tmp_path):
+    outputs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        result = runner.invoke(app, ["study", "--recipes", "kd", "--seeds", "1", "--out", str(out), *TINY_ARGS])
+        assert result.exit_code == 0, result.output
+        assert "One seed: no standard deviation and no confidence interval" in " ".join(result.output.split())
+        for name in ("study.json", "study.md", "study.png"):
+            assert (out / name).is_file(), name
+        assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        md = (out / "study.md").read_text()
+        assert "| recipe | seeds | R@1 | mAP | rank-1 | NMI | gain R@1 [95% CI] | gain mAP [95% CI] | W/L/T R@1 |" in md
+        assert "| baseline | 1 |" in md and "| kd | 1 |" in md and "| teacher |" in md
+        outputs.append(json.loads((out / "study.json").read_text()))
+    a, b = outputs
+    assert a["results"] == b["results"] and a["summary"] == b["summary"]  # a fresh teacher and students: same numbers
+    assert a["teacher"]["metrics"] == b["teacher"]["metrics"]
+    assert set(a["summary"]["kd"]["gain"]) >= {"recall@1", "map", "rank1", "nmi"}
+    assert a["summary"]["kd"]["gain"]["recall@1"]["ci"] is None
+
+    bad = runner.invoke(app, ["study", "--recipes", "kd,nope", "--out", str(tmp_path / "c"), *TINY_ARGS])
+    assert bad.exit_code == 2 and "error: unknown recipe(s) nope; known: " in bad.output
+    assert not (tmp_path / "c").exists()
+
+
+def _imagefolder(root, tmp_path):
+    """The tiny synthetic images as an on-disk ImageFolder, so spawned workers load the same data."""
+    splits = load_synthetic(str(tmp_path / "render"), **SMALL)
+    for i, s in enumerate([*splits.train, *splits.query, *splits.gallery]):
+        folder = root / f"id{s.label:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.symlink(s.path, folder / f"{i:04d}.png")
+    return f"imagefolder:{root}"
+
+
+def test_parallel_jobs_give_the_numbers_of_one_job(tmp_path):
+    data = _imagefolder(tmp_path / "folder", tmp_path)
+    one = load_config(None, data=data, out=str(tmp_path / "one"), **TINY)
+    serial = study.run_study(one, study.recipe_configs(one, ["kd"]), seeds=1, jobs=1)
+    two = load_config(None, data=data, out=str(tmp_path / "two"), teacher_weights=str(tmp_path / "one" / "teacher.pt"), **TINY)
+    torch.set_num_threads(2)
+    try:
+        parallel = study.run_study(two, study.recipe_configs(two, ["kd"]), seeds=1, jobs=2)
+        assert torch.get_num_threads() == 2  # the study's one thread per training is undone afterwards
+    finally:
+        torch.set_num_threads(1)
+    assert parallel["results"] == serial["results"]
