@@ -46,7 +46,7 @@ def _normalised_distances(x: Tensor) -> Tensor:
 
 
 def rkd_distance_loss(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
-    """RKD-D (Park et al. 2019, Eq. 4-5): mean over ordered pairs i != j of
+    """RKD-D (Park et al. 2019, distance-wise loss): mean over ordered pairs i != j of
     ``huber(psi_D(s_i, s_j), psi_D(t_i, t_j))``, ``psi_D = ||x_i - x_j|| / mu``, mu the batch's mean
     pair distance in that model's space, Huber with delta 1. Dimensions may differ."""
     with torch.autocast(student_emb.device.type, enabled=False):
@@ -63,7 +63,7 @@ def _angles(x: Tensor) -> Tensor:
 
 
 def rkd_angle_loss(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
-    """RKD-A (Park et al. 2019, Eq. 6-7): mean over triplets of distinct i, j, k of
+    """RKD-A (Park et al. 2019, angle-wise loss): mean over triplets of distinct i, j, k of
     ``huber(psi_A(s_i, s_j, s_k), psi_A(t_i, t_j, t_k))``, psi_A the cosine of the angle at the middle
     point, Huber with delta 1. Dimensions may differ; O(N^3) memory (N=64: 262k entries)."""
     with torch.autocast(student_emb.device.type, enabled=False):
@@ -85,7 +85,7 @@ def _conditional_probabilities(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def pkt_loss(student_emb: Tensor, teacher_emb: Tensor, eps: float = 1e-7) -> Tensor:
-    """PKT (Passalis & Tefas 2018, Eq. 8-10 with the cosine kernel of Eq. 13): mean over i of
+    """PKT (Passalis & Tefas 2018, with their cosine-similarity kernel): mean over i of
     ``KL(p^t_{.|i} || p^s_{.|i}) = sum_{j != i} p^t_{j|i} log(p^t_{j|i} / p^s_{j|i})``.
     Kernel values are clamped at ``eps`` (antipodal points) so logs stay finite. Dimensions may differ."""
     with torch.autocast(student_emb.device.type, enabled=False):
