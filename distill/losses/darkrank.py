@@ -273,7 +273,7 @@ def soft_darkrank(s_scores: Tensor, t_scores: Tensor, method: str = "exact", num
             if m > MAX_EXACT_M:
                 raise DistillError(
                     f"exact soft DarkRank supports at most {MAX_EXACT_M} candidates per query (got M={m}); "
-                    f"use a list size <= {MAX_EXACT_M} or method 'sampled'"
+                    f"use a list size <= {MAX_EXACT_M} or method 'sampled_prefix'"
                 )
             chunk = _chunk_rows(math.comb(m, m // 2) * m + 2**m, s.element_size(), 8)
             return _RowwiseKL.apply(s, t, _soft_exact_rows, chunk).mean()
