@@ -54,8 +54,15 @@ class Config:
     darkrank_weight: float = 0.1  # hard DarkRank sums ~N log N terms per query: keep it near the task losses
     darkrank_alpha: float = 3.0
     darkrank_beta: float = 3.0
-    darkrank_list_size: int | None = None  # None: the teacher's 8 nearest (the informative head of the ranking)
+    darkrank_list_size: int | None = 8  # the teacher's M nearest (measured best, README); None ("all"): every other sample (the paper)
+    darkrank_topk: int | None = None  # hard only: ListMLE@k, the teacher's first k picks over the whole list
     darkrank_method: str = "exact"
+    darkrank_samples: int = 128  # soft, sampled methods: teacher rankings drawn per query
+    rkd_distance_weight: float = 0.0  # RKD distance (Park et al. 2019)
+    rkd_angle_weight: float = 0.0  # RKD angle
+    pkt_weight: float = 0.0  # PKT (Passalis & Tefas 2018)
+    regression_weight: float = 0.0  # ||W s - t||^2, W learned when the embedding sizes differ
+    compat_weight: float = 0.0  # student in the teacher's space (needs embed_dim = the teacher's)
     baseline: bool = True
     require_better_teacher: bool = False  # the teacher gate fails the run (exit 1) instead of warning
     gate_margin: float = 0.02  # the teacher must beat the baseline student by this much on validation
@@ -90,7 +97,8 @@ class Config:
 
 
 DARKRANK_MODES = ("hard", "soft", "none")
-DARKRANK_METHODS = ("exact", "bruteforce", "sampled")
+DARKRANK_METHODS = ("exact", "bruteforce", "sampled", "sampled_prefix")
+DISTILL_WEIGHTS = ("kd_weight", "darkrank_weight", "rkd_distance_weight", "rkd_angle_weight", "pkt_weight", "regression_weight", "compat_weight")
 SAMPLERS = ("pk", "importance")
 AUGMENT_PRESETS = ("none", "light", "standard")
 # (field, lower bound, bound excluded): a learning rate of 0 would train nothing and say nothing
@@ -99,12 +107,11 @@ NUMBER_RANGES = (
     ("teacher_lr", 0.0, True),
     ("weight_decay", 0.0, False),
     ("student_width", 0.0, True),
-    ("kd_weight", 0.0, False),
     ("kd_temperature", 0.0, True),
-    ("darkrank_weight", 0.0, False),
     ("darkrank_alpha", 0.0, True),
     ("darkrank_beta", 0.0, True),
-)
+    ("gate_margin", 0.0, False),
+) + tuple((name, 0.0, False) for name in DISTILL_WEIGHTS)
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -122,6 +129,12 @@ def _coerce(name: str, value: Any) -> Any:
         if h < 16 or w < 16:
             raise DistillError(f"image_size {h}x{w} is too small (at least 16x16)")
         return (h, w)
+    if name == "darkrank_list_size" and isinstance(value, str):
+        if value.strip().lower() == "all":
+            return None
+        if not value.strip().isdigit():
+            raise DistillError(f"darkrank_list_size must be an integer or 'all' (every other sample), got {value!r}")
+        return int(value)
     if name == "loss_options" and isinstance(value, (list, tuple)):
         return dict(_key_value(item) for item in value)
     return value
@@ -158,23 +171,33 @@ def validate(cfg: Config) -> Config:
             raise DistillError(f"{name} must be >= {0 if 'min' in name else 1}, got {value}")
     if not 0 <= cfg.val_fraction < 1:
         raise DistillError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.gate_margin < 0:
-        raise DistillError(f"gate_margin must be >= 0, got {cfg.gate_margin}")
     if cfg.batch_size % cfg.images_per_id or cfg.batch_size // cfg.images_per_id < 2:
         raise DistillError(
             f"batch_size {cfg.batch_size} must be a multiple of images_per_id {cfg.images_per_id} "
             "with at least 2 identities per batch (P x K sampling)"
         )
     if cfg.darkrank_list_size is not None and not 2 <= cfg.darkrank_list_size < cfg.batch_size:
-        raise DistillError(f"darkrank_list_size must be in [2, batch_size), got {cfg.darkrank_list_size}")
-    if cfg.darkrank_list_size is None:
-        cfg.darkrank_list_size = min(8, cfg.batch_size - 1)
-    if cfg.darkrank == "soft" and cfg.darkrank_method != "sampled":
+        raise DistillError(
+            f"darkrank_list_size must be in [2, batch_size) or 'all' (every other sample), got {cfg.darkrank_list_size}"
+        )
+    candidates = cfg.batch_size - 1 if cfg.darkrank_list_size is None else cfg.darkrank_list_size
+    if cfg.darkrank_topk is not None:
+        if cfg.darkrank != "hard":
+            raise DistillError(f"--darkrank-topk is ListMLE@k, a hard DarkRank option: use --darkrank hard or unset it (got --darkrank {cfg.darkrank})")
+        if not 1 <= cfg.darkrank_topk <= candidates:
+            raise DistillError(f"darkrank_topk must be in [1, {candidates}] (the candidates per query), got {cfg.darkrank_topk}")
+    if cfg.darkrank_samples < 1:
+        raise DistillError(f"darkrank_samples must be >= 1, got {cfg.darkrank_samples}")
+    if cfg.darkrank == "soft" and cfg.darkrank_method not in ("sampled", "sampled_prefix"):
         limit = 20 if cfg.darkrank_method == "exact" else 9
-        if cfg.darkrank_list_size > limit:
+        if candidates > limit:
+            given = (
+                f"--darkrank-list-size {candidates}" if cfg.darkrank_list_size is not None
+                else f"--darkrank-list-size all ({candidates} candidates in a batch of {cfg.batch_size})"
+            )
             raise DistillError(
                 f"soft DarkRank with method {cfg.darkrank_method} handles lists of at most {limit} candidates, "
-                f"got --darkrank-list-size {cfg.darkrank_list_size}: lower it or use --darkrank-method sampled"
+                f"got {given}: use a --darkrank-list-size <= {limit} or --darkrank-method sampled_prefix"
             )
     for name, low, strict in NUMBER_RANGES:
         value = getattr(cfg, name)

@@ -5,11 +5,15 @@ Rankings are exact (torch, float32, CPU or CUDA) and computed a block of ``chunk
 at a time, so a 60k-image test set never holds an N x N matrix. Ties in distance are broken by
 gallery index (lower index ranks first, as a stable sort does), so results are deterministic.
 ``faiss``, when installed, runs the k-means behind NMI/F1 (the slow part on large sets).
+
+Compatibility (student-query -> teacher-gallery): the same protocols with the queries embedded by
+one model and the gallery by another, i.e. a student that replaces the teacher for queries while
+the gallery stays indexed by the teacher (no re-indexing).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Integral
 from typing import Any
 
@@ -21,6 +25,8 @@ from sklearn.metrics import normalized_mutual_info_score
 from sklearn.metrics.cluster import pair_confusion_matrix
 from torch import Tensor
 
+from distill.data.dataset import ImageDataset, stack_labels
+from distill.engine import extract
 from distill.errors import DistillError
 
 try:
@@ -147,19 +153,21 @@ def reid_metrics(
     }
 
 
-def _first_hit_ranks(emb: Tensor, labels: Tensor, step: int, g_sq: Tensor | None) -> Tensor:
+def _first_hit_ranks(emb: Tensor, labels: Tensor, step: int, g_sq: Tensor | None, gallery: Tensor | None = None) -> Tensor:
     """1-based rank of each sample's nearest same-label other sample (ties: lower index first);
-    ``N`` (never within any K <= N-1) when the sample's class has no other sample.
+    ``N`` (never within any K <= N-1) when the sample's class has no other sample. ``gallery``
+    (default ``emb``) holds the same samples embedded by another model; ``g_sq`` belongs to it.
 
     The rank of the item at (score m, index j) in a stable ascending sort is
     ``#{score < m} + #{score == m, index < j}``: no sort, no top-k, only a few passes over the block.
     """
     n = len(emb)
+    gallery = emb if gallery is None else gallery
     idx = torch.arange(n, device=emb.device)
     ranks = torch.empty(n, dtype=torch.long, device=emb.device)
     for start in range(0, n, step):
         rows = idx[start : start + step]
-        score = _scores(emb[rows], emb, g_sq)
+        score = _scores(emb[rows], gallery, g_sq)
         score[rows - start, rows] = torch.inf  # a sample never retrieves itself
         same = labels[rows, None] == labels[None]
         same[rows - start, rows] = False
@@ -232,3 +240,78 @@ def retrieval_metrics(
         out["nmi"] = float(normalized_mutual_info_score(y, assignment))
         out["f1"] = pairwise_f1(y, assignment)
     return out
+
+
+def cross_model_recall(
+    query_emb: Tensor,
+    gallery_emb: Tensor,
+    labels: Sequence[int] | Tensor,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    metric: str = "cosine",
+    chunk_size: int | None = None,
+) -> dict[str, float]:
+    """Recall@K with queries and gallery from two models: row i of both is the same image; each
+    query (e.g. the student's embedding) searches the gallery embeddings (e.g. the teacher's) of
+    all *other* images, ties broken by lower index as in :func:`retrieval_metrics`."""
+    query_emb, gallery_emb = _features(query_emb, "query embeddings"), _features(gallery_emb, "gallery embeddings")
+    if query_emb.shape != gallery_emb.shape:
+        raise DistillError(
+            f"query and gallery embeddings must be the same images in one space, [N, D] each; got "
+            f"{tuple(query_emb.shape)} and {tuple(gallery_emb.shape)} (the student needs the teacher's embedding size)"
+        )
+    gallery_emb = gallery_emb.to(query_emb.device)
+    labels = _labels(labels, len(query_emb), "labels", query_emb.device)
+    ks = list(ks)
+    if not ks or not all(_is_positive_int(k) for k in ks):
+        raise DistillError(f"ks must be a non-empty list of positive integers, got {ks!r}")
+    if max(ks) > len(query_emb) - 1:
+        raise DistillError(f"recall@{max(ks)} needs at least {max(ks) + 1} samples, got {len(query_emb)}: use smaller ks")
+    q, g = _prepare(query_emb, metric), _prepare(gallery_emb, metric)
+    g_sq = (g * g).sum(1) if metric == "euclidean" else None
+    first = _first_hit_ranks(q, labels, _chunk_rows(chunk_size, len(g)), g_sq, gallery=g)
+    return {f"recall@{int(k)}": (first <= k).double().mean().item() for k in ks}
+
+
+def compatibility_metrics(
+    student_fn: Callable[[Tensor], Any],
+    teacher_fn: Callable[[Tensor], Any],
+    data: Any,
+    device: torch.device,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    metric: str = "cosine",
+) -> dict[str, float]:
+    """Student-query -> teacher-gallery metrics on the test split of ``data`` (the pipeline's
+    ``Prepared``: ``splits`` and ``eval_transform``); ``*_fn`` return ``(embedding, ...)``.
+
+    Re-ID: the student embeds the query list, the teacher the gallery (mAP, rank-1 with the usual
+    same-camera filter); Recall@K over query + gallery images, each student embedding searched
+    against the teacher's embeddings of the other images. Retrieval: every test image's student
+    embedding searched against the teacher's embeddings of all the others (Recall@K, and mAP /
+    rank-1 with the image itself removed). No NMI/F1: clustering needs one space per run.
+    Returns ``recall@K``, ``map`` and ``rank1``, like the pipeline's per-model metrics.
+    """
+    splits = data.splits
+
+    def embed(fn: Callable[[Tensor], Any], samples: Sequence[Any]) -> Tensor:
+        return extract(fn, ImageDataset(samples, data.eval_transform), device)[0]
+
+    q_labels, q_cams = stack_labels(splits.query)
+    s_query, t_query = embed(student_fn, splits.query), embed(teacher_fn, splits.query)
+    if s_query.shape[1] != t_query.shape[1]:
+        raise DistillError(
+            f"student-query -> teacher-gallery search needs one embedding space: the student embeds in "
+            f"{s_query.shape[1]} dimensions, the teacher in {t_query.shape[1]} (train the student with "
+            f"--embed-dim {t_query.shape[1]} and --compat-weight)"
+        )
+    if splits.protocol == "reid":
+        s_gallery, t_gallery = embed(student_fn, splits.gallery), embed(teacher_fn, splits.gallery)
+        g_labels, g_cams = stack_labels(splits.gallery)
+        reid = reid_metrics(s_query, t_gallery, q_labels, g_labels, q_cams, g_cams, metric=metric)
+        recall = cross_model_recall(
+            torch.cat([s_query, s_gallery]), torch.cat([t_query, t_gallery]), torch.cat([q_labels, g_labels]), ks, metric
+        )
+    else:
+        cams = torch.arange(len(q_labels))  # a distinct "camera" per image removes only the image itself
+        reid = reid_metrics(s_query, t_query, q_labels, q_labels, cams, cams, metric=metric)
+        recall = cross_model_recall(s_query, t_query, q_labels, ks, metric)
+    return {**recall, "map": float(reid["map"]), "rank1": float(reid["rank1"])}

@@ -1,19 +1,30 @@
-"""The student's training objective: task losses + w_kd * KD + w_dr * DarkRank.
+"""The student's training objective: task losses + w_kd * KD + w_dr * DarkRank + the weighted
+embedding-level distillers (RKD distance and angle, PKT, regression, compatibility).
 
 ``StudentObjective`` is an ``nn.Module`` so that the learnable parts of the task losses (a
-verification head, L-Softmax weights, the HDML generator) are optimised and checkpointed with the
-model. Teacher outputs arrive per batch as ``(teacher_emb, teacher_logits or None)``.
+verification head, L-Softmax weights, the HDML generator) and the regression's projection are
+optimised and checkpointed with the model. Teacher outputs arrive per batch as
+``(teacher_emb, teacher_logits or None)``. ``build_objective`` is the one place that turns a
+``Config`` into an objective.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from torch import Tensor, nn
 
+from distill.config import Config
+from distill.errors import DistillError
 from distill.losses.darkrank import DarkRankLoss
 from distill.losses.kd import kd_loss
+from distill.losses.relational import EmbeddingRegression, compatibility_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss
 from distill.losses.task import build_task_loss
+
+# embedding-level terms, in the order they are added and logged
+EMBEDDING_TERMS = ("rkd_distance", "rkd_angle", "pkt", "regression", "compat")
+_PAIR_LOSSES = {"rkd_distance": rkd_distance_loss, "rkd_angle": rkd_angle_loss, "pkt": pkt_loss}
 
 
 class StudentObjective(nn.Module):
@@ -28,7 +39,11 @@ class StudentObjective(nn.Module):
         darkrank_weight: float = 0.0,
         teacher_has_logits: bool = True,
         loss_options: dict | None = None,
+        embedding_weights: dict[str, float] | None = None,
+        teacher_embed_dim: int | None = None,
     ) -> None:
+        """``embedding_weights`` maps names of ``EMBEDDING_TERMS`` to weights (0 or missing = off);
+        ``teacher_embed_dim`` (default ``embed_dim``) sizes the regression's projection."""
         super().__init__()
         self.task = build_task_loss(task_spec, embed_dim, num_classes, **(loss_options or {}))
         if kd_weight and not teacher_has_logits:
@@ -38,6 +53,18 @@ class StudentObjective(nn.Module):
         self.kd_temperature = kd_temperature
         self.darkrank = darkrank if darkrank_weight else None
         self.darkrank_weight = darkrank_weight
+        weights = {k: v for k, v in (embedding_weights or {}).items() if v}
+        unknown = sorted(set(weights) - set(EMBEDDING_TERMS))
+        if unknown:
+            raise DistillError(f"unknown distillation term(s) {', '.join(unknown)}; valid: {', '.join(EMBEDDING_TERMS)}")
+        self.embedding_weights = {k: weights[k] for k in EMBEDDING_TERMS if k in weights}
+        teacher_dim = teacher_embed_dim or embed_dim
+        if "compat" in weights and teacher_dim != embed_dim:
+            raise DistillError(
+                f"the compat loss puts the student in the teacher's embedding space, so the student's embed_dim "
+                f"must be the teacher's: got {embed_dim} and {teacher_dim} (set --embed-dim {teacher_dim})"
+            )
+        self.regression = EmbeddingRegression(embed_dim, teacher_dim) if "regression" in weights else None
 
     def forward(
         self, emb: Tensor, logits: Tensor, labels: Tensor, teacher_out: tuple[Tensor, Tensor | None] | None = None
@@ -52,4 +79,44 @@ class StudentObjective(nn.Module):
             dr = self.darkrank(emb, t_emb)
             loss = loss + self.darkrank_weight * dr
             parts["darkrank"] = dr.item()
+        if t_emb is not None:
+            for name, weight in self.embedding_weights.items():
+                value = self._embedding_term(name, emb, t_emb, labels)
+                loss = loss + weight * value
+                parts[name] = value.item()
         return loss, parts
+
+    def _embedding_term(self, name: str, emb: Tensor, t_emb: Tensor, labels: Tensor) -> Tensor:
+        if name == "regression":
+            return self.regression(emb, t_emb)
+        if name == "compat":
+            return compatibility_loss(emb, t_emb, labels)
+        return _PAIR_LOSSES[name](emb, t_emb)
+
+
+def build_objective(cfg: Config, num_classes: int, teacher: Any = None) -> StudentObjective:
+    """The objective of a run: the task losses alone without a teacher (the baseline student, or the
+    teacher itself), plus KD, DarkRank and the embedding-level terms with the config's weights when a
+    ``teacher`` is given (its ``embed_dim`` sizes the regression's projection; KD needs its
+    ``has_logits``)."""
+    if teacher is None:
+        return StudentObjective(cfg.loss, cfg.embed_dim, num_classes, loss_options=cfg.loss_options)
+    darkrank = None
+    if cfg.darkrank != "none":
+        darkrank = DarkRankLoss(
+            cfg.darkrank_alpha, cfg.darkrank_beta, mode=cfg.darkrank, list_size=cfg.darkrank_list_size,
+            method=cfg.darkrank_method, num_samples=cfg.darkrank_samples, topk=cfg.darkrank_topk,
+        )
+    return StudentObjective(
+        cfg.loss,
+        cfg.embed_dim,
+        num_classes,
+        kd_weight=cfg.kd_weight,
+        kd_temperature=cfg.kd_temperature,
+        darkrank=darkrank,
+        darkrank_weight=cfg.darkrank_weight,
+        teacher_has_logits=teacher.has_logits,
+        loss_options=cfg.loss_options,
+        embedding_weights={name: getattr(cfg, f"{name}_weight") for name in EMBEDDING_TERMS},
+        teacher_embed_dim=teacher.embed_dim,
+    )

@@ -25,10 +25,9 @@ from distill.data.transforms import build_transform
 from distill.engine import TrainSettings, barrier, extract, fit, is_main_process, resolve_device
 from distill.errors import DistillError
 from distill.evaluate import reid_metrics, retrieval_metrics
-from distill.losses.darkrank import DarkRankLoss
 from distill.losses.task import HPARAMS
 from distill.modelfile import read_model_file, save_model
-from distill.objective import StudentObjective
+from distill.objective import StudentObjective, build_objective
 from distill.students import create_student
 from distill.teachers import build_teacher_model, load_backbone_weights, load_teacher
 from distill.teachers.registry import file_fingerprint
@@ -248,7 +247,7 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
         return load_teacher(cfg.teacher, weights=str(path), device=str(device))
     if diffs:
         console.print(f"[yellow]{path} was trained with other settings ({'; '.join(diffs)}): training a new one")
-    objective = StudentObjective(cfg.loss, cfg.embed_dim, data.num_classes, loss_options=cfg.loss_options)
+    objective = build_objective(cfg, data.num_classes)
     fit(
         model, objective, data.train, train_settings(cfg, device, teacher=True), cfg.out_dir / "teacher.ckpt",
         penalty=weight_penalty(objective), desc="teacher", validate=validator(data, device),
@@ -299,23 +298,10 @@ def teacher_outputs(cfg: Config, teacher, data: Prepared, device: torch.device) 
 
 
 def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=None, name: str = "student") -> nn.Module:
-    """Train a student; with a teacher, the objective adds KD and DarkRank to the task losses."""
+    """Train a student; with a teacher, the objective adds the distillation terms to the task losses."""
     torch.manual_seed(cfg.seed)
     model = create_student(cfg.student, cfg.embed_dim, data.num_classes, width=cfg.student_width, multiscale=cfg.multiscale)
-    darkrank = None
-    if teacher is not None and cfg.darkrank != "none":
-        darkrank = DarkRankLoss(cfg.darkrank_alpha, cfg.darkrank_beta, mode=cfg.darkrank, list_size=cfg.darkrank_list_size, method=cfg.darkrank_method)
-    objective = StudentObjective(
-        cfg.loss,
-        cfg.embed_dim,
-        data.num_classes,
-        kd_weight=cfg.kd_weight if teacher is not None else 0.0,
-        kd_temperature=cfg.kd_temperature,
-        darkrank=darkrank,
-        darkrank_weight=cfg.darkrank_weight,
-        teacher_has_logits=teacher.has_logits if teacher is not None else True,
-        loss_options=cfg.loss_options,
-    )
+    objective = build_objective(cfg, data.num_classes, teacher)
     teacher_fn = teacher_outputs(cfg, teacher, data, device) if teacher is not None else None
     fit(
         model, objective, data.train, train_settings(cfg, device), cfg.out_dir / f"{name}.ckpt",

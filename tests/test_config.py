@@ -28,7 +28,7 @@ def test_run_table_and_hxw_string(tmp_path):
     [
         ({"darkrank": "medium"}, "--darkrank must be one of hard, soft, none"),
         ({"sampler": "random"}, "--sampler must be one of pk, importance, got 'random'"),
-        ({"darkrank_method": "fast"}, "--darkrank-method must be one of exact, bruteforce, sampled"),
+        ({"darkrank_method": "fast"}, "--darkrank-method must be one of exact, bruteforce, sampled, sampled_prefix"),
         ({"image_size": "64"}, "image_size must be HxW"),
         ({"image_size": "8x8"}, "too small"),
         ({"batch_size": 30, "images_per_id": 4}, "must be a multiple of images_per_id"),
@@ -74,16 +74,56 @@ def test_loss_options_from_cli_pairs_and_toml_table(tmp_path):
         load_config(None, loss_options=["margin"])
 
 
-def test_soft_darkrank_list_size_default_and_limits():
-    assert load_config(None, darkrank="soft").darkrank_list_size == 8
-    assert load_config(None, darkrank="hard").darkrank_list_size == 8
-    assert load_config(None, darkrank="hard", batch_size=8, images_per_id=2).darkrank_list_size == 7
+def test_darkrank_list_size_none_means_every_other_sample(tmp_path):
+    assert Config().darkrank_list_size == 8 and load_config(None).darkrank_list_size == 8  # the measured default
+    assert load_config(None, darkrank_list_size="all").darkrank_list_size is None  # the paper: never turned into 8
+    assert load_config(None, darkrank_list_size="12").darkrank_list_size == 12  # the CLI passes text
+    path = tmp_path / "c.toml"
+    path.write_text('darkrank_list_size = "all"\ndarkrank_topk = 8\n')
+    cfg = load_config(path)
+    assert cfg.darkrank_list_size is None and cfg.darkrank_topk == 8
+    assert load_config(None, darkrank_list_size="all", darkrank_topk=63).darkrank_topk == 63
+    with pytest.raises(DistillError, match="darkrank_list_size must be an integer or 'all'"):
+        load_config(None, darkrank_list_size="most")
+    with pytest.raises(DistillError, match=r"darkrank_list_size must be in \[2, batch_size\) or 'all'"):
+        load_config(None, batch_size=8, images_per_id=2)
+
+
+def test_soft_darkrank_list_size_limits():
     assert load_config(None, darkrank="soft", darkrank_method="sampled", darkrank_list_size=40).darkrank_list_size == 40
     assert load_config(None, darkrank="soft", darkrank_list_size=20).darkrank_list_size == 20
+    assert load_config(None, darkrank="soft", darkrank_list_size="all", batch_size=20, images_per_id=4).darkrank_list_size is None
+    cfg = load_config(None, darkrank="soft", darkrank_method="sampled_prefix", darkrank_list_size="all", darkrank_samples=16)
+    assert cfg.darkrank_list_size is None and cfg.darkrank_samples == 16
     with pytest.raises(DistillError, match="handles lists of at most 20 candidates, got --darkrank-list-size 21"):
         load_config(None, darkrank="soft", darkrank_list_size=21)
+    with pytest.raises(DistillError, match=r"got --darkrank-list-size all \(63 candidates in a batch of 64\): use a --darkrank-list-size <= 20 or --darkrank-method sampled_prefix"):
+        load_config(None, darkrank="soft", darkrank_list_size="all")
     with pytest.raises(DistillError, match="at most 9 candidates"):
         load_config(None, darkrank="soft", darkrank_method="bruteforce", darkrank_list_size=10)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"darkrank_topk": 3, "darkrank": "soft"}, "--darkrank-topk is ListMLE@k, a hard DarkRank option"),
+        ({"darkrank_topk": 9}, r"darkrank_topk must be in \[1, 8\] \(the candidates per query\), got 9"),
+        ({"darkrank_topk": 0}, r"darkrank_topk must be in \[1, 8\]"),
+        ({"darkrank_samples": 0}, "darkrank_samples must be >= 1, got 0"),
+        ({"pkt_weight": -1.0}, "pkt_weight must be a finite number >= 0, got -1.0"),
+        ({"compat_weight": float("nan")}, "compat_weight must be a finite number >= 0, got nan"),
+        ({"rkd_angle_weight": float("inf")}, "rkd_angle_weight must be a finite number >= 0"),
+    ],
+)
+def test_bad_distillation_options(overrides, message):
+    with pytest.raises(DistillError, match=message):
+        load_config(None, **overrides)
+
+
+def test_new_distillation_terms_are_off_by_default():
+    cfg = Config()
+    assert (cfg.rkd_distance_weight, cfg.rkd_angle_weight, cfg.pkt_weight, cfg.regression_weight, cfg.compat_weight) == (0, 0, 0, 0, 0)
+    assert cfg.darkrank_topk is None and cfg.darkrank_samples == 128
 
 
 @pytest.mark.parametrize("name", ["market1501.toml", "cub200.toml"])

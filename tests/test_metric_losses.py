@@ -408,3 +408,16 @@ def test_n_pair_degenerate_and_bad_input():
     assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(x))
     with pytest.raises(DistillError, match="positives"):
         n_pair_loss(torch.zeros(3, 2), torch.zeros(2, 2))
+
+
+def test_n_pair_scale_lets_separated_classes_reach_zero():
+    """16 perfectly separated classes on the unit sphere (orthonormal, anchor = positive): Sohn's
+    unscaled form still costs log(1 + 15 / e) = 1.87; the scale brings it to log(1 + 15 e^-s)."""
+    e = torch.eye(16, dtype=torch.float64)
+    assert n_pair_loss(e, e).item() == pytest.approx(math.log(1 + 15 / math.e), rel=1e-12)
+    assert n_pair_loss(e, e, scale=16.0).item() == pytest.approx(math.log(1 + 15 * math.exp(-16)), rel=1e-9)
+    assert n_pair_loss(e, e, scale=16.0).item() < 1e-5
+    labels = torch.arange(16).repeat(2)
+    assert batch_n_pair_loss(torch.cat([e, e]), labels, scale=16.0).item() < 1e-5
+    with pytest.raises(DistillError, match="scale must be > 0, got -1"):
+        n_pair_loss(e, e, scale=-1.0)

@@ -65,6 +65,8 @@ def test_bad_hparams():
         build_task_loss("triplet", 8, 4, triplet_mining="easy")
     with pytest.raises(DistillError, match="lsoftmax_margin must be an integer >= 1"):
         build_task_loss("lsoftmax", 8, 4, lsoftmax_margin=1.5)
+    with pytest.raises(DistillError, match="npair_scale must be > 0, got 0"):
+        build_task_loss("npair", 8, 4, npair_scale=0)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -79,7 +81,7 @@ def test_total_is_weighted_sum_of_the_losses(seed):
         "lsoftmax": F.cross_entropy(large_margin_logits(emb, task.heads["lsoftmax"].weight, labels, 3), labels),
         "triplet": batch_triplet_loss(emb, labels, 0.3, "semihard"),
         "lifted": lifted_structured_loss(emb, labels, 1.0),
-        "npair": batch_n_pair_loss(emb, labels),
+        "npair": batch_n_pair_loss(emb, labels, HPARAMS["npair_scale"]),
         "logratio": log_ratio_loss(emb, teacher),
     }
     weights = dict(parse_loss_spec(spec))
@@ -146,6 +148,30 @@ def test_weight_penalty():
     ref = 1e-3 * sum((w**2).sum() for w in (model[0].weight, model[2].weight, task.heads["verification"].fc.weight))
     torch.testing.assert_close(task.weight_penalty(model), ref)
     assert HPARAMS["weight_l2"] == 0.0 and build_task_loss("softmax", 8, 3).weight_penalty(model).item() == 0.0
+
+
+@pytest.mark.parametrize("mining", ["all", "hard", "semihard"])
+def test_weight_penalty_matches_the_papers_lambda_next_to_a_mean(mining):
+    """Deep Ranking minimises sum_triplets hinge + lambda ||W||^2. With the mean over the batch's T
+    triplets, loss + penalty must be exactly that objective divided by T (T counted by a loop)."""
+    emb, logits, labels, _ = pk_batch(3)
+    model = torch.nn.Linear(4, 3).double()
+    task = build_task_loss("triplet", 8, 6, weight_l2=1e-3, triplet_mining=mining).double()
+    total, _ = task(emb, logits, labels)
+    n = len(labels)
+    pos = [(a, p) for a in range(n) for p in range(n) if a != p and labels[a] == labels[p]]
+    has_neg = {a for a in range(n) if any(labels[x] != labels[a] for x in range(n))}
+    count = {
+        "all": sum(1 for a, p in pos for x in range(n) if labels[x] != labels[a]),
+        "hard": sum(1 for a in range(n) if any(q == a for q, _ in pos) and a in has_neg),
+        "semihard": sum(1 for a, _ in pos if a in has_neg),
+    }[mining]
+    w2 = model.weight.pow(2).sum()
+    paper = count * total + 1e-3 * w2  # the paper's sum objective
+    torch.testing.assert_close(total + task.weight_penalty(model), paper / count)
+    softmax_only = build_task_loss("softmax", 8, 6, weight_l2=1e-3).double()
+    softmax_only(emb, logits, labels)
+    torch.testing.assert_close(softmax_only.weight_penalty(model), 1e-3 * w2 / n)
 
 
 @pytest.mark.parametrize("spec", ["softmax=1,triplet=1", "lifted", "hdml-triplet", "verification,lsoftmax"])

@@ -5,7 +5,8 @@ similar) and the ranking is modelled with Plackett-Luce:
 
     P(pi | s) = prod_i exp(s_pi(i)) / sum_{k >= i} exp(s_pi(k)).
 
-- hard DarkRank: ``-log P(pi_t | s)``, pi_t the teacher's ranking (ListMLE).
+- hard DarkRank: ``-log P(pi_t | s)``, pi_t the teacher's ranking (ListMLE). ListMLE@k keeps the
+  first k factors: the teacher's first k picks, each normalised over ALL candidates still remaining.
 - soft DarkRank: ``KL(P(.|t) || P(.|s))`` over all M! rankings. The paper enumerates them
   (M <= 8). By the chain rule of KL it is a sum over the sets S still unranked after some prefix:
 
@@ -15,10 +16,15 @@ similar) and the ranking is modelled with Plackett-Luce:
   q(full) = 1 and q(S - {j}) += q(S) * softmax(t_S)_j. One pass over the 2^M subsets, layer by
   layer of subset size, gives the exact KL in O(M 2^M) instead of O(M * M!), and its student
   gradient ``dKL/ds_j = sum_{S containing j} q(S) * (softmax(s_S)_j - softmax(t_S)_j)``.
+  Beyond 20 candidates: "sampled" averages ``log P_t(pi) - log P_s(pi)`` over rankings pi ~ P_t;
+  "sampled_prefix" averages the same chain-rule sum over the sets S that a sampled pi passes
+  through, ``sum_i KL(softmax(t_{S_i}) || softmax(s_{S_i}))``, exact per step, so only the choice
+  of sets is random (same mean, lower variance).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from functools import lru_cache
@@ -30,10 +36,11 @@ from torch.autograd.function import once_differentiable
 
 from distill.errors import DistillError
 
-METHODS = ("exact", "bruteforce", "sampled")
+METHODS = ("exact", "bruteforce", "sampled", "sampled_prefix")
 MODES = ("hard", "soft")
 MAX_EXACT_M = 20
 MAX_BRUTEFORCE_M = 9
+DIST_EPS = 1e-12  # distances below it count as DIST_EPS in the scores (finite gradient for beta < 1)
 # Working memory one chunk of queries may use; the loss loops over chunks of queries so that the
 # peak stays near this whatever Q is (M=16, Q=64: two chunks).
 _CHUNK_BYTES = 128 * 2**20
@@ -45,7 +52,9 @@ def darkrank_scores(query_emb: Tensor, cand_emb: Tensor, alpha: float = 3.0, bet
     """Similarity scores ``-alpha * ||q - x||_2^beta`` of each query's candidates.
 
     ``query_emb`` is [Q, D]; ``cand_emb`` is [Q, M, D] (a list per query) or [M, D] (shared).
-    Returns [Q, M]. With beta >= 1 the gradient at zero distance is 0, not NaN.
+    Returns [Q, M]. The distance is clamped at ``DIST_EPS`` before the power, so duplicated images
+    (zero distance) give a zero, finite gradient for every beta > 0 (``d^beta`` alone has an
+    infinite slope at 0 when beta < 1); values move by at most ``alpha * DIST_EPS^beta``.
     """
     if query_emb.dim() != 2 or cand_emb.dim() not in (2, 3) or cand_emb.shape[-1] != query_emb.shape[-1]:
         raise DistillError(
@@ -58,7 +67,7 @@ def darkrank_scores(query_emb: Tensor, cand_emb: Tensor, alpha: float = 3.0, bet
             f"{query_emb.shape[0]}"
         )
     dist = torch.linalg.vector_norm(query_emb[:, None, :] - cand_emb, dim=-1)
-    return -alpha * dist.pow(beta)
+    return -alpha * dist.clamp_min(DIST_EPS).pow(beta)
 
 
 def _prepare(s_scores: Tensor, t_scores: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,13 +91,24 @@ def _log_plackett_luce(last_first: Tensor) -> Tensor:
     return (last_first - last_first.logcumsumexp(-1)).sum(-1)
 
 
-def hard_darkrank(s_scores: Tensor, t_scores: Tensor) -> Tensor:
+def hard_darkrank(s_scores: Tensor, t_scores: Tensor, topk: int | None = None) -> Tensor:
     """Hard DarkRank: mean over rows of ``-log P(pi_t | s)``, pi_t = teacher scores sorted
-    descending (ties keep candidate order)."""
+    descending (ties keep candidate order).
+
+    ``topk=k`` is ListMLE@k: only the first k factors of P, i.e. the teacher's first k picks, each
+    a softmax over all M candidates not yet picked (never Plackett-Luce on a cut sub-list, which
+    would let the student rank an outside candidate first for free). ``k >= M - 1`` is the full list.
+    """
     s, t = _prepare(s_scores, t_scores)
+    if topk is not None and topk < 1:
+        raise DistillError(f"DarkRank topk must be >= 1 (or None for the whole ranking); got {topk}")
     with torch.autocast(s.device.type, enabled=False):
         order = t.sort(dim=1, descending=True, stable=True).indices
-        return -_log_plackett_luce(s.gather(1, order.flip(1))).mean()
+        last_first = s.gather(1, order.flip(1))
+        steps = last_first - last_first.logcumsumexp(-1)  # log-softmax of each pick, last pick first
+        if topk is not None:
+            steps = steps[:, -topk:]
+        return -steps.sum(-1).mean()
 
 
 @lru_cache(maxsize=8)
@@ -200,11 +220,39 @@ def _soft_sampled(s: Tensor, t: Tensor, num_samples: int) -> Tensor:
     return (_log_plackett_luce(t_ranked) - _log_plackett_luce(s_ranked)).mean(1)
 
 
+def _soft_sampled_prefix_rows(s: Tensor, t: Tensor, need_grad: bool, num_samples: int) -> tuple[Tensor, Tensor | None]:
+    """Per row, the mean over ``num_samples`` rankings pi ~ P_t (Gumbel-top-k) of the exact per-step
+    KL summed along pi: ``sum_i KL(softmax(t_{S_i}) || softmax(s_{S_i}))``, S_i = {pi(i), ..., pi(M)}.
+
+    By the chain rule of KL, E_pi[sum_i KL_i] = sum_S q(S) KL_S = KL(P_t || P_s): unbiased, and only
+    the sets are random, not the per-step terms. In last-first order the set of step i is a prefix,
+    so all steps are one [rows, samples, prefix, member] tensor. Gradient:
+    ``dKL/ds_j = mean over samples of sum_{S_i containing j} (softmax(s_{S_i})_j - softmax(t_{S_i})_j)``.
+    """
+    rows, m = s.shape
+    gumbel = -torch.empty(rows, num_samples, m, dtype=t.dtype, device=t.device).exponential_().log()
+    order = (t[:, None, :] + gumbel).argsort(dim=-1)  # last-ranked first: step sets are prefixes
+    tt = t[:, None, :].expand_as(order).gather(-1, order)
+    ss = s[:, None, :].expand_as(order).gather(-1, order)
+    in_prefix = torch.ones(m, m, dtype=torch.bool, device=s.device).tril()  # [prefix end L, member j]
+    log_pt = tt[..., None, :] - tt.logcumsumexp(-1)[..., :, None]  # [rows, samples, L, j]
+    log_ps = ss[..., None, :] - ss.logcumsumexp(-1)[..., :, None]
+    pt = torch.where(in_prefix, log_pt.exp(), 0.0)
+    kl = torch.where(in_prefix, pt * (log_pt - log_ps), 0.0).sum((-1, -2)).mean(1)
+    if not need_grad:
+        return kl, None
+    per_member = torch.where(in_prefix, log_ps.exp() - pt, 0.0).sum(-2)  # [rows, samples, j]
+    grad = torch.zeros_like(ss).scatter_(-1, order, per_member).mean(1)
+    return kl, grad
+
+
 def soft_darkrank(s_scores: Tensor, t_scores: Tensor, method: str = "exact", num_samples: int = 128) -> Tensor:
     """Soft DarkRank: mean over rows of KL(P(.|t) || P(.|s)) over all M! rankings.
 
-    ``method``: "exact" (subset DP, M <= 20), "bruteforce" (enumeration, M <= 9), or "sampled"
-    (unbiased Monte-Carlo estimate from ``num_samples`` teacher rankings per row, any M).
+    ``method``: "exact" (subset DP, M <= 20), "bruteforce" (enumeration, M <= 9), "sampled"
+    (unbiased Monte-Carlo estimate from ``num_samples`` teacher rankings per row, any M), or
+    "sampled_prefix" (unbiased, lower variance: exact per-step KL along ``num_samples`` sampled
+    teacher rankings per row, any M, O(num_samples * M^2) per row).
     """
     if method not in METHODS:
         raise DistillError(f"unknown DarkRank method {method!r}; choose one of {', '.join(METHODS)}")
@@ -215,11 +263,17 @@ def soft_darkrank(s_scores: Tensor, t_scores: Tensor, method: str = "exact", num
             if num_samples < 1:
                 raise DistillError(f"DarkRank num_samples must be >= 1; got {num_samples}")
             return _soft_sampled(s, t, num_samples).mean()
+        if method == "sampled_prefix":
+            if num_samples < 1:
+                raise DistillError(f"DarkRank num_samples must be >= 1; got {num_samples}")
+            rows_fn = functools.partial(_soft_sampled_prefix_rows, num_samples=num_samples)
+            chunk = _chunk_rows(num_samples * m * m, s.element_size(), 6)
+            return _RowwiseKL.apply(s, t, rows_fn, chunk).mean()
         if method == "exact":
             if m > MAX_EXACT_M:
                 raise DistillError(
                     f"exact soft DarkRank supports at most {MAX_EXACT_M} candidates per query (got M={m}); "
-                    f"use a list size <= {MAX_EXACT_M} or method 'sampled'"
+                    f"use a list size <= {MAX_EXACT_M} or method 'sampled_prefix'"
                 )
             chunk = _chunk_rows(math.comb(m, m // 2) * m + 2**m, s.element_size(), 8)
             return _RowwiseKL.apply(s, t, _soft_exact_rows, chunk).mean()
@@ -235,9 +289,14 @@ def soft_darkrank(s_scores: Tensor, t_scores: Tensor, method: str = "exact", num
 class DarkRankLoss(nn.Module):
     """DarkRank between student and teacher embeddings of one minibatch.
 
-    Each sample is a query; its candidates are the other samples, or with ``list_size=M`` the M
-    samples the teacher ranks closest. Scores are ``-alpha * ||q - x||^beta`` in each model's own
-    embedding space (dimensions may differ); the teacher side never receives gradients.
+    Each sample is a query. ``list_size=None`` (the paper): its candidates are all the other samples
+    of the batch. ``list_size=M``: only the M samples the teacher ranks closest; Plackett-Luce on
+    such a cut list cannot see the others, so a student that pulls an outside sample in front of
+    them is not penalised. ``topk=k`` (hard mode) is ListMLE@k over the whole candidate list: the
+    cheaper way to focus on the head of the ranking that still penalises that.
+    Scores are ``-alpha * ||q - x||^beta`` in each model's own embedding space (dimensions may
+    differ); the teacher side never receives gradients. Soft mode: ``method`` and ``num_samples``
+    as in :func:`soft_darkrank` (exact needs at most 20 candidates per query).
     Defaults alpha = beta = 3 follow the DarkRank paper.
     """
 
@@ -249,6 +308,7 @@ class DarkRankLoss(nn.Module):
         list_size: int | None = None,
         method: str = "exact",
         num_samples: int = 128,
+        topk: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -259,8 +319,12 @@ class DarkRankLoss(nn.Module):
             raise DistillError(f"DarkRank alpha and beta must be > 0; got alpha={alpha}, beta={beta}")
         if list_size is not None and list_size < 1:
             raise DistillError(f"DarkRank list_size must be >= 1 (or None for all other samples); got {list_size}")
+        if topk is not None and (topk < 1 or mode != "hard"):
+            raise DistillError(f"DarkRank topk must be >= 1 and needs mode 'hard' (ListMLE@k); got topk={topk}, mode={mode!r}")
+        if num_samples < 1:
+            raise DistillError(f"DarkRank num_samples must be >= 1; got {num_samples}")
         self.alpha, self.beta, self.mode = alpha, beta, mode
-        self.list_size, self.method, self.num_samples = list_size, method, num_samples
+        self.list_size, self.method, self.num_samples, self.topk = list_size, method, num_samples, topk
 
     def candidates(self, teacher_emb: Tensor) -> Tensor:
         """[N, M] indices of each query's candidates, nearest first by teacher distance."""
@@ -289,11 +353,11 @@ class DarkRankLoss(nn.Module):
             s = darkrank_scores(student, student[idx], self.alpha, self.beta)
             t = darkrank_scores(teacher, teacher[idx], self.alpha, self.beta)
         if self.mode == "hard":
-            return hard_darkrank(s, t)
+            return hard_darkrank(s, t, self.topk)
         return soft_darkrank(s, t, self.method, self.num_samples)
 
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, beta={self.beta}, mode={self.mode!r}, list_size={self.list_size}, "
-            f"method={self.method!r}"
+            f"method={self.method!r}, num_samples={self.num_samples}, topk={self.topk}"
         )

@@ -116,6 +116,28 @@ def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: flo
     return F.relu(margin + d_ap - d_an).mean()
 
 
+def batch_triplet_terms(emb: Tensor, labels: Tensor, margin: float, mining: str = "all") -> tuple[Tensor, Tensor]:
+    """The hinge terms of :func:`batch_triplet_loss` and the mask of those that count (their number
+    is the T of the mean; Deep Ranking's weight penalty is scaled by 1 / T)."""
+    if mining not in MINING:
+        raise DistillError(f"unknown triplet mining {mining!r}; choose one of {', '.join(MINING)}")
+    check_labels(emb, labels)
+    d = pairwise_sq_dist(emb)
+    pos, neg = positive_negative_masks(labels)
+    if mining == "all":
+        return F.relu(margin + d.unsqueeze(2) - d.unsqueeze(1)), pos.unsqueeze(2) & neg.unsqueeze(1)
+    if mining == "hard":
+        hardest_pos = torch.where(pos, d, 0.0).amax(1)
+        hardest_neg = torch.where(neg, d, d.detach().max() + 1.0).amin(1)
+        return F.relu(margin + hardest_pos - hardest_neg), pos.any(1) & neg.any(1)
+    outside = neg.unsqueeze(1) & (d.unsqueeze(1) > d.unsqueeze(2))  # [a, p, n]: negative beyond p
+    big = d.detach().max() + 1.0
+    semi = torch.where(outside, d.unsqueeze(1), big).amin(2)
+    easiest = torch.where(neg, d, 0.0).amax(1, keepdim=True).expand_as(d)
+    chosen = torch.where(outside.any(2), semi, easiest)
+    return F.relu(margin + d - chosen), pos & neg.any(1, keepdim=True)
+
+
 def batch_triplet_loss(emb: Tensor, labels: Tensor, margin: float, mining: str = "all") -> Tensor:
     """Triplet hinge on squared distances over the minibatch's triplets, chosen by ``mining``:
 
@@ -127,31 +149,14 @@ def batch_triplet_loss(emb: Tensor, labels: Tensor, margin: float, mining: str =
 
     A batch without any such tuple gives 0.
     """
-    if mining not in MINING:
-        raise DistillError(f"unknown triplet mining {mining!r}; choose one of {', '.join(MINING)}")
-    check_labels(emb, labels)
-    d = pairwise_sq_dist(emb)
-    pos, neg = positive_negative_masks(labels)
-    if mining == "all":
-        mask = pos.unsqueeze(2) & neg.unsqueeze(1)
-        return _masked_mean(F.relu(margin + d.unsqueeze(2) - d.unsqueeze(1)), mask)
-    if mining == "hard":
-        valid = pos.any(1) & neg.any(1)
-        hardest_pos = torch.where(pos, d, 0.0).amax(1)
-        hardest_neg = torch.where(neg, d, d.detach().max() + 1.0).amin(1)
-        return _masked_mean(F.relu(margin + hardest_pos - hardest_neg), valid)
-    outside = neg.unsqueeze(1) & (d.unsqueeze(1) > d.unsqueeze(2))  # [a, p, n]: negative beyond p
-    big = d.detach().max() + 1.0
-    semi = torch.where(outside, d.unsqueeze(1), big).amin(2)
-    easiest = torch.where(neg, d, 0.0).amax(1, keepdim=True).expand_as(d)
-    chosen = torch.where(outside.any(2), semi, easiest)
-    return _masked_mean(F.relu(margin + d - chosen), pos & neg.any(1, keepdim=True))
+    return _masked_mean(*batch_triplet_terms(emb, labels, margin, mining))
 
 
 def l2_weight_penalty(params: Iterable[Tensor], lam: float = 1e-3) -> Tensor:
     """Deep Ranking's ``lambda ||W||^2`` (lambda = 0.001) over weight matrices and kernels (parameters
     with more than one dimension; biases and norm scales are left out). Equivalent to SGD
-    ``weight_decay = 2 * lambda`` on those parameters."""
+    ``weight_decay = 2 * lambda`` on those parameters. The paper adds it to a *sum* over triplets;
+    next to a mean over T triplets pass ``lam / T`` (``TaskLoss.weight_penalty`` does)."""
     weights = [p for p in params if p.dim() > 1]
     if not weights:
         raise DistillError("l2_weight_penalty found no weight matrices among the given parameters")
@@ -195,9 +200,14 @@ def log_ratio_loss(emb: Tensor, targets: Tensor, eps: float = 1e-6) -> Tensor:
     return _masked_mean(r.pow(2), dense_triplet_mask(dy))
 
 
-def n_pair_loss(anchors: Tensor, positives: Tensor) -> Tensor:
-    """Multi-class N-pair loss (Sohn 2016, Eq. 5):
-    ``mean_i log(1 + sum_{j != i} exp(f_i' f_j+ - f_i' f_i+)) = CE(f_i' f_j+ over j, target i)``.
+def n_pair_loss(anchors: Tensor, positives: Tensor, scale: float = 1.0) -> Tensor:
+    """Multi-class N-pair loss (Sohn 2016, Eq. 5) with the similarities multiplied by ``scale``:
+    ``mean_i log(1 + sum_{j != i} exp(scale (f_i' f_j+ - f_i' f_i+))) = CE(scale f_i' f_j+ over j, target i)``.
+
+    ``scale = 1`` is Sohn's form, meant for unnormalised embeddings. On L2-normalised ones the
+    similarities lie in [-1, 1], so with scale 1 even perfectly separated classes cost
+    ``log(1 + (N - 1) / e)`` (1.87 for 16 pairs); a scale (as in NormFace, Wang et al. 2017) lets the
+    loss reach ~0: ``log(1 + 15 e^-16) ~ 2e-6`` at scale 16.
 
     ``positives`` is ``[N, D]`` (one per anchor, each anchor's negatives are the others' positives) or
     ``[N, N, D]`` (per-anchor candidate rows, ``positives[i, i]`` the positive; HDML's synthetic tuples).
@@ -210,8 +220,10 @@ def n_pair_loss(anchors: Tensor, positives: Tensor) -> Tensor:
         )
     if n == 0:
         return _zero(anchors) + _zero(positives)
+    if not scale > 0:
+        raise DistillError(f"n_pair_loss scale must be > 0, got {scale}")
     logits = anchors @ positives.T if positives.dim() == 2 else torch.einsum("nd,nmd->nm", anchors, positives)
-    return F.cross_entropy(logits, torch.arange(n, device=anchors.device))
+    return F.cross_entropy(scale * logits, torch.arange(n, device=anchors.device))
 
 
 def n_pair_indices(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -227,8 +239,8 @@ def n_pair_indices(labels: Tensor) -> tuple[Tensor, Tensor]:
     return order[second - 1], order[second]
 
 
-def batch_n_pair_loss(emb: Tensor, labels: Tensor) -> Tensor:
+def batch_n_pair_loss(emb: Tensor, labels: Tensor, scale: float = 1.0) -> Tensor:
     """N-pair loss on a labelled minibatch (pairs from ``n_pair_indices``); no pair -> 0."""
     check_labels(emb, labels)
     a, p = n_pair_indices(labels)
-    return n_pair_loss(emb[a], emb[p])
+    return n_pair_loss(emb[a], emb[p], scale)

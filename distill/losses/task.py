@@ -24,11 +24,12 @@ from distill.losses.metric import (
     LargeMarginSoftmax,
     VerificationHead,
     batch_n_pair_loss,
-    batch_triplet_loss,
+    batch_triplet_terms,
     l2_weight_penalty,
     lifted_structured_loss,
     log_ratio_loss,
     softmax_loss,
+    _masked_mean,
     verification_loss,
 )
 from distill.losses.mining import check_labels
@@ -52,12 +53,13 @@ HPARAMS: dict[str, Any] = {
     "lsoftmax_margin": 2,  # integer m; 1 = plain softmax
     "lsoftmax_lambda": 0.0,  # (lambda cos + psi) / (1 + lambda) training trick; 0 = pure L-Softmax
     "lifted_margin": 1.0,  # alpha
+    "npair_scale": 16.0,  # similarities x scale on L2-normalised embeddings (1 = Sohn's unscaled form)
     "logratio_eps": 1e-6,  # inside the logs
     "hdml_alpha": None,  # None = 0.05 (hdml-triplet) / 2.0 (hdml-npair)
     "hdml_beta": 1.0,
     "hdml_soft_weight": 1.0,
     "hdml_decay": 0.99,  # EMA decay of J_avg and J_gen
-    "weight_l2": 0.0,  # lambda of weight_penalty(model); Deep Ranking uses 0.001
+    "weight_l2": 0.0,  # Deep Ranking's lambda (0.001 in the paper), per step divided by the T terms of the mean
 }
 
 
@@ -100,6 +102,7 @@ class TaskLoss(nn.Module):
         self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.hparams = hparams
+        self.mean_terms: Tensor | int = 1  # T of the last forward's mean-reduced loss (weight_penalty divides by it)
         names = {n for n, _ in terms}
         self.heads = nn.ModuleDict()
         if "verification" in names:
@@ -157,6 +160,7 @@ class TaskLoss(nn.Module):
         parts: dict[str, Tensor] = {}
         extra: dict[str, float] = {}
         total = emb.new_zeros(())
+        self.mean_terms = len(labels)
         for name, weight in self.terms:
             if name == "softmax":
                 value = softmax_loss(logits, labels)
@@ -165,11 +169,13 @@ class TaskLoss(nn.Module):
             elif name == "lsoftmax":
                 value = self.heads[name](emb, labels)
             elif name == "triplet":
-                value = batch_triplet_loss(emb, labels, hp["triplet_margin"], hp["triplet_mining"])
+                hinges, counted = batch_triplet_terms(emb, labels, hp["triplet_margin"], hp["triplet_mining"])
+                value = _masked_mean(hinges, counted)
+                self.mean_terms = counted.sum()
             elif name == "lifted":
                 value = lifted_structured_loss(emb, labels, hp["lifted_margin"])
             elif name == "npair":
-                value = batch_n_pair_loss(emb, labels)
+                value = batch_n_pair_loss(emb, labels, hp["npair_scale"])
             elif name == "logratio":
                 value = log_ratio_loss(emb, teacher_emb.to(wide), hp["logratio_eps"])
             else:  # hdml-triplet / hdml-npair
@@ -181,9 +187,16 @@ class TaskLoss(nn.Module):
         return total, {**dict(zip(parts, values)), **extra}
 
     def weight_penalty(self, model: nn.Module) -> Tensor:
-        """Deep Ranking's ``weight_l2 * ||W||^2`` over the model's (and this module's) weight matrices.
-        The pipeline adds it to every training step when ``weight_l2 > 0``."""
-        return l2_weight_penalty([*model.parameters(), *self.parameters()], self.hparams["weight_l2"])
+        """Deep Ranking's ``lambda ||W||^2`` over the model's (and this module's) weight matrices,
+        ``lambda = weight_l2``, added to every training step when ``weight_l2 > 0``.
+
+        The paper minimises ``sum_triplets hinge + lambda ||W||^2``; this loss takes the *mean* over
+        the T triplets of the batch, so the penalty is divided by T to keep the paper's balance
+        (``mean + lambda / T ||W||^2 = (sum + lambda ||W||^2) / T``). T is counted in the last forward:
+        the triplet term's triplets (as mined), or the batch size when there is no triplet term.
+        """
+        terms = torch.as_tensor(self.mean_terms).clamp_min(1)
+        return l2_weight_penalty([*model.parameters(), *self.parameters()], self.hparams["weight_l2"]) / terms
 
 
 def build_task_loss(spec: str, embed_dim: int, num_classes: int, **hparams: Any) -> TaskLoss:
@@ -198,6 +211,8 @@ def build_task_loss(spec: str, embed_dim: int, num_classes: int, **hparams: Any)
     m = hp["lsoftmax_margin"]
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise DistillError(f"lsoftmax_margin must be an integer >= 1, got {m!r}")
+    if not hp["npair_scale"] > 0:
+        raise DistillError(f"npair_scale must be > 0, got {hp['npair_scale']!r}")
     if embed_dim < 1 or num_classes < 1:
         raise DistillError(f"embed_dim and num_classes must be positive, got {embed_dim} and {num_classes}")
     return TaskLoss(terms, embed_dim, num_classes, hp)
