@@ -203,27 +203,38 @@ def export(
 def bench(
     checkpoint: Optional[Path] = typer.Option(None, help="A distill model file (PyTorch eager)."),
     onnx: Optional[Path] = typer.Option(None, help="An .onnx file (ONNX Runtime)."),
-    image_size: str = typer.Option("64x32"),
-    iters: int = typer.Option(50),
+    image_size: Optional[str] = typer.Option(None, help="Input size HxW (default: the model file's, or the ONNX graph's fixed input size)."),
+    iters: int = typer.Option(50, help="Timed calls per round; rounds repeat until the median is stable."),
     device: str = typer.Option("auto"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result, machine and library versions as JSON."),
 ) -> None:
     """Latency p50/p90/p99 at batch 1 and throughput at batch 64."""
-    from distill.bench import benchmark_onnx, benchmark_torch
+    import json
+
+    from distill.atomic import atomic_write_text
+    from distill.bench import benchmark_onnx, benchmark_torch, machine_info, onnx_input_size
     from distill.config import _coerce
     from distill.engine import resolve_device
     from distill.modelfile import load_model
 
     if (checkpoint is None) == (onnx is None):
         raise DistillError("give exactly one of --checkpoint or --onnx")
-    size = _coerce("image_size", image_size)
     if checkpoint is not None:
-        result = benchmark_torch(load_model(checkpoint)[0], size, iters=iters, device=str(resolve_device(device)))
+        model, header = load_model(checkpoint)
+        size = _coerce("image_size", image_size or _trained_size(header))
+        result = benchmark_torch(model, size, iters=iters, device=str(resolve_device(device)))
     else:
+        size = _coerce("image_size", image_size) if image_size else onnx_input_size(onnx)
+        if size is None:
+            raise DistillError(f"{onnx} has no fixed input size in its graph: give --image-size HxW")
         result = benchmark_onnx(onnx, size, iters=iters)
+    result = {"image_size": list(size)} | result | {"machine": machine_info()}
     table = Table("field", "value")
     for k, v in result.items():
         table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
     Console().print(table)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
 
 
 @app.command()
