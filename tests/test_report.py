@@ -53,7 +53,8 @@ CONFIG = {"teacher": "inception_bn", "student": "nin_bn", "image_size": (64, 32)
 def test_schema_speedups_drop_and_gain(seed):
     models = fake_models(seed)
     report = build_report(models, CONFIG, ONNX)
-    assert set(report) == {"models", "speedup", "speedup_like_for_like", "onnx", "config", "accuracy_drop", "distillation_gain"}
+    assert set(report) == {"models", "speedup", "speedup_like_for_like", "onnx", "config", "accuracy_drop", "distillation_gain",
+                           "protocol", "accuracy_metrics", "pareto_metric", "target"}
     for row in report["models"]:
         assert {"name", "runtime", "params", "gflops", "latency_ms_p50", "latency_ms_p90", "throughput_ips", "metrics"} <= set(row)
         assert set(METRICS) <= set(row["metrics"])
@@ -81,10 +82,12 @@ def test_missing_parts_give_null_not_made_up_numbers():
 
 
 def test_bad_entry_names():
-    with pytest.raises(DistillError, match=r"report entry needs name in .* got name='teachr', runtime='torch'"):
+    with pytest.raises(DistillError, match=r"report entry needs name \(or role\) in .* got name='teachr', runtime='torch', precision='fp32'"):
         build_report([{"name": "teachr", "runtime": "torch"}], {}, {})
     with pytest.raises(DistillError, match=r"got name='student', runtime='tensorrt'"):
         build_report([{"name": "student", "runtime": "tensorrt"}], {}, {})
+    with pytest.raises(DistillError, match=r"got name='student', runtime='onnxruntime', precision='int4'"):
+        build_report([{"name": "student", "runtime": "onnxruntime", "precision": "int4"}], {}, {})
 
 
 def test_write_then_load_round_trips(tmp_path):
