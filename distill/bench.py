@@ -36,7 +36,7 @@ def latency_stats(times_ms: Sequence[float]) -> dict[str, float]:
 
 
 STABLE_TOLERANCE = 0.05  # the medians of the last two rounds of timed calls differ by at most 5%
-BUDGET_S = 3.0  # timed seconds per batch size after which an unstable measurement stops anyway
+BUDGET_S = 3.0  # timed seconds per batch size after which an unstable measurement stops (budget_s=None)
 
 
 def is_stable(previous: Sequence[float], last: Sequence[float], tolerance: float = STABLE_TOLERANCE) -> bool:
@@ -140,7 +140,7 @@ def benchmark_torch(
     warmup: int = 10,
     iters: int = 50,
     device: str = "cpu",
-    budget_s: float = BUDGET_S,
+    budget_s: float | None = None,
 ) -> dict:
     """PyTorch eager, ``inference_mode``, embedding only, :func:`benchmark_threads` CPU threads; the model
     is moved to ``device`` and put in eval mode for the run (its train/eval flag and the thread count
@@ -166,7 +166,7 @@ def benchmark_torch(
     threads, before = benchmark_threads(), torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        result = _measure(make_call, batch_sizes, warmup, iters, budget_s)
+        result = _measure(make_call, batch_sizes, warmup, iters, BUDGET_S if budget_s is None else budget_s)
     finally:
         model.train(was_training)
         torch.set_num_threads(before)
@@ -200,7 +200,7 @@ def benchmark_onnx(
     warmup: int = 10,
     iters: int = 50,
     providers: Sequence[str] | None = None,
-    budget_s: float = BUDGET_S,
+    budget_s: float | None = None,
 ) -> dict:
     """ONNX Runtime with ``providers`` (default: :func:`ort_providers`) and :func:`benchmark_threads`
     intra-op threads; inputs are numpy arrays, so on GPU providers the host-device copies are included."""
@@ -227,7 +227,7 @@ def benchmark_onnx(
         return lambda: session.run(None, feed)
 
     try:
-        result = _measure(make_call, batch_sizes, warmup, iters, budget_s)
+        result = _measure(make_call, batch_sizes, warmup, iters, BUDGET_S if budget_s is None else budget_s)
     except Exception as err:  # e.g. a model exported with a fixed batch size or another input size
         first = str(err).strip().splitlines()[0]
         raise DistillError(f"ONNX Runtime cannot run {path} on [N, 3, {height}, {width}] inputs: {first}") from err

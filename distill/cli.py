@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from distill.config import Config
 from distill.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil a big embedding teacher into a small, fast student.")
@@ -65,8 +66,11 @@ def run(
     config: Optional[Path] = ConfigOpt,
     teacher: Optional[str] = typer.Option(None, help="Teacher: inception_bn, timm:NAME, torchvision:NAME or onnx:PATH."),
     teacher_weights: Optional[str] = typer.Option(None, help="Local teacher weights: a distill model file, or backbone weights to fine-tune."),
-    student: Optional[str] = typer.Option(None, help="Student: nin_bn or timm:NAME (see `distill list`)."),
-    student_width: Optional[float] = typer.Option(None, help="Student width multiplier (0.5 = leaner, faster)."),
+    student: Optional[str] = typer.Option(
+        None, help="Student(s): nin_bn or timm:NAME (see `distill list`), or a comma-separated list; NAME@WIDTH sets the width, "
+        "e.g. nin_bn@0.25,nin_bn@0.5,timm:mobilenetv3_small_100."
+    ),
+    student_width: Optional[float] = typer.Option(None, help="Width multiplier of students given without @WIDTH (0.5 = leaner, faster)."),
     multiscale: Optional[bool] = typer.Option(None, "--multiscale/--no-multiscale", help="Add Deep Ranking's two low-resolution paths."),
     data: Optional[str] = typer.Option(None, help="Data set: synthetic (embedded default) or NAME:PATH, e.g. market1501:/data/Market-1501."),
     image_size: Optional[str] = typer.Option(None, help="Input size HxW, e.g. 64x32 or 256x128."),
@@ -97,7 +101,13 @@ def run(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the models."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue interrupted training from checkpoints."),
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail on unreadable images instead of skipping them."),
-    export_precision: Optional[str] = typer.Option(None, help="ONNX precision: fp32, fp16 or int8."),
+    export_precision: Optional[str] = typer.Option(
+        None, help="ONNX precisions, comma-separated: fp32, fp16, int8 (dynamic), int8-static (calibrated on training images)."
+    ),
+    target_accuracy: Optional[float] = typer.Option(
+        None, help="Share of the teacher's accuracy a student should keep; the report names the one closest to it.  "
+        f"[default: {Config.target_accuracy}]"
+    ),
     bench_iters: Optional[int] = typer.Option(None, help="Timed iterations per benchmark."),
     out: Optional[str] = typer.Option(None, help="Output directory (default runs/<name>)."),
     name: Optional[str] = typer.Option(None, help="Run name."),
@@ -152,6 +162,10 @@ def train(
     from distill import pipeline
 
     cfg = _config(config, **overrides)
+    runs = pipeline.student_runs(cfg)
+    if len(runs) > 1:
+        raise DistillError("train takes one student: give one spec to --student, or use `distill run` for several")
+    cfg = runs[0][2]
     data_, device_ = pipeline.setup(cfg)
     pipeline.train_student(cfg, data_, device_, teacher=pipeline.get_teacher(cfg, data_, device_))
     err_console.print(f"student: {cfg.out_dir / 'student.pt'}")

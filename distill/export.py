@@ -25,6 +25,7 @@ set is scored on the deployed artefact itself.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 import warnings
@@ -104,7 +105,13 @@ def _to_int8_static(src: Path, dst: Path, calibration: torch.Tensor, batch_size:
 
     pre = dst.with_suffix(".pre.onnx")
     quant_pre_process(str(src), str(pre))
-    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # per_channel warns, harmlessly, about every 1-D BatchNorm weight it leaves alone
+    try:
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    finally:
+        root.setLevel(level)
 
 
 class OnnxEmbedder:
