@@ -11,7 +11,6 @@ numbers come from those last two rounds. :func:`machine_info` records where they
 from __future__ import annotations
 
 import ctypes.util
-import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -62,19 +61,15 @@ def machine_info() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    versions = {}
-    for lib in ("torch", "onnxruntime", "onnxruntime-gpu"):
-        try:
-            versions[lib] = importlib.metadata.version(lib)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    import onnxruntime as ort
+
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "threads": benchmark_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "python": platform.python_version(),
-        "versions": versions,
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
     }
 
 
