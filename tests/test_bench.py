@@ -208,6 +208,7 @@ def test_cli_bench_measures_at_the_files_input_size(tmp_path, monkeypatch):
     assert saved["image_size"] == [32, 16] and saved["provider"] == "CPUExecutionProvider"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_cli_bench_onnx_with_a_dynamic_input_size_needs_image_size(tmp_path):
     torch.onnx.export(nn.Conv2d(3, 4, 3), (torch.zeros(1, 3, *SIZE),), str(tmp_path / "d.onnx"), input_names=["x"],
                       dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}}, dynamo=False)

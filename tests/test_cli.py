@@ -159,6 +159,12 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert len(result.output.strip().splitlines()) <= 2  # one line (rich may wrap it once)
 
 
+def test_train_takes_one_student(tmp_path):
+    result = runner.invoke(app, ["train", "--student", "nin_bn@0.25,nin_bn@0.5", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "train takes one student: give one spec to --student, or use `distill run` for several" in " ".join(result.output.split())
+
+
 def test_unwritable_out_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
