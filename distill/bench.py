@@ -1,9 +1,11 @@
 """Latency and throughput of an embedding model in PyTorch eager and in ONNX Runtime, params, GFLOPs.
 
 Both runtimes get the same inputs (random ``[N, 3, H, W]`` float32), the same warm-up and iteration
-counts and the same CPU threads (ORT's intra-op pool = ``torch.get_num_threads()``), so their numbers
-compare like for like. Latency is per call at the smallest batch size (p50/p90/p99 over ``iters``
-calls); throughput is images per second at the largest batch size.
+counts and the same CPU threads (:func:`benchmark_threads`, also ORT's intra-op pool), so their numbers
+compare like for like. Latency is per call at the smallest batch size; throughput is images per
+second at the largest batch size. Calls are timed in rounds of ``iters`` until the median of the
+last round is within ``STABLE_TOLERANCE`` of the round before (or ``budget_s`` is spent); the
+numbers come from those last two rounds. :func:`machine_info` records where they were measured.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import ctypes.util
 import importlib.util
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,6 +34,59 @@ def latency_stats(times_ms: Sequence[float]) -> dict[str, float]:
     return {"latency_ms_p50": float(p50), "latency_ms_p90": float(p90), "latency_ms_p99": float(p99)}
 
 
+STABLE_TOLERANCE = 0.05  # the medians of the last two rounds of timed calls differ by at most 5%
+BUDGET_S = 3.0  # timed seconds per batch size after which an unstable measurement stops (budget_s=None)
+
+
+def is_stable(previous: Sequence[float], last: Sequence[float], tolerance: float = STABLE_TOLERANCE) -> bool:
+    """True when the medians of two rounds of timings differ by at most ``tolerance`` of the larger."""
+    a, b = float(np.median(previous)), float(np.median(last))
+    return abs(a - b) <= tolerance * max(a, b)
+
+
+def benchmark_threads() -> int:
+    """CPU threads for benchmarks: ``torch.get_num_threads()``, except under ``torchrun`` with several
+    local processes, which sets ``OMP_NUM_THREADS=1`` for training; there the CPUs available to the
+    process are used, as a single process would by default, so numbers compare across launches."""
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return torch.get_num_threads()
+
+
+def machine_info() -> dict:
+    """Where a benchmark ran: CPU model, cores, benchmark threads, GPU name, library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    import onnxruntime as ort
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": benchmark_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+    }
+
+
+def onnx_input_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(height, width)`` of an ONNX graph's first input when both are fixed numbers, else None."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as err:
+        raise DistillError(f"cannot read ONNX file {path} ({type(err).__name__}): export one with `distill export`") from None
+    dims = graph.input[0].type.tensor_type.shape.dim if graph.input else []
+    if len(dims) != 4 or not all(d.HasField("dim_value") for d in dims[2:]):
+        return None
+    return int(dims[2].dim_value), int(dims[3].dim_value)
+
+
 def _check_args(batch_sizes: Sequence[int], warmup: int, iters: int) -> None:
     if not batch_sizes or not all(isinstance(b, int) and b > 0 for b in batch_sizes):
         raise DistillError(f"batch_sizes must be positive ints, got {tuple(batch_sizes)!r}")
@@ -38,25 +94,38 @@ def _check_args(batch_sizes: Sequence[int], warmup: int, iters: int) -> None:
         raise DistillError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
 
 
-def _time_calls(call: Callable[[], None], warmup: int, iters: int) -> list[float]:
-    """Milliseconds per call after ``warmup`` untimed calls (``call`` must block until done)."""
+def _time_calls(call: Callable[[], None], warmup: int, iters: int, budget_s: float) -> tuple[list[float], bool]:
+    """Milliseconds per call after ``warmup`` untimed calls (``call`` must block until done), timed in
+    rounds of ``iters`` until two rounds agree (:func:`is_stable`) or ``budget_s`` is spent.
+    Returns the last two rounds' times (one round if only one ran) and whether they agreed."""
     for _ in range(warmup):
         call()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+    rounds: list[list[float]] = []
+    spent = 0.0
+    while True:
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - start) * 1e3)
+        rounds.append(times)
+        spent += sum(times) / 1e3
+        stable = len(rounds) > 1 and is_stable(rounds[-2], rounds[-1])
+        if stable or spent >= budget_s:
+            return [t for r in rounds[-2:] for t in r], stable
 
 
-def _measure(make_call: Callable[[int], Callable[[], None]], batch_sizes: Sequence[int], warmup: int, iters: int) -> dict:
+def _measure(
+    make_call: Callable[[int], Callable[[], None]], batch_sizes: Sequence[int], warmup: int, iters: int, budget_s: float
+) -> dict:
     """Latency stats at the smallest batch, throughput (images/s) at the largest."""
     small, large = min(batch_sizes), max(batch_sizes)
-    small_times = _time_calls(make_call(small), warmup, iters)
-    large_times = small_times if large == small else _time_calls(make_call(large), warmup, iters)
-    throughput = large * iters / (sum(large_times) / 1e3)
-    return latency_stats(small_times) | {"throughput_ips": throughput, "batch_size": large, "iters": iters}
+    small_times, small_stable = _time_calls(make_call(small), warmup, iters, budget_s)
+    large_times, large_stable = (small_times, small_stable) if large == small else _time_calls(make_call(large), warmup, iters, budget_s)
+    throughput = large * len(large_times) / (sum(large_times) / 1e3)
+    return latency_stats(small_times) | {
+        "throughput_ips": throughput, "batch_size": large, "iters": len(small_times), "stable": small_stable and large_stable,
+    }
 
 
 def benchmark_torch(
@@ -66,9 +135,11 @@ def benchmark_torch(
     warmup: int = 10,
     iters: int = 50,
     device: str = "cpu",
+    budget_s: float | None = None,
 ) -> dict:
-    """PyTorch eager, ``inference_mode``, embedding only; the model is moved to ``device`` and put in eval
-    mode for the run (its train/eval flag is restored). CUDA is synchronised after every call."""
+    """PyTorch eager, ``inference_mode``, embedding only, :func:`benchmark_threads` CPU threads; the model
+    is moved to ``device`` and put in eval mode for the run (its train/eval flag and the thread count
+    are restored). CUDA is synchronised after every call."""
     height, width = check_image_size(image_size)
     _check_args(batch_sizes, warmup, iters)
     dev = torch.device(device)
@@ -87,11 +158,14 @@ def benchmark_torch(
 
         return call
 
+    threads, before = benchmark_threads(), torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        result = _measure(make_call, batch_sizes, warmup, iters)
+        result = _measure(make_call, batch_sizes, warmup, iters, BUDGET_S if budget_s is None else budget_s)
     finally:
         model.train(was_training)
-    return {"runtime": "torch", "device": str(dev), "threads": torch.get_num_threads()} | result
+        torch.set_num_threads(before)
+    return {"runtime": "torch", "device": str(dev), "threads": threads} | result
 
 
 def ort_providers() -> list[str]:
@@ -121,8 +195,9 @@ def benchmark_onnx(
     warmup: int = 10,
     iters: int = 50,
     providers: Sequence[str] | None = None,
+    budget_s: float | None = None,
 ) -> dict:
-    """ONNX Runtime with ``providers`` (default: :func:`ort_providers`) and ``torch.get_num_threads()``
+    """ONNX Runtime with ``providers`` (default: :func:`ort_providers`) and :func:`benchmark_threads`
     intra-op threads; inputs are numpy arrays, so on GPU providers the host-device copies are included."""
     import onnxruntime as ort
 
@@ -132,7 +207,7 @@ def benchmark_onnx(
     if not path.is_file():
         raise DistillError(f"ONNX file not found: {path}; create one with `distill export`")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options.intra_op_num_threads = benchmark_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
@@ -147,7 +222,7 @@ def benchmark_onnx(
         return lambda: session.run(None, feed)
 
     try:
-        result = _measure(make_call, batch_sizes, warmup, iters)
+        result = _measure(make_call, batch_sizes, warmup, iters, BUDGET_S if budget_s is None else budget_s)
     except Exception as err:  # e.g. a model exported with a fixed batch size or another input size
         first = str(err).strip().splitlines()[0]
         raise DistillError(f"ONNX Runtime cannot run {path} on [N, 3, {height}, {width}] inputs: {first}") from err

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from distill.config import Config
 from distill.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil a big embedding teacher into a small, fast student.")
@@ -91,8 +92,11 @@ def run(
     config: Optional[Path] = ConfigOpt,
     teacher: Optional[str] = typer.Option(None, help="Teacher: inception_bn, timm:NAME, torchvision:NAME or onnx:PATH."),
     teacher_weights: Optional[str] = typer.Option(None, help="Local teacher weights: a distill model file, or backbone weights to fine-tune."),
-    student: Optional[str] = typer.Option(None, help="Student: nin_bn or timm:NAME (see `distill list`)."),
-    student_width: Optional[float] = typer.Option(None, help="Student width multiplier (0.5 = leaner, faster)."),
+    student: Optional[str] = typer.Option(
+        None, help="Student(s): nin_bn or timm:NAME (see `distill list`), or a comma-separated list; NAME@WIDTH sets the width, "
+        "e.g. nin_bn@0.25,nin_bn@0.5,timm:mobilenetv3_small_100."
+    ),
+    student_width: Optional[float] = typer.Option(None, help="Width multiplier of students given without @WIDTH (0.5 = leaner, faster)."),
     embed_dim: Optional[int] = typer.Option(None, help="Embedding size of the student (and of a teacher trained here); --compat-weight needs the teacher's."),
     multiscale: Optional[bool] = typer.Option(None, "--multiscale/--no-multiscale", help="Add Deep Ranking's two low-resolution paths."),
     data: Optional[str] = typer.Option(None, help="Data set: synthetic (embedded default) or NAME:PATH, e.g. market1501:/data/Market-1501."),
@@ -144,7 +148,13 @@ def run(
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the models."),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue interrupted training from checkpoints."),
     strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail on unreadable images instead of skipping them."),
-    export_precision: Optional[str] = typer.Option(None, help="ONNX precision: fp32, fp16 or int8."),
+    export_precision: Optional[str] = typer.Option(
+        None, help="ONNX precisions, comma-separated: fp32, fp16, int8 (dynamic), int8-static (calibrated on training images)."
+    ),
+    target_accuracy: Optional[float] = typer.Option(
+        None, help="Share of the teacher's accuracy a student should keep; the report names the one closest to it.  "
+        f"[default: {Config.target_accuracy}]"
+    ),
     bench_iters: Optional[int] = typer.Option(None, help="Timed iterations per benchmark."),
     out: Optional[str] = typer.Option(None, help="Output directory (default runs/<name>)."),
     name: Optional[str] = typer.Option(None, help="Run name."),
@@ -250,6 +260,10 @@ def train(
     from distill import pipeline
 
     cfg = _config(config, **overrides)
+    runs = pipeline.student_runs(cfg)
+    if len(runs) > 1:
+        raise DistillError("train takes one student: give one spec to --student, or use `distill run` for several")
+    cfg = runs[0][2]
     with _locked(cfg):
         data_, device_ = pipeline.setup(cfg)
         pipeline.train_student(cfg, data_, device_, teacher=pipeline.get_teacher(cfg, data_, device_))
@@ -302,27 +316,38 @@ def export(
 def bench(
     checkpoint: Optional[Path] = typer.Option(None, help="A distill model file (PyTorch eager)."),
     onnx: Optional[Path] = typer.Option(None, help="An .onnx file (ONNX Runtime)."),
-    image_size: str = typer.Option("64x32"),
-    iters: int = typer.Option(50),
+    image_size: Optional[str] = typer.Option(None, help="Input size HxW (default: the model file's, or the ONNX graph's fixed input size)."),
+    iters: int = typer.Option(50, help="Timed calls per round; rounds repeat until the median is stable."),
     device: str = typer.Option("auto"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result, machine and library versions as JSON."),
 ) -> None:
     """Latency p50/p90/p99 at batch 1 and throughput at batch 64."""
-    from distill.bench import benchmark_onnx, benchmark_torch
+    import json
+
+    from distill.atomic import atomic_write_text
+    from distill.bench import benchmark_onnx, benchmark_torch, machine_info, onnx_input_size
     from distill.config import _coerce
     from distill.engine import resolve_device
     from distill.modelfile import load_model
 
     if (checkpoint is None) == (onnx is None):
         raise DistillError("give exactly one of --checkpoint or --onnx")
-    size = _coerce("image_size", image_size)
     if checkpoint is not None:
-        result = benchmark_torch(load_model(checkpoint)[0], size, iters=iters, device=str(resolve_device(device)))
+        model, header = load_model(checkpoint)
+        size = _coerce("image_size", image_size or _trained_size(header))
+        result = benchmark_torch(model, size, iters=iters, device=str(resolve_device(device)))
     else:
+        size = _coerce("image_size", image_size) if image_size else onnx_input_size(onnx)
+        if size is None:
+            raise DistillError(f"{onnx} has no fixed input size in its graph: give --image-size HxW")
         result = benchmark_onnx(onnx, size, iters=iters)
+    result = {"image_size": list(size)} | result | {"machine": machine_info()}
     table = Table("field", "value")
     for k, v in result.items():
         table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
     Console().print(table)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
 
 
 @app.command()

@@ -18,7 +18,8 @@ class Config:
     # models
     teacher: str = "inception_bn"
     teacher_weights: str | None = None
-    student: str = "nin_bn"
+    student: str = "nin_bn"  # one spec or a comma-separated list; NAME@WIDTH sets that student's width
+    students: list[str] | None = None  # the same list as a TOML array (give student or students, not both)
     student_width: float = 0.5  # full-width NIN-BN costs only 1.6x fewer FLOPs than BN-Inception
     multiscale: bool = False
     embed_dim: int = 128
@@ -78,7 +79,8 @@ class Config:
     # outputs
     name: str = "default"
     out: str | None = None
-    export_precision: str = "fp32"
+    export_precision: str = "fp32"  # comma-separated list of fp32, fp16, int8, int8-static
+    target_accuracy: float = 0.9  # share of the teacher's accuracy a student should keep (report)
     bench_iters: int = 30
 
     @property
@@ -94,6 +96,41 @@ class Config:
         d = asdict(self)
         d["image_size"] = list(self.image_size) if self.image_size is not None else None
         return d
+
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
+
+
+def student_specs(cfg: Config) -> list[tuple[str, float]]:
+    """The students of a run as ``(name, width)``: ``cfg.students`` if set, else ``cfg.student`` split at
+    commas; ``NAME@WIDTH`` sets the width multiplier, a bare ``NAME`` takes ``cfg.student_width``."""
+    items = cfg.students if cfg.students is not None else cfg.student.split(",")
+    if isinstance(items, str) or not items:
+        raise DistillError(f"students must be a non-empty list of specs like ['nin_bn@0.5'], got {items!r}")
+    specs = []
+    for item in items:
+        name, at, width = str(item).strip().partition("@")
+        try:
+            w = float(width) if at else cfg.student_width
+        except ValueError:
+            w = -1.0
+        if not name or not w > 0:
+            raise DistillError(f"student spec '{item}' must be NAME or NAME@WIDTH with WIDTH > 0, e.g. nin_bn@0.5")
+        specs.append((name, w))
+    if len(set(specs)) != len(specs):
+        raise DistillError(f"the same student is listed twice in {', '.join(map(str, items))}")
+    return specs
+
+
+def export_precisions(cfg: Config) -> list[str]:
+    """``cfg.export_precision`` as a list (comma-separated), in the order given, each checked."""
+    wanted = [p.strip() for p in cfg.export_precision.split(",")]
+    bad = [p for p in wanted if p not in PRECISIONS]
+    if bad or len(set(wanted)) != len(wanted):
+        raise DistillError(
+            f"export_precision must be a comma-separated list of distinct {', '.join(PRECISIONS)}, got '{cfg.export_precision}'"
+        )
+    return wanted
 
 
 DARKRANK_MODES = ("hard", "soft", "none")
@@ -135,6 +172,8 @@ def _coerce(name: str, value: Any) -> Any:
         if not value.strip().isdigit():
             raise DistillError(f"darkrank_list_size must be an integer or 'all' (every other sample), got {value!r}")
         return int(value)
+    if name == "export_precision" and isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
     if name == "loss_options" and isinstance(value, (list, tuple)):
         return dict(_key_value(item) for item in value)
     return value
@@ -205,8 +244,10 @@ def validate(cfg: Config) -> Config:
             raise DistillError(f"{name} (--{name.replace('_', '-')}) must be a number, got {value!r}")
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise DistillError(f"{name} (--{name.replace('_', '-')}) must be {'>' if strict else '>='} {low:g}, got {value:g}")
-    if cfg.export_precision not in ("fp32", "fp16", "int8"):
-        raise DistillError(f"export_precision must be fp32, fp16 or int8, got '{cfg.export_precision}'")
+    student_specs(cfg)
+    export_precisions(cfg)
+    if not 0 < cfg.target_accuracy <= 1:
+        raise DistillError(f"target_accuracy is a share of the teacher's accuracy in (0, 1], got {cfg.target_accuracy}")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise DistillError(f"--device must be auto, cpu or cuda[:N], got '{cfg.device}'")
     return cfg
@@ -225,6 +266,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
             raise DistillError(f"config file {path} is not valid TOML: {err}") from None
         values.update(data.get("run", data))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if "student" in values and "students" in values:
+        raise DistillError("give either student (one spec or a comma-separated list) or students (a list), not both")
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -14,16 +14,25 @@ batch axis). The fp32 graph must agree within ``atol`` (default 1e-4) before any
 fp16 (``onnxruntime.transformers.float16``, fp32 inputs/outputs kept) and int8 (dynamic
 quantisation: int8 weights, uint8 activations quantised at run time) models are then checked
 against PyTorch with the looser ``CONVERTED_ATOL`` bounds, since rounding is expected there.
+``int8-static`` (``quantize_static``: weights per channel and activations quantised with ranges
+calibrated on real images, QDQ format) is checked on those calibration images, not on noise,
+since activations outside the calibrated ranges are clipped by design.
+
+:class:`OnnxEmbedder` runs an exported file in ONNX Runtime as an embedding function, so the test
+set is scored on the deployed artefact itself.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -34,8 +43,8 @@ from distill.atomic import atomic_write_bytes
 from distill.embedding import EmbeddingOnly
 from distill.errors import DistillError
 
-PRECISIONS = ("fp32", "fp16", "int8")
-CONVERTED_ATOL = {"fp16": 1e-2, "int8": 5e-2}
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
+CONVERTED_ATOL = {"fp16": 1e-2, "int8": 5e-2, "int8-static": 5e-2}
 PROTOBUF_LIMIT = 2**31  # an ONNX file holding its own weights must stay under 2 GB
 
 
@@ -82,6 +91,48 @@ def _to_int8(src: Path, dst: Path) -> None:
     quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8)
 
 
+def _to_int8_static(src: Path, dst: Path, calibration: torch.Tensor, batch_size: int = 8) -> None:
+    """ONNX Runtime static quantisation, activation ranges (MinMax) calibrated on ``calibration`` images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"images": b.numpy()} for b in calibration.float().split(batch_size)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = dst.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # per_channel warns, harmlessly, about every 1-D BatchNorm weight it leaves alone
+    try:
+        quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    finally:
+        root.setLevel(level)
+
+
+class OnnxEmbedder:
+    """An ONNX file as an embedding function: ``embedder(images) -> [N, D]`` float32 CPU tensor.
+
+    Runs the session on ``providers`` (default CPU); ``provider`` names the one actually used.
+    """
+
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None) -> None:
+        try:
+            self.session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as err:
+            raise DistillError(f"ONNX Runtime cannot load {path}: {str(err).strip().splitlines()[0]}") from err
+        self.input = self.session.get_inputs()[0].name
+        self.provider = self.session.get_providers()[0]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input: np.ascontiguousarray(images.detach().float().cpu().numpy())})[0]
+        return torch.from_numpy(out)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -89,16 +140,20 @@ def export_onnx(
     opset: int = 17,
     precision: str = "fp32",
     atol: float = 1e-4,
+    calibration: torch.Tensor | None = None,
 ) -> dict:
     """Export ``model``'s embedding (input ``images`` [N, 3, H, W], output ``embedding``, dynamic N) to ``path``.
 
     ``model.forward`` returns ``(embedding, logits)``; a CPU, eval-mode copy is exported so the caller's
-    model is untouched. ``path`` is replaced atomically only after every check passed.
+    model is untouched. ``path`` is replaced atomically only after every check passed. ``int8-static``
+    needs ``calibration``, a few dozen real images ``[N, 3, H, W]`` through the eval transform.
     Returns ``{"path", "max_abs_diff", "atol", "opset", "precision", "bytes"}``.
     """
     if precision not in PRECISIONS:
         raise DistillError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
     height, width = check_image_size(image_size)
+    if precision == "int8-static" and (calibration is None or calibration.dim() != 4 or len(calibration) == 0):
+        raise DistillError("int8-static export needs calibration images [N, 3, H, W] (a few dozen training images)")
     path = Path(path)
     net = EmbeddingOnly(copy.deepcopy(model)).cpu().eval()
     n_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
@@ -128,7 +183,11 @@ def export_onnx(
         if precision != "fp32":
             final, tol = Path(tmp) / f"{precision}.onnx", CONVERTED_ATOL[precision]
             try:
-                (_to_fp16 if precision == "fp16" else _to_int8)(fp32, final)
+                if precision == "int8-static":
+                    _to_int8_static(fp32, final, calibration)
+                    inputs = [calibration[:4].float(), calibration[:1].float()]
+                else:
+                    (_to_fp16 if precision == "fp16" else _to_int8)(fp32, final)
             except DistillError:
                 raise
             except Exception as err:

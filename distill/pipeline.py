@@ -1,4 +1,4 @@
-"""``run(config)``: teacher -> baseline student -> distilled student -> evaluate -> export -> bench -> report.
+"""``run(config)``: teacher -> per student: baseline, distilled -> evaluate -> export -> bench -> report.
 
 Each stage is a plain function usable from Python; the CLI only parses options and calls them.
 Only the main process (rank 0 under torchrun) evaluates, exports, benchmarks and writes the report.
@@ -7,6 +7,7 @@ Only the main process (rank 0 under torchrun) evaluates, exports, benchmarks and
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from distill.config import Config
+from distill.config import Config, export_precisions, student_specs
 from distill.data import Sample, Splits, hold_out_identities, load_dataset
 from distill.data.inputs import choose_augment, choose_image_size
 from distill.data.dataset import ImageDataset, make_label_map, stack_labels
@@ -63,7 +64,8 @@ def prepare_out_dir(cfg: Config) -> Path:
 
 def check_models(cfg: Config) -> None:
     """Fail fast on an unknown teacher/student name or a missing file, before any training starts."""
-    create_student(cfg.student, cfg.embed_dim, 2, width=cfg.student_width, multiscale=cfg.multiscale)
+    for name, width in student_specs(cfg):
+        create_student(name, cfg.embed_dim, 2, width=width, multiscale=cfg.multiscale)
     if cfg.teacher.startswith("onnx:"):
         if not Path(cfg.teacher[5:]).is_file():
             raise DistillError(f"ONNX teacher file not found: {cfg.teacher[5:]}")
@@ -386,55 +388,92 @@ def setup(cfg: Config) -> tuple[Prepared, torch.device]:
     return data, device
 
 
+def student_runs(cfg: Config) -> list[tuple[str, str, Config]]:
+    """``(spec, file suffix, config)`` per student: the config has that student's name and width; the
+    suffix names its files (``student-nin_bn@0.5.pt``), empty with one student (``student.pt``)."""
+    specs = student_specs(cfg)
+    runs = []
+    for name, width in specs:
+        spec = f"{name}@{width:g}"
+        suffix = "" if len(specs) == 1 else "-" + re.sub(r"[^\w.@-]", "_", spec)
+        runs.append((spec, suffix, replace(cfg, student=name, student_width=width, students=None)))
+    return runs
+
+
+def calibration_images(data: Prepared, count: int = 48) -> Tensor:
+    """``count`` training images spread evenly over the training set (so over its identities), through
+    the eval transform: the calibration set of int8-static quantisation."""
+    dataset = ImageDataset(data.splits.train, data.eval_transform)
+    picks = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).long().unique()
+    return torch.stack([dataset[int(i)][0] for i in picks])
+
+
 def run(cfg: Config) -> dict:
-    """The whole job of ``distill run``; returns the report dict (also written to ``cfg.out_dir``)."""
-    from distill.bench import benchmark_onnx, benchmark_torch, count_gflops, count_params
-    from distill.export import export_onnx
+    """The whole job of ``distill run``; returns the report dict (also written to ``cfg.out_dir``).
+
+    Every student of the config is trained without (baseline) and with distillation against the one
+    teacher; every report row is scored on the test set with the artefact it names: the PyTorch
+    model, or each exported ONNX file (one per precision) run in ONNX Runtime.
+    """
+    from distill.bench import benchmark_onnx, benchmark_torch, count_gflops, count_params, machine_info, ort_providers
+    from distill.export import OnnxEmbedder, export_onnx
     from distill.report import build_report, print_report, write_report
 
     started = time.perf_counter()
     data, device = setup(cfg)
     out = cfg.out_dir
     teacher = get_teacher(cfg, data, device)
-    baseline = train_student(cfg, data, device, name="student_baseline") if cfg.baseline else None
-    gate = teacher_gate(cfg, teacher, baseline, data, device) if is_main_process() else None
-    student = train_student(cfg, data, device, teacher=teacher, name="student")
+    trained, gate = [], None
+    for spec, suffix, student_cfg in student_runs(cfg):
+        baseline = train_student(student_cfg, data, device, name=f"student_baseline{suffix}") if cfg.baseline else None
+        if not trained and is_main_process():  # the gate compares the teacher with the first student alone
+            gate = teacher_gate(cfg, teacher, baseline, data, device)
+        student = train_student(student_cfg, data, device, teacher=teacher, name=f"student{suffix}")
+        trained.append((spec, suffix, student, baseline))
     if not is_main_process():
         return {}
 
-    console.print("evaluating")
-    models = {"teacher": teacher, "student": student} | ({"student_baseline": baseline} if baseline is not None else {})
-    metrics = {name: evaluate_model(model, data, device, cfg.clustering) for name, model in models.items()}
-
-    console.print("exporting to ONNX")
-    cpu = torch.device("cpu")
-    onnx_info = export_onnx(student.to(cpu), out / "student.onnx", cfg.image_size, precision=cfg.export_precision)
-    teacher_onnx = None
-    if teacher.module is not None:
-        teacher_onnx = export_onnx(teacher.module.to(cpu), out / "teacher.onnx", cfg.image_size)["path"]
-
-    console.print("benchmarking")
+    providers = ort_providers()
     bench_kw = dict(image_size=cfg.image_size, iters=cfg.bench_iters)
     entries = []
 
-    def entry(name: str, runtime: str, bench: dict, params: int | None, gflops: float | None) -> None:
-        entries.append({"name": name, "runtime": runtime, "params": params, "gflops": gflops, **bench, "metrics": metrics[name]})
+    def entry(name: str, role: str, spec: str | None, fn, bench: dict, size: tuple, precision: str = "fp32", **extra) -> None:
+        console.print(f"evaluating {name} ({bench['runtime']}, {precision})")
+        metrics = evaluate_model(fn, data, device, cfg.clustering)
+        entries.append({"name": name, "role": role, "student": spec, "precision": precision, **bench,
+                        "params": size[0], "gflops": size[1], "metrics": metrics, **extra})
+
+    def onnx_entry(name: str, role: str, spec: str | None, info: dict, size: tuple) -> None:
+        embedder = OnnxEmbedder(info["path"], providers)
+        entry(name, role, spec, embedder, benchmark_onnx(info["path"], providers=providers, **bench_kw), size, info["precision"],
+              onnx_file=info["path"], max_abs_diff=info["max_abs_diff"])
 
     if teacher.module is not None:
-        t_params, t_flops = count_params(teacher.module), count_gflops(teacher.module, cfg.image_size)
-        entry("teacher", "torch", benchmark_torch(teacher.module, device=str(device), **bench_kw), t_params, t_flops)
-        entry("teacher", "onnxruntime", benchmark_onnx(teacher_onnx, **bench_kw), t_params, t_flops)
+        t_size = count_params(teacher.module), count_gflops(teacher.module, cfg.image_size)
+        entry("teacher", "teacher", None, teacher, benchmark_torch(teacher.module, device=str(device), **bench_kw), t_size)
+        onnx_entry("teacher", "teacher", None, export_onnx(teacher.module, out / "teacher.onnx", cfg.image_size), t_size)
     else:
-        entry("teacher", "onnxruntime", benchmark_onnx(cfg.teacher.partition(":")[2], **bench_kw), None, None)
-    s_params, s_flops = count_params(student), count_gflops(student, cfg.image_size)
-    student_torch = benchmark_torch(student, device=str(device), **bench_kw)
-    if baseline is not None:  # same architecture as the student: same speed, its own accuracy
-        entry("student_baseline", "torch", student_torch, s_params, s_flops)
-    entry("student", "torch", student_torch, s_params, s_flops)
-    entry("student", "onnxruntime", benchmark_onnx(onnx_info["path"], **bench_kw), s_params, s_flops)
+        entry("teacher", "teacher", None, teacher, benchmark_onnx(cfg.teacher.partition(":")[2], **bench_kw), (None, None))
+
+    precisions = export_precisions(cfg)
+    calibration = calibration_images(data) if "int8-static" in precisions else None
+    onnx_infos = []
+    for spec, suffix, student, baseline in trained:
+        s_size = count_params(student), count_gflops(student, cfg.image_size)
+        student_torch = benchmark_torch(student, device=str(device), **bench_kw)
+        if baseline is not None:  # same architecture as the student: same speed, its own accuracy
+            entry(f"student_baseline{suffix}", "student_baseline", spec, baseline, student_torch, s_size)
+        entry(f"student{suffix}", "student", spec, student, student_torch, s_size)
+        for precision in precisions:
+            path = out / (f"student{suffix}.onnx" if precision == "fp32" else f"student{suffix}.{precision}.onnx")
+            console.print(f"exporting student{suffix} to ONNX ({precision})")
+            info = export_onnx(student, path, cfg.image_size, precision=precision, calibration=calibration)
+            onnx_infos.append(info)
+            onnx_entry(f"student{suffix}", "student", spec, info, s_size)
 
     config = cfg.to_dict() | {"device_resolved": str(device), "wall_time_s": round(time.perf_counter() - started, 1)}
-    report = build_report(entries, config, onnx_info) | {"teacher_gate": gate}
+    report = build_report(entries, config, onnx_infos[0], protocol=data.splits.protocol,
+                          target_accuracy=cfg.target_accuracy, machine=machine_info()) | {"teacher_gate": gate}
     write_report(report, out)
     print_report(report)
     return report

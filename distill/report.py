@@ -22,14 +22,40 @@ from rich.table import Table
 from distill.atomic import atomic_write_bytes, atomic_write_text
 from distill.errors import DistillError
 
-MODEL_NAMES = ("teacher", "student_baseline", "student")
+MODEL_NAMES = ("teacher", "student_baseline", "student")  # a row's role
 RUNTIMES = ("torch", "onnxruntime")
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map", "rank1")
 MODEL_KEYS = ("name", "runtime", "params", "gflops", "latency_ms_p50", "latency_ms_p90", "throughput_ips")
-LEGEND = (
-    "latency at batch 1, throughput at the largest batch; speedup = teacher (PyTorch) p50 / this row's p50; "
-    "drop = teacher - model, gain = distilled student - baseline (Recall@1 / mAP)"
+METRIC_LABELS = {"recall@1": "R@1", "map": "mAP", "rank1": "rank-1"}
+REID_NOTE = (
+    "re-ID data: drop, gain and kept use rank-1 (each query searched in the gallery with its same-camera "
+    "matches removed, the Market-1501 protocol), not R@1 (query and gallery pooled, no camera filter), "
+    "because same-camera near-duplicates make pooled R@1 easy for every model"
 )
+
+
+def accuracy_metrics(protocol: str) -> tuple[str, str]:
+    """The two metrics of the drop/gain/kept columns: rank-1 and mAP on re-ID data, else Recall@1 and mAP."""
+    return ("rank1", "map") if protocol == "reid" else ("recall@1", "map")
+
+
+def pareto_metric(protocol: str) -> str:
+    """The accuracy axis of the Pareto front and the plot: mAP on re-ID data, else Recall@1."""
+    return "map" if protocol == "reid" else "recall@1"
+
+
+def pareto_front(points: list[tuple[float | None, float | None]]) -> list[bool]:
+    """Which ``(latency, accuracy)`` points are on the Pareto front (lower latency, higher accuracy is better).
+
+    A point is on the front when no other point is at least as fast and at least as accurate and
+    strictly better in one of the two; points with a missing value are never on it.
+    """
+    ok = [x is not None and y is not None for x, y in points]
+    return [
+        ok[i] and not any(ok[j] and xj <= x and yj >= y and (xj < x or yj > y) for j, (xj, yj) in enumerate(points))
+        for i, (x, y) in enumerate(points)
+    ]
 
 
 def _jsonable(obj):
@@ -51,36 +77,104 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den if num is not None and den else None
 
 
-def _find(models: list[dict], name: str, runtime: str | None = None) -> dict | None:
-    return next((m for m in models if m["name"] == name and runtime in (None, m["runtime"])), None)
+def _find(models: list[dict], role: str, runtime: str | None = None, student: str | None = None) -> dict | None:
+    """The first row with this role (and runtime, and student spec when given), fp32 rows first."""
+    hits = [m for m in models if m.get("role", m["name"]) == role and runtime in (None, m["runtime"])
+            and (student is None or m.get("student") == student)]
+    return min(hits, key=lambda m: m.get("precision", "fp32") != "fp32", default=None)
 
 
-def _metric_diff(a: dict | None, b: dict | None) -> dict[str, float] | None:
-    """``a - b`` for every metric both have a number for (``None`` when either model is missing)."""
+def _metric_diff(a: dict | None, b: dict | None, keys=None) -> dict[str, float] | None:
+    """``a - b`` for every metric (or those in ``keys``) both have a number for (``None`` when either model is missing)."""
     if a is None or b is None:
         return None
-    return {k: a["metrics"][k] - b["metrics"][k] for k in a["metrics"] if a["metrics"][k] is not None and b["metrics"].get(k) is not None}
+    return {k: a["metrics"][k] - b["metrics"][k] for k in (keys or a["metrics"])
+            if a["metrics"].get(k) is not None and b["metrics"].get(k) is not None}
 
 
-def build_report(models: list[dict], config: dict, onnx_info: dict) -> dict:
+def _label(row: dict) -> str:
+    return f"{row['name']} ({row['runtime']} {row.get('precision') or 'fp32'})"
+
+
+def _target(rows: list[dict], target: float, pair: tuple[str, str]) -> dict:
+    """Does any student row keep ``target`` of the teacher's accuracy (both metrics of ``pair``)? The
+    fastest that does, else the one that comes closest (highest smaller share)."""
+    names = "/".join(METRIC_LABELS[m] for m in pair)
+    rows = [r for r in rows if r["role"] != "teacher" and all((r.get("kept") or {}).get(m) is not None for m in pair)]
+    if not rows:
+        return {"target_accuracy": target, "met": None, "best": None, "message": "no student row has accuracy to compare with the teacher's"}
+
+    def share(r: dict) -> float:
+        return min(r["kept"][m] for m in pair)
+
+    def kept(r: dict) -> str:
+        return "/".join(f"{r['kept'][m]:.0%}" for m in pair)
+
+    meeting = [r for r in rows if share(r) >= target]
+    if meeting:
+        best = min(meeting, key=lambda r: r["latency_ms_p50"] if r["latency_ms_p50"] is not None else math.inf)
+        message = (f"{len(meeting)} of {len(rows)} student rows keep >= {target:.0%} of the teacher's {names}; "
+                   f"fastest: {_label(best)} keeps {kept(best)} at {_fmt(best['latency_ms_p50'], '.3g')} ms, "
+                   f"{_fmt(best.get('speedup_like_for_like'), '.2f', 'x')} like-for-like")
+    else:
+        best = max(rows, key=share)
+        message = (f"no student keeps {target:.0%} of the teacher's {names}; closest: {_label(best)} keeps {kept(best)} "
+                   f"({_fmt(best.get('speedup_like_for_like'), '.2f', 'x')} like-for-like)")
+    summary = {k: best.get(k) for k in ("name", "runtime", "precision", "kept")}
+    return {"target_accuracy": target, "met": bool(meeting), "best": summary, "message": message}
+
+
+def build_report(
+    models: list[dict], config: dict, onnx_info: dict, protocol: str = "retrieval", target_accuracy: float = 0.9,
+    machine: dict | None = None,
+) -> dict:
     """Assemble the report dict (the ``report.json`` schema) from per-model benchmark/metric entries.
 
-    Each entry needs ``name`` (teacher | student_baseline | student) and ``runtime`` (torch |
-    onnxruntime); missing numbers and metrics become ``None``; extra keys (p99, provider, ...) are kept.
+    Each entry needs ``name`` and ``runtime`` (torch | onnxruntime), and ``role`` (teacher |
+    student_baseline | student; default: the name) when the name is not a role; optional ``student``
+    (the spec, pairs a distilled student with its baseline), ``precision`` (default fp32), ``provider``.
+    Missing numbers and metrics become ``None``; extra keys (p99, onnx file, parity, ...) are kept.
+    Each row gets ``speedup`` (teacher PyTorch p50 / its p50), ``speedup_like_for_like`` (teacher p50
+    in the same runtime, fp32 / its p50), ``kept`` (share of the teacher's accuracy), ``drop``,
+    ``gain`` (vs the PyTorch baseline of the same student) and ``pareto``. The top-level speedups,
+    drop and gain are those of the first distilled student, as with one student.
     """
     rows = []
     for entry in models:
-        if entry.get("name") not in MODEL_NAMES or entry.get("runtime") not in RUNTIMES:
+        role = entry.get("role") or entry.get("name")
+        precision = entry.get("precision") or "fp32"
+        if role not in MODEL_NAMES or entry.get("runtime") not in RUNTIMES or precision not in PRECISIONS:
             raise DistillError(
-                f"report entry needs name in {MODEL_NAMES} and runtime in {RUNTIMES}, got name={entry.get('name')!r}, runtime={entry.get('runtime')!r}"
+                f"report entry needs name (or role) in {MODEL_NAMES}, runtime in {RUNTIMES} and precision in {PRECISIONS}, "
+                f"got name={entry.get('name')!r}, runtime={entry.get('runtime')!r}, precision={precision!r}"
             )
         metrics = dict(entry.get("metrics") or {})
-        row = {k: entry.get(k) for k in MODEL_KEYS} | {k: v for k, v in entry.items() if k not in MODEL_KEYS}
+        row = {k: entry.get(k) for k in MODEL_KEYS} | {"role": role, "student": entry.get("student"), "precision": precision,
+                                                       "provider": entry.get("provider")}
+        row |= {k: v for k, v in entry.items() if k not in row}
         row["metrics"] = {k: metrics.get(k) for k in METRICS} | {k: v for k, v in metrics.items() if k not in METRICS}
         rows.append(_jsonable(row))
 
-    def p50(name: str, runtime: str) -> float | None:
-        row = _find(rows, name, runtime)
+    pair = accuracy_metrics(protocol)
+    teacher = _find(rows, "teacher", "torch") or _find(rows, "teacher")
+    t_p50 = {rt: (_find(rows, "teacher", rt) or {}).get("latency_ms_p50") for rt in RUNTIMES}
+    for row in rows:
+        row["speedup"] = _ratio(t_p50["torch"], row["latency_ms_p50"])
+        row["speedup_like_for_like"] = _ratio(t_p50[row["runtime"]], row["latency_ms_p50"])
+        tm = teacher["metrics"] if teacher else {}
+        row["kept"] = {m: _ratio(row["metrics"][m], tm.get(m)) if row["metrics"][m] is not None else None for m in pair}
+        row["drop"] = _metric_diff(teacher, row, pair) if row["role"] != "teacher" else None
+        base = _find(rows, "student_baseline", "torch", row["student"]) if row["role"] == "student" else None
+        row["gain"] = _metric_diff(row, base, pair)
+    front = pareto_front([(r["latency_ms_p50"], r["metrics"].get(pareto_metric(protocol))) for r in rows])
+    for row, on in zip(rows, front):
+        row["pareto"] = on
+
+    lead = _find(rows, "student")
+    lead_spec = lead.get("student") if lead else None
+
+    def p50(role: str, runtime: str) -> float | None:
+        row = _find(rows, role, runtime, lead_spec if role == "student" else None)
         return row["latency_ms_p50"] if row else None
 
     report = {
@@ -89,11 +183,17 @@ def build_report(models: list[dict], config: dict, onnx_info: dict) -> dict:
         "speedup_like_for_like": {rt: _ratio(p50("teacher", rt), p50("student", rt)) for rt in RUNTIMES},
         "onnx": _jsonable(dict(onnx_info or {})),
         "config": _jsonable(dict(config or {})),
+        "protocol": protocol,
+        "accuracy_metrics": list(pair),
+        "pareto_metric": pareto_metric(protocol),
+        "target": _target(rows, target_accuracy, pair),
     }
-    teacher, student, baseline = (_find(rows, n) for n in ("teacher", "student", "student_baseline"))
-    if (drop := _metric_diff(teacher, student)) is not None:
+    if machine is not None:
+        report["machine"] = _jsonable(machine)
+    student = _find(rows, "student", "torch", lead_spec) or lead
+    if (drop := _metric_diff(_find(rows, "teacher"), student)) is not None:
         report["accuracy_drop"] = drop
-    if (gain := _metric_diff(student, baseline)) is not None:
+    if (gain := _metric_diff(student, _find(rows, "student_baseline", None, lead_spec))) is not None:
         report["distillation_gain"] = gain
     return report
 
@@ -102,35 +202,48 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def legend(report: dict) -> str:
+    """The table's caption: what each column means, and on re-ID data which metric drop/gain/kept use and why."""
+    pair = report.get("accuracy_metrics") or ["recall@1", "map"]
+    names = "/".join(METRIC_LABELS[m] for m in pair)
+    text = (
+        "latency at batch 1, throughput at the largest batch; speedup = teacher (PyTorch) p50 / this row's p50; "
+        "like-for-like (l-f-l) = teacher p50 in the same runtime (fp32) / this row's p50; "
+        f"kept = this row / teacher (PyTorch), drop = teacher - this row, gain = distilled student - its baseline "
+        f"(PyTorch), each for {names}; front = on the Pareto front of latency vs "
+        f"{METRIC_LABELS[report.get('pareto_metric') or 'recall@1']}"
+    )
+    return text + ("; " + REID_NOTE if report.get("protocol") == "reid" else "")
+
+
 def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the one table shared by the console and Markdown."""
-    models = report["models"]
-    t_torch = _find(models, "teacher", "torch")
-    teacher, baseline = _find(models, "teacher"), _find(models, "student_baseline")
-    header = ["model", "runtime", "params M", "GFLOPs", "p50 ms", "p90 ms", "img/s", "speedup", "R@1", "mAP", "rank-1", "NMI",
-              "drop R@1/mAP", "gain R@1/mAP"]  # console headers wrap at spaces
+    names = "/".join(METRIC_LABELS[m] for m in report.get("accuracy_metrics") or ["recall@1", "map"])
+    header = ["model", "runtime", "precision", "params M", "GFLOPs", "p50 ms", "p90 ms", "img/s", "speedup", "l-f-l",
+              "R@1", "mAP", "rank-1", "NMI", f"kept {names}", f"drop {names}", f"gain {names}", "front"]  # console headers wrap at spaces
 
-    def pair(d: dict | None) -> str:
-        return "-" if d is None else f"{_fmt(d.get('recall@1'), '+.3f')}/{_fmt(d.get('map'), '+.3f')}"
+    def pair(d: dict | None, spec: str, scale: float = 1.0) -> str:
+        return "-" if not d else "/".join(_fmt(v * scale if v is not None else None, spec) for v in d.values())
 
     cells = []
-    for m in models:
+    for m in report["models"]:
         met = m["metrics"]
         params = m["params"] / 1e6 if m["params"] is not None else None
-        speedup = _ratio(t_torch["latency_ms_p50"], m["latency_ms_p50"]) if t_torch else None
-        drop = _metric_diff(teacher, m) if m["name"] != "teacher" else None
-        gain = _metric_diff(m, baseline) if m["name"] == "student" else None
+        where = m.get("provider") or m.get("device")
+        runtime = f"{m['runtime']}:{where.removesuffix('ExecutionProvider')}" if where else m["runtime"]
         cells.append([
-            m["name"], m["runtime"], _fmt(params, ".3g"), _fmt(m["gflops"], ".3g"), _fmt(m["latency_ms_p50"], ".3g"),
-            _fmt(m["latency_ms_p90"], ".3g"), _fmt(m["throughput_ips"], ".0f"), _fmt(speedup, ".2f", "x"),
+            m["name"], runtime, m.get("precision") or "fp32", _fmt(params, ".3g"), _fmt(m["gflops"], ".3g"),
+            _fmt(m["latency_ms_p50"], ".3g"), _fmt(m["latency_ms_p90"], ".3g"), _fmt(m["throughput_ips"], ".0f"),
+            _fmt(m.get("speedup"), ".2f", "x"), _fmt(m.get("speedup_like_for_like"), ".2f", "x"),
             *(_fmt(met.get(k), ".3f") for k in ("recall@1", "map", "rank1", "nmi")),
-            pair(drop), pair(gain),
+            pair(m.get("kept"), ".0f", 100), pair(m.get("drop"), "+.3f"), pair(m.get("gain"), "+.3f"),
+            "*" if m.get("pareto") else "",
         ])
     return header, cells
 
 
 def speedup_lines(report: dict) -> list[str]:
-    """The two speedups in words: like-for-like per runtime, and deployment."""
+    """The two speedups in words: like-for-like per runtime, and deployment (first distilled student)."""
     like = report["speedup_like_for_like"]
     return [
         "like-for-like speedup (same runtime, architecture only): "
@@ -143,50 +256,75 @@ def to_markdown(report: dict) -> str:
     header, cells = _rows(report)
     lines = ["# distill report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
-    lines += ["", LEGEND]
+    lines += ["", legend(report)]
+    if report.get("target"):
+        lines += ["", f"**Target**: {report['target']['message']}"]
     lines += ["", "## Speedup", ""] + [f"- {line}" for line in speedup_lines(report)]
     onnx_info = report.get("onnx") or {}
     if onnx_info:
         lines += ["", "## ONNX", "", f"- file: `{onnx_info.get('path')}` ({onnx_info.get('precision', 'fp32')}, opset {onnx_info.get('opset')})",
                   f"- max abs diff vs PyTorch (L2-normalised embeddings): {_fmt(onnx_info.get('max_abs_diff'), '.2e')}"]
+        lines += [f"- `{m['onnx_file']}` ({m.get('precision')}): max abs diff {_fmt(m.get('max_abs_diff'), '.2e')}"
+                  for m in report["models"] if m.get("onnx_file") and m.get("onnx_file") != onnx_info.get("path")]
+    if report.get("machine"):
+        lines += ["", "## Machine", "", "```json", json.dumps(report["machine"], indent=2, sort_keys=True), "```"]
     lines += ["", "## Config", "", "```json", json.dumps(report.get("config", {}), indent=2, sort_keys=True), "```", ""]
     return "\n".join(lines)
 
 
-def plot_png(report: dict) -> bytes:
-    """Latency (log x) vs Recall@1 (circles) and mAP (squares), one labelled point per model/runtime."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+MARKERS = {("torch", "fp32"): "o", ("onnxruntime", "fp32"): "s", ("onnxruntime", "fp16"): "^",
+           ("onnxruntime", "int8"): "D", ("onnxruntime", "int8-static"): "v"}
+
+
+def speed_accuracy_figure(report: dict):
+    """Latency (log x) vs the Pareto metric: one marker per row (colour = model, shape = runtime and
+    precision, hollow = baseline, black = teacher), every row named in a legend outside the axes (so
+    no label covers a point or another label), the Pareto front as a dashed step line, the teacher's
+    accuracy and the target share of it as horizontal lines."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    fig = Figure(figsize=(7, 4.5), dpi=120)
-    FigureCanvasAgg(fig)  # Agg without pyplot: no global backend switch, no display needed
+    metric = report.get("pareto_metric") or "recall@1"
+    fig = Figure(figsize=(10, 5), dpi=120, layout="constrained")
     ax = fig.add_subplot()
-    plotted = False
-    for i, m in enumerate(report["models"]):
-        x = m["latency_ms_p50"]
-        if not x or x <= 0:
-            continue
-        for key, marker in (("recall@1", "o"), ("map", "s")):
-            y = m["metrics"].get(key)
-            if y is not None:
-                ax.scatter([x], [y], marker=marker, s=40, color=f"C{i}")
-                ax.annotate(f"{m['name']} ({m['runtime']})", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-                plotted = True
-    if plotted:
+    rows = [m for m in report["models"] if m["latency_ms_p50"] and m["latency_ms_p50"] > 0 and m["metrics"].get(metric) is not None]
+    specs = list(dict.fromkeys(m.get("student") for m in rows if m.get("role", m["name"]) != "teacher"))
+    for m in rows:
+        role = m.get("role", m["name"])
+        colour = "black" if role == "teacher" else f"C{specs.index(m.get('student')) % 10}"
+        marker = MARKERS.get((m["runtime"], m.get("precision") or "fp32"), "P")
+        ax.scatter([m["latency_ms_p50"]], [m["metrics"][metric]], marker=marker, s=90 if role == "teacher" else 50, zorder=3,
+                   facecolors="none" if role == "student_baseline" else colour, edgecolors=colour, linewidths=1.5,
+                   label=f"{m['name']} · {m['runtime']} {m.get('precision') or 'fp32'}")
+    front = sorted((m["latency_ms_p50"], m["metrics"][metric]) for m in rows if m.get("pareto"))
+    if front:
+        ax.step(*zip(*front), where="post", ls="--", lw=1, color="gray", zorder=2, label="Pareto front")
+    teacher = _find(rows, "teacher", "torch") or _find(rows, "teacher")
+    target = (report.get("target") or {}).get("target_accuracy")
+    if teacher:
+        ax.axhline(teacher["metrics"][metric], color="black", lw=0.8, ls=":", label=f"teacher {METRIC_LABELS[metric]}")
+        if target:
+            ax.axhline(target * teacher["metrics"][metric], color="firebrick", lw=0.8, ls="-.", label=f"{target:.0%} of teacher")
+    if rows:
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels on a log axis overlap
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize=7, frameon=False)
     else:
         ax.text(0.5, 0.5, "no latency/accuracy pairs to plot", ha="center", va="center", transform=ax.transAxes)
-    ax.scatter([], [], marker="o", c="gray", label="Recall@1")
-    ax.scatter([], [], marker="s", c="gray", label="mAP")
-    ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("latency p50, batch 1 (ms, log scale)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("speed vs accuracy")
+    ax.set_ylabel(METRIC_LABELS[metric])
+    ax.set_title(f"speed vs accuracy ({METRIC_LABELS[metric]}; filled = distilled, hollow = baseline, black = teacher)", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    return fig
+
+
+def plot_png(report: dict) -> bytes:
+    """:func:`speed_accuracy_figure` as PNG bytes (Agg, no pyplot: no global backend switch, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = speed_accuracy_figure(report)
+    FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -205,26 +343,37 @@ def write_report(report: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
 def _table(header: list[str], cells: list[list[str]], columns: list[int], **kwargs) -> Table:
     table = Table(box=box.SIMPLE_HEAD, padding=0, **kwargs)  # columns one space apart
     for i in columns:
-        table.add_column(header[i].replace(" ", "\n"), no_wrap=True, justify="left" if i < 2 else "right")
+        table.add_column(header[i].replace(" ", "\n"), no_wrap=True, justify="left" if i < 3 else "right")
     for row in cells:
         table.add_row(*(row[i] for i in columns))
     return table
 
 
 def print_report(report: dict, console: Console | None = None) -> None:
-    """The report table and both speedups on the console; a console too narrow for the one table
-    (rich would cut its numbers to "…") gets it as two, speed columns then accuracy columns."""
+    """The report table, both speedups and the target verdict on the console; a console too narrow for
+    the one table (rich would cut its numbers to "…") gets it in parts that fit, each repeating the
+    model, runtime and precision columns."""
     console = console or Console()
     header, cells = _rows(report)
-    widths = [max(*(len(w) for w in h.split()), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    title = "distill: speed vs accuracy"
-    if sum(widths) + len(widths) + 1 <= console.width:
-        console.print(_table(header, cells, list(range(len(header))), title=title, caption=LEGEND))
+    title, caption = "distill: speed vs accuracy", legend(report)
+
+    def widths() -> list[int]:
+        return [max(*(len(w) for w in h.split()), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+
+    if sum(widths()) + len(header) + 1 <= console.width:
+        console.print(_table(header, cells, list(range(len(header))), title=title, caption=caption))
     else:
         cells = [[r[0], r[1].replace("onnxruntime", "ort"), *r[2:]] for r in cells]
-        console.print(_table(header, cells, list(range(8)), title=title))
-        console.print(_table(header, cells, [0, 1, *range(8, len(header))], caption=f"ort = ONNX Runtime; {LEGEND}"))
-    for line in speedup_lines(report):
+        w, keys, parts = widths(), [0, 1, 2], [[]]
+        for i in range(len(keys), len(header)):
+            if parts[-1] and sum(w[j] + 1 for j in (*keys, *parts[-1], i)) + 1 > console.width:
+                parts.append([])
+            parts[-1].append(i)
+        for n, part in enumerate(parts):
+            last = n == len(parts) - 1
+            console.print(_table(header, cells, keys + part, title=title if n == 0 else None,
+                                 caption=f"ort = ONNX Runtime; {caption}" if last else None))
+    for line in speedup_lines(report) + ([report["target"]["message"]] if report.get("target") else []):
         console.print(line, highlight=False)
 
 

@@ -1,17 +1,27 @@
-"""Benchmarks: result schema, percentile maths, parameter and FLOP counts against closed forms."""
+"""Benchmarks: result schema, percentile maths, stability rule, threads, input size from the file,
+parameter and FLOP counts against closed forms."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
 from torch import nn
 
-from distill.bench import benchmark_onnx, benchmark_torch, count_gflops, count_params, latency_stats
+from typer.testing import CliRunner
+
+from distill import bench
+from distill.bench import (
+    benchmark_onnx, benchmark_threads, benchmark_torch, count_gflops, count_params, is_stable, latency_stats, onnx_input_size,
+)
+from distill.cli import app
 from distill.embedding import EmbeddingNet
 from distill.errors import DistillError
 from distill.export import export_onnx
+from distill.modelfile import save_model
+from distill.students import create_student
 
 SIZE = (32, 16)
 
@@ -26,7 +36,9 @@ def tiny_net() -> EmbeddingNet:
 
 
 def check_result(result: dict, runtime: str, batch: int, iters: int) -> None:
-    assert result["runtime"] == runtime and result["batch_size"] == batch and result["iters"] == iters
+    # rounds of `iters` calls repeat until two agree; the stats come from the last two (or the only one)
+    assert result["runtime"] == runtime and result["batch_size"] == batch and result["iters"] in (iters, 2 * iters)
+    assert isinstance(result["stable"], bool)
     assert result["threads"] == torch.get_num_threads()
     for key in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "throughput_ips"):
         assert isinstance(result[key], float) and result[key] > 0
@@ -134,3 +146,71 @@ def test_benchmark_onnx_fixed_batch_model(tmp_path):
     assert benchmark_onnx(tmp_path / "fixed.onnx", SIZE, batch_sizes=(1,), warmup=0, iters=2)["batch_size"] == 1
     with pytest.raises(DistillError, match=r"ONNX Runtime cannot run .*fixed.onnx on \[N, 3, 32, 16\] inputs: .*"):
         benchmark_onnx(tmp_path / "fixed.onnx", SIZE, batch_sizes=(1, 4), warmup=0, iters=2)
+
+
+def test_is_stable_compares_the_medians_of_two_rounds():
+    assert is_stable([1.0, 10.0, 2.0], [2.0, 2.05, 0.1])  # medians 2.0 and 2.0: outliers do not matter
+    assert is_stable([1.00, 1.00], [1.05, 1.05])  # 0.05 <= 5% of 1.05
+    assert not is_stable([1.00, 1.00], [1.06, 1.06])  # 0.06 > 5% of 1.06
+    assert not is_stable([2.0], [1.0]) and is_stable([2.0], [1.0], tolerance=0.5)
+
+
+def test_zero_budget_stops_after_one_round():
+    result = benchmark_torch(tiny_net(), SIZE, batch_sizes=(1,), warmup=0, iters=3, budget_s=0.0)
+    assert result["iters"] == 3 and result["stable"] is False
+
+
+def test_benchmark_threads_under_torchrun_match_a_single_process(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert benchmark_threads() == torch.get_num_threads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun with one process leaves the threads alone
+    assert benchmark_threads() == torch.get_num_threads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun set OMP_NUM_THREADS=1 for training
+    import os
+
+    assert benchmark_threads() == len(os.sched_getaffinity(0))
+    result = benchmark_torch(tiny_net(), SIZE, batch_sizes=(1,), warmup=0, iters=2, budget_s=0.0)
+    assert result["threads"] == len(os.sched_getaffinity(0)) and torch.get_num_threads() == 1  # restored
+
+
+def test_onnx_input_size_fixed_and_dynamic(tmp_path):
+    export_onnx(tiny_net(), tmp_path / "m.onnx", SIZE)
+    assert onnx_input_size(tmp_path / "m.onnx") == SIZE
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    with pytest.raises(DistillError, match=r"cannot read ONNX file .*bad.onnx"):
+        onnx_input_size(tmp_path / "bad.onnx")
+
+
+def test_cli_bench_measures_at_the_files_input_size(tmp_path, monkeypatch):
+    """A 32x16 model is benchmarked at 32x16 without --image-size (the default would be 64x32)."""
+    monkeypatch.setattr(bench, "BUDGET_S", 0.0)
+    seen = []
+    real = bench.benchmark_torch
+    monkeypatch.setattr(bench, "benchmark_torch", lambda model, size, **kw: seen.append(size) or real(model, size, **kw))
+    torch.manual_seed(0)
+    save_model(tmp_path / "s.pt", create_student("nin_bn", 8, 4, width=0.25), arch="nin_bn", width=0.25, image_size=[32, 16])
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "--checkpoint", str(tmp_path / "s.pt"), "--iters", "2", "--device", "cpu",
+                                 "--json", str(tmp_path / "t.json")])
+    assert result.exit_code == 0, result.output
+    assert seen == [(32, 16)]
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["image_size"] == [32, 16] and saved["runtime"] == "torch"
+    machine = saved["machine"]
+    assert machine["cores"] >= 1 and machine["threads"] == torch.get_num_threads() and machine["cpu"]
+    assert set(machine["versions"]) >= {"torch", "onnxruntime"} and "gpu" in machine
+
+    # an ONNX graph with a fixed 32x16 input: at any other size ONNX Runtime would refuse to run it
+    export_onnx(create_student("nin_bn", 8, 4, width=0.25), tmp_path / "s.onnx", (32, 16))
+    result = runner.invoke(app, ["bench", "--onnx", str(tmp_path / "s.onnx"), "--iters", "2", "--json", str(tmp_path / "o.json")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "o.json").read_text())
+    assert saved["image_size"] == [32, 16] and saved["provider"] == "CPUExecutionProvider"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cli_bench_onnx_with_a_dynamic_input_size_needs_image_size(tmp_path):
+    torch.onnx.export(nn.Conv2d(3, 4, 3), (torch.zeros(1, 3, *SIZE),), str(tmp_path / "d.onnx"), input_names=["x"],
+                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}}, dynamo=False)
+    result = CliRunner().invoke(app, ["bench", "--onnx", str(tmp_path / "d.onnx"), "--iters", "2"])
+    assert result.exit_code == 2 and "has no fixed input size in its graph: give --image-size HxW" in result.output

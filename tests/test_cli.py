@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from distill import bench
 from distill.cli import app
+from distill.config import load_config
 from distill.data import base
+from distill.data.dataset import ImageDataset, stack_labels
 from distill.data.synthetic import load_synthetic
+from distill.evaluate import reid_metrics, retrieval_metrics
 from distill.modelfile import load_model
+from distill.pipeline import prepare_data
 
 runner = CliRunner()
 TINY = ["--image-size", "32x16", "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "16", "--bench-iters", "2", "--min-steps", "0", "--teacher-min-steps", "0"]
@@ -24,6 +30,7 @@ def tiny_data(monkeypatch):
     """`synthetic` shrunk to 8 train / 4 test identities so a whole run takes seconds."""
     small = dict(train_ids=8, test_ids=4, images_per_id=8, height=32, width=16)
     monkeypatch.setitem(base._LOADERS, "synthetic", lambda path=None, **o: load_synthetic(path, **small))
+    monkeypatch.setattr(bench, "BUDGET_S", 0.0)  # one round of timed calls: speed is not what these tests check
 
 
 def test_run_writes_report_and_a_matching_onnx_and_reuses_the_teacher(tiny_data, tmp_path):
@@ -73,6 +80,65 @@ def test_run_writes_report_and_a_matching_onnx_and_reuses_the_teacher(tiny_data,
     assert session.get_inputs()[0].shape[2:] == [32, 16]
 
 
+def onnx_metrics_by_hand(path, image_size) -> dict:
+    """Test-set metrics from the ONNX file's own outputs: the eval-transformed test images through an
+    ONNX Runtime session written out here, then the (separately tested) metric functions."""
+    data = prepare_data(load_config(None, image_size=image_size))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def embed(samples):
+        images = torch.stack([ImageDataset(samples, data.eval_transform)[i][0] for i in range(len(samples))])
+        return torch.from_numpy(session.run(None, {"images": images.numpy()})[0]), images
+
+    (qf, q_images), (gf, _) = embed(data.splits.query), embed(data.splits.gallery)
+    (q_labels, q_cams), (g_labels, g_cams) = stack_labels(data.splits.query), stack_labels(data.splits.gallery)
+    reid = reid_metrics(qf, gf, q_labels, g_labels, q_cams, g_cams)
+    pooled = retrieval_metrics(torch.cat([qf, gf]), torch.cat([q_labels, g_labels]), clustering=False)
+    return {"recall@1": pooled["recall@1"], "map": reid["map"], "rank1": reid["rank1"]}, q_images
+
+
+def test_two_students_each_with_and_without_distillation_every_onnx_row_scored_in_onnx_runtime(tiny_data, tmp_path):
+    out = tmp_path / "two"
+    result = runner.invoke(app, ["run", "--student", "nin_bn@0.25,nin_bn@0.5", "--export-precision", "int8,int8-static",
+                                 "--no-clustering", "--out", str(out), *TINY])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    rows = {(m["name"], m["runtime"], m["precision"]): m for m in report["models"]}
+    expected = {("teacher", "torch", "fp32"), ("teacher", "onnxruntime", "fp32")}
+    for spec in ("nin_bn@0.25", "nin_bn@0.5"):
+        expected |= {(f"student_baseline-{spec}", "torch", "fp32"), (f"student-{spec}", "torch", "fp32"),
+                     (f"student-{spec}", "onnxruntime", "int8"), (f"student-{spec}", "onnxruntime", "int8-static")}
+        for name in (f"student_baseline-{spec}.pt", f"student-{spec}.pt", f"student-{spec}.int8.onnx", f"student-{spec}.int8-static.onnx"):
+            assert (out / name).is_file(), name
+        assert load_model(out / f"student-{spec}.pt")[1]["width"] == float(spec.split("@")[1])
+        base_row = rows[f"student_baseline-{spec}", "torch", "fp32"]
+        for precision in ("int8", "int8-static"):
+            row = rows[f"student-{spec}", "onnxruntime", precision]
+            assert row["student"] == spec and row["role"] == "student" and row["provider"] == "CPUExecutionProvider"
+            assert row["gain"] == {k: pytest.approx(row["metrics"][k] - base_row["metrics"][k]) for k in ("rank1", "map")}
+    assert set(rows) == expected
+    assert not (out / "student.pt").exists()  # several students: every file is named after its student
+    assert report["protocol"] == "reid" and report["accuracy_metrics"] == ["rank1", "map"] and "machine" in report
+    assert " ".join(report["target"]["message"].split()) in " ".join(result.output.split())  # printed (rich wraps it)
+
+    # the int8 row's metrics are those of the int8 file run in ONNX Runtime, not copied from PyTorch
+    row = rows["student-nin_bn@0.5", "onnxruntime", "int8"]
+    assert row["onnx_file"] == str(out / "student-nin_bn@0.5.int8.onnx")
+    by_hand, images = onnx_metrics_by_hand(row["onnx_file"], [32, 16])
+    for key, value in by_hand.items():
+        assert row["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    student, _ = load_model(out / "student-nin_bn@0.5.pt")
+    with torch.no_grad():
+        torch_emb = student.eval()(images)[0].numpy()
+    ort_emb = ort.InferenceSession(row["onnx_file"], providers=["CPUExecutionProvider"]).run(None, {"images": images.numpy()})[0]
+    assert 0 < np.abs(ort_emb - torch_emb).max() < 0.1  # quantised: close to, but not, the PyTorch embedding
+
+    # int8 is dynamic quantisation; int8-static has activation scales fixed by calibration
+    ops = {p: {n.op_type for n in onnx.load(out / f"student-nin_bn@0.5.{p}.onnx").graph.node} for p in ("int8", "int8-static")}
+    assert "DynamicQuantizeLinear" in ops["int8"] and "DynamicQuantizeLinear" not in ops["int8-static"]
+    assert "QuantizeLinear" in ops["int8-static"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -93,6 +159,12 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert message in result.output
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) <= 2  # one line (rich may wrap it once)
+
+
+def test_train_takes_one_student(tmp_path):
+    result = runner.invoke(app, ["train", "--student", "nin_bn@0.25,nin_bn@0.5", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "train takes one student: give one spec to --student, or use `distill run` for several" in " ".join(result.output.split())
 
 
 def test_unwritable_out_dir(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distill.config import Config, load_config
+from distill.config import Config, export_precisions, load_config, student_specs
 from distill.errors import DistillError
 
 
@@ -48,6 +48,16 @@ def test_run_table_and_hxw_string(tmp_path):
         ({"darkrank_alpha": 0}, r"^darkrank_alpha \(--darkrank-alpha\) must be > 0"),
         ({"darkrank_beta": -2}, r"^darkrank_beta \(--darkrank-beta\) must be > 0"),
         ({"student_width": 0}, r"^student_width \(--student-width\) must be > 0"),
+        ({"student": "nin_bn@wide"}, "student spec 'nin_bn@wide' must be NAME or NAME@WIDTH with WIDTH > 0"),
+        ({"student": "nin_bn@0"}, "student spec 'nin_bn@0' must be NAME or NAME@WIDTH"),
+        ({"student": "nin_bn,,nin_bn@0.25"}, "student spec '' must be NAME or NAME@WIDTH"),
+        ({"student": "nin_bn@0.5,nin_bn", "student_width": 0.5}, "the same student is listed twice"),
+        ({"students": []}, "students must be a non-empty list of specs"),
+        ({"students": "nin_bn"}, "students must be a non-empty list of specs"),
+        ({"student": "nin_bn", "students": ["nin_bn@0.25"]}, "give either student .* or students .*, not both"),
+        ({"export_precision": "fp32,int4"}, "export_precision must be a comma-separated list of distinct fp32, fp16, int8, int8-static"),
+        ({"export_precision": "int8,int8"}, "export_precision must be a comma-separated list of distinct"),
+        ({"target_accuracy": 1.5}, r"target_accuracy is a share of the teacher's accuracy in \(0, 1\], got 1.5"),
     ],
 )
 def test_bad_values(overrides, message):
@@ -133,3 +143,16 @@ def test_example_configs_load(name):
     cfg = load_config(Path(__file__).parent.parent / "examples" / name)
     assert cfg.teacher == "inception_bn" and cfg.student == "nin_bn"
     assert cfg.data.partition(":")[0] in ("market1501", "cub200")
+
+
+def test_student_specs_from_cli_list_and_toml_array(tmp_path):
+    # one spec keeps today's meaning: --student nin_bn --student-width 0.25
+    assert student_specs(load_config(None, student="nin_bn", student_width=0.25)) == [("nin_bn", 0.25)]
+    cfg = load_config(None, student=" nin_bn@0.25, nin_bn@0.5 ,timm:mobilenetv3_small_100", student_width=0.75)
+    assert student_specs(cfg) == [("nin_bn", 0.25), ("nin_bn", 0.5), ("timm:mobilenetv3_small_100", 0.75)]
+    path = tmp_path / "c.toml"
+    path.write_text('students = ["nin_bn@0.25", "nin_bn"]\nexport_precision = ["int8", "fp32"]\n')
+    cfg = load_config(path)
+    assert student_specs(cfg) == [("nin_bn", 0.25), ("nin_bn", Config().student_width)]
+    assert export_precisions(cfg) == ["int8", "fp32"]  # the order given
+    assert export_precisions(load_config(None, export_precision="fp32, int8-static")) == ["fp32", "int8-static"]

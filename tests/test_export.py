@@ -151,7 +151,7 @@ def test_fp16_without_converter_says_what_to_install(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"precision": "int4"}, "precision must be one of fp32, fp16, int8, got 'int4'"),
+        ({"precision": "int4"}, "precision must be one of fp32, fp16, int8, int8-static, got 'int4'"),
         ({"image_size": (0, 16)}, r"image_size must be two positive ints \(height, width\), got \(0, 16\)"),
         ({"image_size": (32,)}, r"image_size must be two positive ints \(height, width\), got \(32,\)"),
     ],

@@ -5,13 +5,17 @@ from __future__ import annotations
 import io
 import json
 import random
+import tempfile
+from pathlib import Path
 
 import matplotlib.image
 import pytest
 from rich.console import Console
 
 from distill.errors import DistillError
-from distill.report import METRICS, build_report, load_report, print_report, write_report
+from distill.report import (
+    METRICS, REID_NOTE, build_report, load_report, pareto_front, print_report, speed_accuracy_figure, to_markdown, write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -53,7 +57,8 @@ CONFIG = {"teacher": "inception_bn", "student": "nin_bn", "image_size": (64, 32)
 def test_schema_speedups_drop_and_gain(seed):
     models = fake_models(seed)
     report = build_report(models, CONFIG, ONNX)
-    assert set(report) == {"models", "speedup", "speedup_like_for_like", "onnx", "config", "accuracy_drop", "distillation_gain"}
+    assert set(report) == {"models", "speedup", "speedup_like_for_like", "onnx", "config", "accuracy_drop", "distillation_gain",
+                           "protocol", "accuracy_metrics", "pareto_metric", "target"}
     for row in report["models"]:
         assert {"name", "runtime", "params", "gflops", "latency_ms_p50", "latency_ms_p90", "throughput_ips", "metrics"} <= set(row)
         assert set(METRICS) <= set(row["metrics"])
@@ -81,10 +86,12 @@ def test_missing_parts_give_null_not_made_up_numbers():
 
 
 def test_bad_entry_names():
-    with pytest.raises(DistillError, match=r"report entry needs name in .* got name='teachr', runtime='torch'"):
+    with pytest.raises(DistillError, match=r"report entry needs name \(or role\) in .* got name='teachr', runtime='torch', precision='fp32'"):
         build_report([{"name": "teachr", "runtime": "torch"}], {}, {})
     with pytest.raises(DistillError, match=r"got name='student', runtime='tensorrt'"):
         build_report([{"name": "student", "runtime": "tensorrt"}], {}, {})
+    with pytest.raises(DistillError, match=r"got name='student', runtime='onnxruntime', precision='int4'"):
+        build_report([{"name": "student", "runtime": "onnxruntime", "precision": "int4"}], {}, {})
 
 
 def test_write_then_load_round_trips(tmp_path):
@@ -140,3 +147,111 @@ def test_load_report_errors(tmp_path):
     (tmp_path / "row.json").write_text(json.dumps({"models": [{"name": "teacher"}], "speedup_like_for_like": {}}))
     with pytest.raises(DistillError, match=r"malformed report .*row.json: every model needs name, runtime"):
         load_report(tmp_path / "row.json")
+
+
+def test_pareto_front_hand_made_example():
+    #   latency, accuracy
+    points = [
+        (10.0, 0.90),  # teacher: slowest, most accurate -> on the front
+        (2.0, 0.80),   # on the front
+        (2.0, 0.70),   # as fast as the one above, less accurate -> dominated
+        (3.0, 0.80),   # slower than (2, 0.80), as accurate -> dominated
+        (1.0, 0.50),   # fastest -> on the front
+        (5.0, 0.85),   # on the front (between 2 ms / 0.80 and 10 ms / 0.90)
+        (0.5, None),   # no accuracy -> never on the front
+        (None, 0.95),  # no latency -> never on the front, and dominates nothing
+        (1.0, 0.50),   # an exact duplicate of a front point: neither dominates the other
+    ]
+    assert pareto_front(points) == [True, True, False, False, True, True, False, False, True]
+    assert pareto_front([]) == []
+
+
+def two_student_models() -> list[dict]:
+    """A hand-made two-student run: the teacher in both runtimes, per student a baseline (PyTorch),
+    the distilled student in PyTorch and as ONNX fp32 and int8."""
+
+    def row(name, role, spec, runtime, precision, p50, r1, m, rank1):
+        return {"name": name, "role": role, "student": spec, "runtime": runtime, "precision": precision,
+                "provider": "CPUExecutionProvider" if runtime == "onnxruntime" else None, "params": 1, "gflops": 1.0,
+                "latency_ms_p50": p50, "latency_ms_p90": p50, "throughput_ips": 1.0,
+                "metrics": {"recall@1": r1, "map": m, "rank1": rank1}}
+
+    return [
+        row("teacher", "teacher", None, "torch", "fp32", 40.0, 0.90, 0.80, 0.85),
+        row("teacher", "teacher", None, "onnxruntime", "fp32", 10.0, 0.90, 0.80, 0.85),
+        row("student_baseline-a@0.5", "student_baseline", "a@0.5", "torch", "fp32", 8.0, 0.70, 0.60, 0.65),
+        row("student-a@0.5", "student", "a@0.5", "torch", "fp32", 8.0, 0.75, 0.70, 0.68),
+        row("student-a@0.5", "student", "a@0.5", "onnxruntime", "fp32", 2.0, 0.75, 0.70, 0.68),
+        row("student-a@0.5", "student", "a@0.5", "onnxruntime", "int8", 1.0, 0.74, 0.68, 0.60),
+        row("student_baseline-b@1", "student_baseline", "b@1", "torch", "fp32", 16.0, 0.80, 0.70, 0.80),
+        row("student-b@1", "student", "b@1", "torch", "fp32", 16.0, 0.85, 0.75, 0.83),
+        row("student-b@1", "student", "b@1", "onnxruntime", "fp32", 5.0, 0.84, 0.74, 0.82),
+    ]
+
+
+def test_two_students_rows_speedups_kept_gain_and_front():
+    report = build_report(two_student_models(), CONFIG, ONNX, protocol="retrieval", target_accuracy=0.9)
+    by = {(m["name"], m["runtime"], m["precision"]): m for m in report["models"]}
+    int8 = by["student-a@0.5", "onnxruntime", "int8"]
+    assert int8["speedup"] == 40.0 / 1.0 and int8["speedup_like_for_like"] == 10.0 / 1.0
+    assert int8["kept"] == {"recall@1": 0.74 / 0.90, "map": 0.68 / 0.80}
+    assert int8["drop"] == {"recall@1": 0.90 - 0.74, "map": 0.80 - 0.68}
+    assert int8["gain"] == {"recall@1": 0.74 - 0.70, "map": 0.68 - 0.60}  # vs its own baseline, not b's
+    assert by["student-b@1", "onnxruntime", "fp32"]["gain"] == {"recall@1": 0.84 - 0.80, "map": 0.74 - 0.70}
+    assert by["student_baseline-b@1", "torch", "fp32"]["gain"] is None and by["teacher", "torch", "fp32"]["drop"] is None
+    # R@1 fronts: 1 ms 0.74, 2 ms 0.75, 5 ms 0.84, 10 ms (teacher ORT) 0.90; the rest are slower and no better
+    assert [(m["name"], m["runtime"], m["precision"]) for m in report["models"] if m["pareto"]] == [
+        ("teacher", "onnxruntime", "fp32"), ("student-a@0.5", "onnxruntime", "fp32"),
+        ("student-a@0.5", "onnxruntime", "int8"), ("student-b@1", "onnxruntime", "fp32"),
+    ]
+    # top-level keys keep their meaning with the first distilled student
+    assert report["speedup"] == 40.0 / 2.0 and report["speedup_like_for_like"] == {"torch": 40.0 / 8.0, "onnxruntime": 10.0 / 2.0}
+    assert report["distillation_gain"]["recall@1"] == pytest.approx(0.75 - 0.70)
+    # b keeps 93%/92.5% in ONNX Runtime and 94%/94% in PyTorch; its baseline (89% R@1) and a do not
+    target = report["target"]
+    assert target["met"] is True and target["best"]["name"] == "student-b@1" and target["best"]["runtime"] == "onnxruntime"
+    assert "2 of 7 student rows keep >= 90% of the teacher's R@1/mAP; fastest: student-b@1 (onnxruntime fp32)" in target["message"]
+
+
+def test_no_student_meets_the_target_and_the_closest_is_named():
+    report = build_report(two_student_models(), CONFIG, ONNX, protocol="retrieval", target_accuracy=0.95)
+    # smallest of the two shares: b torch 0.75/0.80 = 93.75% is the best
+    assert report["target"]["met"] is False
+    assert report["target"]["message"] == (
+        "no student keeps 95% of the teacher's R@1/mAP; closest: student-b@1 (torch fp32) keeps 94%/94% (2.50x like-for-like)"
+    )
+    assert "**Target**: no student keeps 95%" in to_markdown(report)
+
+
+def test_reid_columns_use_rank1_and_the_caption_says_why():
+    report = build_report(two_student_models(), CONFIG, ONNX, protocol="reid")
+    assert report["accuracy_metrics"] == ["rank1", "map"] and report["pareto_metric"] == "map"
+    int8 = next(m for m in report["models"] if m["precision"] == "int8")
+    assert int8["drop"] == {"rank1": pytest.approx(0.85 - 0.60), "map": pytest.approx(0.80 - 0.68)}
+    md = to_markdown(report)
+    assert "drop rank-1/mAP" in md and REID_NOTE in md
+    assert REID_NOTE not in to_markdown(build_report(two_student_models(), CONFIG, ONNX, protocol="retrieval"))
+
+
+def test_plot_one_marker_per_row_legend_outside_front_and_teacher_drawn():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    report = build_report(two_student_models(), CONFIG, ONNX, protocol="retrieval")
+    fig = speed_accuracy_figure(report)
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    offsets = [tuple(p) for c in ax.collections for p in c.get_offsets()]
+    assert sorted(offsets) == sorted((m["latency_ms_p50"], m["metrics"]["recall@1"]) for m in report["models"])
+    legend = ax.get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    for m in report["models"]:  # every row named once in the legend (no text next to the points)
+        assert labels.count(f"{m['name']} · {m['runtime']} {m['precision']}") == 1
+    assert not ax.texts
+    renderer = fig.canvas.get_renderer()
+    assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # legend right of the axes
+    front = next(line for line in ax.lines if line.get_label() == "Pareto front")
+    assert sorted(set(zip(*front.get_data()))) >= [(1.0, 0.74), (2.0, 0.75), (5.0, 0.84), (10.0, 0.90)]
+    teacher = next(line for line in ax.lines if line.get_label() == "teacher R@1")
+    assert set(teacher.get_ydata()) == {0.90}
+    png = write_report(report, Path(tempfile.mkdtemp()))["png"].read_bytes()
+    assert png[:8] == PNG_MAGIC
