@@ -5,8 +5,11 @@ Every ``DistillError`` becomes one red line and a non-zero exit; ``--debug`` sho
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import sys
+import typing
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from distill.config import Config
+from distill.config import HELP, Config
 from distill.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil a big embedding teacher into a small, fast student.")
@@ -84,182 +87,103 @@ def _locked(cfg):
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (flat keys as in distill.config.Config).")
+# command-line types of the fields whose Config type is not what the option parses
+_CLI_TYPES: dict[str, type] = {"image_size": str, "darkrank_list_size": str, "loss_options": list[str]}
+_FLAGS = {"loss_options": "--loss-opt"}
+_OFF_SWITCHES = {"require_better_teacher": "--allow-weaker-teacher"}
+
+
+def _cli_type(f: dataclasses.Field) -> type | None:
+    """The option type of a Config field (None: TOML only, e.g. the ``students`` list)."""
+    if f.name in _CLI_TYPES:
+        return _CLI_TYPES[f.name]
+    text = str(f.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if text.startswith(name):
+            return kind
+    return None
+
+
+def _config_parameters() -> list[inspect.Parameter]:
+    """One ``--option`` per Config field, with its help line and default, plus ``--config``."""
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=ConfigOpt, annotation=Optional[Path])]
+    for f in dataclasses.fields(Config):
+        kind = _cli_type(f)
+        if kind is None:
+            continue
+        flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "unset" if default is None else "x".join(map(str, default)) if isinstance(default, tuple) else default
+        decls = [f"{flag}/{_OFF_SWITCHES.get(f.name, '--no-' + flag[2:])}"] if kind is bool else [flag]
+        option = typer.Option(None, *decls, help=f"{HELP[f.name]} [default: {shown}]", show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
+    return params
+
+
+def config_command(fn: Callable[..., None]) -> Callable[..., None]:
+    """Turn ``fn(cfg, **own_options)`` into a command that also takes every Config field as an option
+    (and ``--config FILE``): values given on the command line override the file, which overrides the
+    defaults. So every command that trains accepts the same options as ``distill run``."""
+    hints = typing.get_type_hints(fn)
+    own = [p.replace(annotation=hints[p.name]) for p in list(inspect.signature(fn).parameters.values())[1:]]
+    fields = {f.name for f in dataclasses.fields(Config)}
+
+    def command(**kwargs) -> None:
+        config = kwargs.pop("config")
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+        fn(_config(config, **{k: v for k, v in overrides.items() if v is not None and v != []}), **kwargs)
+
+    command.__name__, command.__doc__ = fn.__name__, fn.__doc__
+    command.__signature__ = inspect.Signature(own + _config_parameters())
+    return friendly(command)
 
 
 @app.command()
-@friendly
-def run(
-    config: Optional[Path] = ConfigOpt,
-    teacher: Optional[str] = typer.Option(None, help="Teacher: inception_bn, timm:NAME, torchvision:NAME or onnx:PATH."),
-    teacher_weights: Optional[str] = typer.Option(None, help="Local teacher weights: a distill model file, or backbone weights to fine-tune."),
-    student: Optional[str] = typer.Option(
-        None, help="Student(s): nin_bn or timm:NAME (see `distill list`), or a comma-separated list; NAME@WIDTH sets the width, "
-        "e.g. nin_bn@0.25,nin_bn@0.5,timm:mobilenetv3_small_100."
-    ),
-    student_width: Optional[float] = typer.Option(None, help="Width multiplier of students given without @WIDTH (0.5 = leaner, faster)."),
-    embed_dim: Optional[int] = typer.Option(None, help="Embedding size of the student (and of a teacher trained here); --compat-weight needs the teacher's."),
-    multiscale: Optional[bool] = typer.Option(None, "--multiscale/--no-multiscale", help="Add Deep Ranking's two low-resolution paths."),
-    data: Optional[str] = typer.Option(None, help="Data set: synthetic (embedded default) or NAME:PATH, e.g. market1501:/data/Market-1501."),
-    image_size: Optional[str] = typer.Option(None, help="Input size HxW, e.g. 64x32 or 256x128 (default: chosen from the data set)."),
-    augment: Optional[str] = typer.Option(None, help="Augmentation preset: none, light or standard (default: chosen from the data set)."),
-    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Random horizontal flip in training (default: on for 'standard')."),
-    val_fraction: Optional[float] = typer.Option(None, help="Training identities held out for validation, best checkpoints and the teacher gate (0 = off; default 0.2)."),
-    cuhk03_variant: Optional[str] = typer.Option(None, help="cuhk03 only: labeled or detected boxes."),
-    bbox_crop: Optional[bool] = typer.Option(None, "--bbox-crop/--no-bbox-crop", help="cub200 only: crop to the bounding boxes."),
-    split_file: Optional[str] = typer.Option(None, help="imagefolder only: explicit train/test split file."),
-    epochs: Optional[int] = typer.Option(None, help="Student epochs."),
-    teacher_epochs: Optional[int] = typer.Option(None, help="Teacher epochs (when it is trained here)."),
-    steps: Optional[int] = typer.Option(None, help="Student optimiser steps, rounded up to whole epochs (overrides --epochs)."),
-    teacher_steps: Optional[int] = typer.Option(None, help="Teacher optimiser steps (overrides --teacher-epochs)."),
-    min_steps: Optional[int] = typer.Option(None, help="At least this many student steps, however small the data set (default 150)."),
-    teacher_min_steps: Optional[int] = typer.Option(None, help="At least this many teacher steps (default 300)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (P identities x K images)."),
-    images_per_id: Optional[int] = typer.Option(None, help="K, images per identity in a batch."),
-    sampler: Optional[str] = typer.Option(None, help="Batches: pk (P x K) or importance (Deep Ranking's online importance sampling)."),
-    lr: Optional[float] = typer.Option(None, help="Student learning rate."),
-    teacher_lr: Optional[float] = typer.Option(None, help="Teacher learning rate (when it is trained here)."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (teacher and students)."),
-    loss: Optional[str] = typer.Option(None, help="Task losses with weights, e.g. softmax=1,triplet=1,lifted=0.5."),
-    loss_options: Optional[list[str]] = typer.Option(None, "--loss-opt", help="Task-loss hyper-parameter KEY=VALUE (repeatable), e.g. triplet_margin=0.3."),
-    kd_weight: Optional[float] = typer.Option(None, help="Weight of Hinton KD (0 disables it)."),
-    kd_temperature: Optional[float] = typer.Option(None, help="KD temperature T."),
-    darkrank: Optional[str] = typer.Option(None, help="DarkRank mode: hard, soft or none."),
-    darkrank_weight: Optional[float] = typer.Option(None),
-    darkrank_alpha: Optional[float] = typer.Option(None),
-    darkrank_beta: Optional[float] = typer.Option(None),
-    darkrank_list_size: Optional[str] = typer.Option(None, help="Candidates per query: the teacher's M nearest (default 8), or 'all' (every other sample, the paper)."),
-    darkrank_method: Optional[str] = typer.Option(None, help="Soft DarkRank: exact, bruteforce, sampled or sampled_prefix."),
-    darkrank_topk: Optional[int] = typer.Option(None, help="Hard DarkRank: ListMLE@k, the teacher's first k picks over the whole list."),
-    darkrank_samples: Optional[int] = typer.Option(None, help="Soft DarkRank, sampled methods: rankings drawn per query (default 128)."),
-    rkd_distance_weight: Optional[float] = typer.Option(None, help="Weight of RKD distance (Park et al. 2019; 0 = off)."),
-    rkd_angle_weight: Optional[float] = typer.Option(None, help="Weight of RKD angle (0 = off)."),
-    pkt_weight: Optional[float] = typer.Option(None, help="Weight of PKT (Passalis & Tefas 2018; 0 = off)."),
-    regression_weight: Optional[float] = typer.Option(None, help="Weight of embedding regression onto the teacher (learned projection if sizes differ; 0 = off)."),
-    compat_weight: Optional[float] = typer.Option(None, help="Weight of the teacher-compatibility loss (needs --embed-dim = the teacher's; 0 = off)."),
-    baseline: Optional[bool] = typer.Option(None, "--baseline/--no-baseline", help="Also train the student without distillation."),
-    require_better_teacher: Optional[bool] = typer.Option(
-        None, "--require-better-teacher/--allow-weaker-teacher", help="Fail (exit 1) when the teacher is not clearly better than the student alone on validation."
-    ),
-    gate_margin: Optional[float] = typer.Option(None, help="How much better the teacher must score on validation (default 0.02)."),
-    clustering: Optional[bool] = typer.Option(None, "--clustering/--no-clustering", help="NMI/F1 by k-means (slow for ~10k classes without faiss)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]."),
-    seed: Optional[int] = typer.Option(None),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bf16 autocast on GPU."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the models."),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="Continue interrupted training from checkpoints."),
-    strict: Optional[bool] = typer.Option(None, "--strict/--no-strict", help="Fail on unreadable images instead of skipping them."),
-    export_precision: Optional[str] = typer.Option(
-        None, help="ONNX precisions, comma-separated: fp32, fp16, int8 (dynamic), int8-static (calibrated on training images)."
-    ),
-    target_accuracy: Optional[float] = typer.Option(
-        None, help="Share of the teacher's accuracy a student should keep; the report names the one closest to it.  "
-        f"[default: {Config.target_accuracy}]"
-    ),
-    bench_iters: Optional[int] = typer.Option(None, help="Timed iterations per benchmark."),
-    out: Optional[str] = typer.Option(None, help="Output directory (default runs/<name>)."),
-    name: Optional[str] = typer.Option(None, help="Run name."),
-) -> None:
+@config_command
+def run(cfg: Config) -> None:
     """Teacher -> baseline student -> distilled student -> evaluate -> ONNX export -> benchmark -> report."""
-    overrides = {k: v for k, v in locals().items() if k != "config" and v != []}
     from distill.pipeline import run as run_pipeline
 
-    cfg = _config(config, **overrides)
     with _locked(cfg):
         run_pipeline(cfg)
 
 
 @app.command()
-@friendly
+@config_command
 def study(
-    config: Optional[Path] = ConfigOpt,
+    cfg: Config,
     recipes: Optional[str] = typer.Option(None, help="Comma-separated recipes, e.g. baseline,kd,darkrank-hard (baseline is always added)."),
     recipes_file: Optional[Path] = typer.Option(None, help="TOML file of \\[\\[recipe]] tables: name = \"...\" plus Config keys."),
     seeds: int = typer.Option(5, help="Seeds per recipe (base seed, base seed + 1, ...)."),
     jobs: int = typer.Option(1, help="Trainings run in parallel processes (one thread each)."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher: inception_bn, timm:NAME, torchvision:NAME or onnx:PATH."),
-    teacher_weights: Optional[str] = typer.Option(None, help="Local teacher weights: a distill model file, or backbone weights to fine-tune."),
-    student: Optional[str] = typer.Option(None, help="Student: nin_bn or timm:NAME."),
-    student_width: Optional[float] = typer.Option(None, help="Student width multiplier."),
-    data: Optional[str] = typer.Option(None, help="Data set: synthetic or NAME:PATH."),
-    image_size: Optional[str] = typer.Option(None, help="Input size HxW, e.g. 64x32."),
-    epochs: Optional[int] = typer.Option(None, help="Student epochs."),
-    teacher_epochs: Optional[int] = typer.Option(None, help="Teacher epochs (when it is trained here)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (P identities x K images)."),
-    images_per_id: Optional[int] = typer.Option(None, help="K, images per identity in a batch."),
-    lr: Optional[float] = typer.Option(None, help="Student learning rate."),
-    loss: Optional[str] = typer.Option(None, help="Task losses with weights, e.g. softmax=1,triplet=1."),
-    loss_options: Optional[list[str]] = typer.Option(None, "--loss-opt", help="Task-loss hyper-parameter KEY=VALUE (repeatable)."),
-    clustering: Optional[bool] = typer.Option(None, "--clustering/--no-clustering", help="NMI/F1 by k-means."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]."),
-    seed: Optional[int] = typer.Option(None, help="First seed."),
-    workers: Optional[int] = typer.Option(None, help="Data-loader worker processes per training."),
-    out: Optional[str] = typer.Option(None, help="Output directory (default runs/<name>); results in <out>/study/."),
-    name: Optional[str] = typer.Option(None, help="Run name."),
 ) -> None:
     """Recipes x seeds on one teacher: mean ± std per recipe and the paired gain over the baseline (95% CI)."""
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "recipes", "recipes_file", "seeds", "jobs") and v != []}
     from distill import study as study_
 
-    base = _config(config, **overrides)
     names = [n.strip() for n in recipes.split(",") if n.strip()] if recipes is not None else None
     file_recipes = study_.load_recipes_file(recipes_file) if recipes_file is not None else None
-    result = study_.run_study(base, study_.recipe_configs(base, names, file_recipes), seeds=seeds, jobs=jobs)
+    result = study_.run_study(cfg, study_.recipe_configs(cfg, names, file_recipes), seeds=seeds, jobs=jobs)
     study_.print_study(result)
-    err_console.print(f"study: {base.out_dir / 'study.json'}, study.md, study.png")
+    err_console.print(f"study: {cfg.out_dir / 'study.json'}, study.md, study.png")
 
 
 @app.command("train-teacher")
-@friendly
-def train_teacher(
-    config: Optional[Path] = ConfigOpt,
-    teacher: Optional[str] = typer.Option(None),
-    teacher_weights: Optional[str] = typer.Option(None, help="Backbone weights to fine-tune from."),
-    data: Optional[str] = typer.Option(None),
-    image_size: Optional[str] = typer.Option(None),
-    teacher_epochs: Optional[int] = typer.Option(None),
-    teacher_steps: Optional[int] = typer.Option(None, help="Teacher optimiser steps (overrides --teacher-epochs)."),
-    teacher_min_steps: Optional[int] = typer.Option(None, help="At least this many teacher steps (default 300)."),
-    teacher_lr: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (P identities x K images)."),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
-    out: Optional[str] = typer.Option(None),
-) -> None:
+@config_command
+def train_teacher(cfg: Config) -> None:
     """Train (or reuse) the teacher of a run directory: writes <out>/teacher.pt."""
-    overrides = {k: v for k, v in locals().items() if k != "config"}
     from distill import pipeline
 
-    cfg = _config(config, **overrides)
     with _locked(cfg):
         pipeline.get_teacher(cfg, *pipeline.setup(cfg))
     err_console.print(f"teacher: {cfg.out_dir / 'teacher.pt'}")
 
 
 @app.command()
-@friendly
-def train(
-    config: Optional[Path] = ConfigOpt,
-    teacher: Optional[str] = typer.Option(None),
-    teacher_weights: Optional[str] = typer.Option(None),
-    student: Optional[str] = typer.Option(None),
-    data: Optional[str] = typer.Option(None),
-    image_size: Optional[str] = typer.Option(None),
-    epochs: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (P identities x K images)."),
-    seed: Optional[int] = typer.Option(None),
-    loss: Optional[str] = typer.Option(None),
-    sampler: Optional[str] = typer.Option(None, help="pk or importance."),
-    darkrank: Optional[str] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
-    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume"),
-    out: Optional[str] = typer.Option(None),
-) -> None:
+@config_command
+def train(cfg: Config) -> None:
     """Train only the distilled student (teacher trained or reused first): writes <out>/student.pt."""
-    overrides = {k: v for k, v in locals().items() if k != "config"}
     from distill import pipeline
 
-    cfg = _config(config, **overrides)
     runs = pipeline.student_runs(cfg)
     if len(runs) > 1:
         raise DistillError("train takes one student: give one spec to --student, or use `distill run` for several")

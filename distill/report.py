@@ -252,6 +252,16 @@ def speedup_lines(report: dict) -> list[str]:
     ]
 
 
+def gate_line(gate: dict) -> str:
+    """One sentence on the teacher-quality gate recorded in a report."""
+    if gate["verdict"] == "skipped":
+        return "skipped (no validation split or no baseline student)"
+    return (
+        f"validation {gate['metric']} teacher {gate['teacher']:.3f} vs student alone {gate['baseline']:.3f}, "
+        f"margin {gate['margin']:.2f}: {'clearly better' if gate['verdict'] == 'better' else 'NOT clearly better'}"
+    )
+
+
 def to_markdown(report: dict) -> str:
     header, cells = _rows(report)
     lines = ["# distill report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -259,6 +269,8 @@ def to_markdown(report: dict) -> str:
     lines += ["", legend(report)]
     if report.get("target"):
         lines += ["", f"**Target**: {report['target']['message']}"]
+    if report.get("teacher_gate"):
+        lines += ["", f"**Teacher gate**: {gate_line(report['teacher_gate'])}"]
     lines += ["", "## Speedup", ""] + [f"- {line}" for line in speedup_lines(report)]
     onnx_info = report.get("onnx") or {}
     if onnx_info:
@@ -373,7 +385,9 @@ def print_report(report: dict, console: Console | None = None) -> None:
             last = n == len(parts) - 1
             console.print(_table(header, cells, keys + part, title=title if n == 0 else None,
                                  caption=f"ort = ONNX Runtime; {caption}" if last else None))
-    for line in speedup_lines(report) + ([report["target"]["message"]] if report.get("target") else []):
+    lines = speedup_lines(report) + ([report["target"]["message"]] if report.get("target") else [])
+    lines += [f"teacher gate: {gate_line(report['teacher_gate'])}"] if report.get("teacher_gate") else []
+    for line in lines:
         console.print(line, highlight=False)
 
 

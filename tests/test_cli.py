@@ -180,3 +180,33 @@ def test_list_shows_every_registry():
     assert result.exit_code == 0
     for name in ("inception_bn", "nin_bn", "synthetic", "market1501", "triplet", "hdml-triplet"):
         assert name in result.output
+
+
+def test_the_teacher_gate_warns_records_and_can_fail_the_run(tiny_data, tmp_path):
+    out = tmp_path / "gate"
+    # a margin of 1 cannot be met: the teacher is never "clearly better" by a whole point of R@1/mAP
+    warned = runner.invoke(app, ["run", "--out", str(out), "--gate-margin", "1", *TINY])
+    assert warned.exit_code == 0, warned.output
+    text = " ".join(warned.output.split())
+    assert "warning: teacher gate: validation map teacher" in text and "the teacher is not clearly better" in text
+    gate = json.loads((out / "report.json").read_text())["teacher_gate"]
+    assert gate["verdict"] == "not better" and gate["metric"] == "map" and gate["margin"] == 1
+    assert 0 <= gate["teacher"] <= 1 and 0 <= gate["baseline"] <= 1
+    assert "**Teacher gate**: validation map teacher" in (out / "report.md").read_text()
+
+    failed = runner.invoke(app, ["run", "--out", str(out), "--gate-margin", "1", "--require-better-teacher", *TINY])
+    assert failed.exit_code == 1
+    assert "--require-better-teacher" in " ".join(failed.output.split()) and "Traceback" not in failed.output
+
+    passed = runner.invoke(app, ["run", "--out", str(out), "--gate-margin", "0", *TINY, "--val-fraction", "0"])
+    assert passed.exit_code == 0, passed.output
+    assert json.loads((out / "report.json").read_text())["teacher_gate"]["verdict"] == "skipped"
+
+
+def test_run_prints_the_inputs_it_chose_for_the_data(tiny_data, tmp_path):
+    args = [a for a in TINY if a not in ("--image-size", "32x16")]
+    result = runner.invoke(app, ["train-teacher", "--out", str(tmp_path / "t"), *args, "--teacher-min-steps", "0"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "chosen for synthetic: input 64x32, augmentation 'none'" in text
+    assert "48 train images of 6 identities, 16 validation images of held-out identities" in text

@@ -120,9 +120,9 @@ def test_soft_darkrank_list_size_limits():
         ({"darkrank_topk": 9}, r"darkrank_topk must be in \[1, 8\] \(the candidates per query\), got 9"),
         ({"darkrank_topk": 0}, r"darkrank_topk must be in \[1, 8\]"),
         ({"darkrank_samples": 0}, "darkrank_samples must be >= 1, got 0"),
-        ({"pkt_weight": -1.0}, "pkt_weight must be a finite number >= 0, got -1.0"),
-        ({"compat_weight": float("nan")}, "compat_weight must be a finite number >= 0, got nan"),
-        ({"rkd_angle_weight": float("inf")}, "rkd_angle_weight must be a finite number >= 0"),
+        ({"pkt_weight": -1.0}, r"pkt_weight \(--pkt-weight\) must be >= 0, got -1"),
+        ({"compat_weight": float("nan")}, r"compat_weight \(--compat-weight\) must be >= 0, got nan"),
+        ({"rkd_angle_weight": float("inf")}, r"rkd_angle_weight \(--rkd-angle-weight\) must be >= 0, got inf"),
     ],
 )
 def test_bad_distillation_options(overrides, message):

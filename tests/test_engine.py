@@ -137,3 +137,64 @@ def test_extract_keeps_order_and_none_outputs(dataset):
     torch.testing.assert_close(logits, direct[1])
     only, missing = extract(lambda x: (model(x)[0], None), dataset, torch.device("cpu"), batch_size=7)
     assert missing is None and only.shape == (len(dataset), 16)
+
+
+@pytest.mark.parametrize(
+    "epochs, steps, min_steps, expected",
+    [(4, None, 0, 4), (4, None, 10, 4), (4, None, 30, 10), (4, 7, 0, 3), (4, 9, 0, 3), (4, 10, 0, 4), (1, 2, 30, 10)],
+)
+def test_the_step_budget_rounds_up_to_whole_epochs(epochs, steps, min_steps, expected):
+    # 3 steps per epoch: ceil(steps / 3) epochs when steps is set, and never fewer than min_steps need
+    assert TrainSettings(epochs=epochs, lr=1.0, steps=steps, min_steps=min_steps).num_epochs(3) == expected
+
+
+def test_a_small_set_trains_for_the_minimum_number_of_steps(dataset, tmp_path):
+    ckpt = tmp_path / "m.ckpt"
+    per_epoch = steps_per_epoch(dataset)
+    model = fit(tiny_model(6), CrossEntropy(), dataset, TrainSettings(**{**vars(settings(1)), "min_steps": 5 * per_epoch + 1}), ckpt)
+    assert model.fit_summary == {"epochs": 6, "steps": 6 * per_epoch}
+    assert len(ckpt.with_suffix(".jsonl").read_text().splitlines()) == 6
+
+
+class Scripted:
+    """A validator that returns a scripted score per call and remembers the weights it saw."""
+
+    def __init__(self, scores):
+        self.scores, self.seen = list(scores), []
+
+    def __call__(self, model):
+        self.seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return self.scores[len(self.seen) - 1]
+
+
+def test_the_best_validated_epoch_is_kept_and_logged(dataset, tmp_path):
+    ckpt = tmp_path / "m.ckpt"
+    validate = Scripted([0.2, 0.6, 0.5, 0.6, 0.1])  # up, down, a tie (the later one wins), down
+    model = fit(tiny_model(6), CrossEntropy(), dataset, settings(5), ckpt, validate=validate)
+    assert model.fit_summary == {"epochs": 5, "steps": 5 * steps_per_epoch(dataset), "best_epoch": 4, "best_score": 0.6}
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, validate.seen[3][name]), name
+    log = [json.loads(line) for line in ckpt.with_suffix(".jsonl").read_text().splitlines()]
+    assert [r["val_score"] for r in log] == [0.2, 0.6, 0.5, 0.6, 0.1]
+    assert [r["best_epoch"] for r in log] == [1, 2, 2, 4, 4]
+
+
+def test_resume_keeps_the_best_checkpoint(dataset, tmp_path):
+    straight = fit(tiny_model(6), CrossEntropy(), dataset, settings(3), tmp_path / "a.ckpt", validate=Scripted([0.9, 0.1, 0.2]))
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(6), Interrupted(after=steps_per_epoch(dataset) + 1), dataset, settings(3), tmp_path / "b.ckpt",
+            validate=Scripted([0.9]))
+    resumed = fit(tiny_model(6), CrossEntropy(), dataset, settings(3, resume=True), tmp_path / "b.ckpt", validate=Scripted([0.1, 0.2]))
+    assert resumed.fit_summary["best_epoch"] == 1
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_validation_runs_at_most_max_validations_times_and_after_the_last_epoch(dataset, tmp_path, monkeypatch):
+    import distill.engine as engine
+
+    monkeypatch.setattr(engine, "MAX_VALIDATIONS", 2)
+    validate = Scripted([0.1, 0.2, 0.3])
+    fit(tiny_model(6), CrossEntropy(), dataset, settings(5), tmp_path / "m.ckpt", validate=validate)
+    log = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log if "val_score" in r] == [3, 5]

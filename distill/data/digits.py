@@ -35,8 +35,9 @@ def _render(directory: Path) -> None:
 
 
 @register_dataset("digits")
-def load_digits_dataset(path: str | None = None, **options) -> Splits:
-    """scikit-learn's digits as a retrieval data set (0-4 train, 5-9 test)."""
+def load_digits_dataset(path: str | None = None, *, strict: bool = False, **options) -> Splits:
+    """scikit-learn's digits as a retrieval data set (0-4 train, 5-9 test); ``strict`` is accepted
+    for uniformity (the images are written here, so none is unreadable)."""
     reject_options("digits", options, ["strict"])
     directory = build_cache((Path(path) if path else cache_root()) / "digits-v1", _render)
     records = json.loads((directory / "index.json").read_text())

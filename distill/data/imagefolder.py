@@ -26,13 +26,15 @@ HOLDS = "one sub-directory of images per class"
 
 
 def _images(folder: Path, seen: set[str]) -> list[str]:
-    """Image files under ``folder``, following links only while they stay inside it.
+    """Image files under ``folder`` (a class directory), following directory links only while they
+    stay inside it.
 
-    A directory reached twice (a link loop), a link leaving the class directory and a file whose
-    real path is in ``seen`` (already counted, here or in another class) are skipped with a
-    warning; the real paths taken are added to ``seen``.
+    A directory reached twice (a link loop), a directory link leaving the class directory, a file
+    link into another class of the same data set and a file whose real path is in ``seen``
+    (already counted, here or in another class) are skipped with a warning; the real paths taken
+    are added to ``seen``. File links to images outside the data set (a tree of links) are kept.
     """
-    top = folder.resolve()
+    top, root = folder.resolve(), folder.parent.resolve()
     found, skipped, visited = [], [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = Path(dirpath).resolve()
@@ -47,7 +49,7 @@ def _images(folder: Path, seen: set[str]) -> list[str]:
                 continue
             path = os.path.join(dirpath, name)
             target = os.path.realpath(path)
-            if target in seen or not Path(target).is_relative_to(top):
+            if target in seen or (Path(target).is_relative_to(root) and not Path(target).is_relative_to(top)):
                 skipped.append(path)
                 continue
             seen.add(target)
