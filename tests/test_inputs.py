@@ -40,8 +40,9 @@ def test_benchmarks_get_their_published_size_halved_on_a_cpu(dataset, gpu, expec
     [
         ((320, 243), False, (56, 72)),  # Yale faces: wider than tall, about 64x64 pixels
         ((92, 112), False, (72, 56)),  # AT&T faces: taller than wide
-        ((8, 8), False, (64, 64)),  # digits: square, upscaled
-        ((105, 105), True, (224, 224)),
+        ((8, 8), False, (32, 32)),  # digits: square, upscaled to the minimum side only
+        ((40, 40), False, (40, 40)),  # never above the images' own size
+        ((105, 105), True, (104, 104)),  # a GPU would allow 224x224: the images are smaller
         ((1000, 100), False, (32, 200)),  # never below 32 a side
     ],
 )
