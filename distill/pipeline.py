@@ -80,8 +80,9 @@ def check_models(cfg: Config) -> None:
         )
 
 
-def choose_inputs(cfg: Config, splits: Splits, device: torch.device) -> None:
-    """Fill in what was left to the data (input size, augmentation preset, batch size) and print it."""
+def choose_inputs(cfg: Config, splits: Splits, device: torch.device, quiet: bool = False) -> None:
+    """Fill in what was left to the data (input size, augmentation preset, batch size) and print it
+    (unless ``quiet``). Idempotent: what is set already stays."""
     dataset = cfg.data.partition(":")[0]
     chosen = []
     if cfg.image_size is None:
@@ -94,7 +95,7 @@ def choose_inputs(cfg: Config, splits: Splits, device: torch.device) -> None:
     if ids < cfg.batch_size // cfg.images_per_id:
         cfg.batch_size = max(2, ids) * cfg.images_per_id
         chosen.append(f"batch {cfg.batch_size} ({ids} identities x {cfg.images_per_id})")
-    if chosen:
+    if chosen and not quiet:
         console.print(f"chosen for {splits.name}: " + ", ".join(chosen) + " (set them with --image-size, --augment, --batch-size)")
 
 

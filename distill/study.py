@@ -302,9 +302,6 @@ def run_study(
 def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int, jobs: int) -> dict[str, Any]:
     started = time.perf_counter()
     data, device = pipeline.setup(base)
-    # get_teacher builds a teacher it trains from the unseeded global RNG: seed it, so that the same
-    # study run twice trains the same teacher
-    torch.manual_seed(base.seed)
     teacher = pipeline.get_teacher(base, data, device)
     ctx = _Context(data, device, teacher)
     out = base.out_dir
@@ -316,6 +313,7 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
     for seed in seed_list:  # seed-major: an interrupted study keeps whole pairs
         for name, (_, rcfg) in recipes.items():
             cfg = replace(rcfg, seed=seed, resume=False)
+            pipeline.choose_inputs(cfg, replace(data.splits, train=data.train.samples), device, quiet=True)
             identity = _identity(cfg, None if name == BASELINE else teacher.fingerprint, data_fp, device)
             stored = _load_result(result_path(out, name, seed), identity)
             if stored is not None:

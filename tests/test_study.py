@@ -19,6 +19,7 @@ from distill.config import load_config
 from distill.data import base as data_base
 from distill.data.synthetic import load_synthetic
 from distill.errors import DistillError
+from distill.modelfile import load_model
 
 runner = CliRunner()
 SMALL = dict(train_ids=8, test_ids=4, images_per_id=8, height=32, width=16)
@@ -265,3 +266,12 @@ def test_parallel_jobs_give_the_numbers_of_one_job(tmp_path):
     finally:
         torch.set_num_threads(1)
     assert parallel["results"] == serial["results"]
+
+
+def test_recipes_train_at_the_inputs_chosen_for_the_data(tiny_data, tmp_path):
+    # no --image-size: the study chooses it from the data once, and every recipe trains at it
+    base = load_config(None, out=str(tmp_path / "s"), **{k: v for k, v in TINY.items() if k != "image_size"})
+    result = study.run_study(base, study.recipe_configs(base, ["kd"]), seeds=1, jobs=1)
+    assert {r["recipe"] for r in result["results"]} == {"baseline", "kd"}
+    header = load_model(tmp_path / "s" / "study" / "models" / "kd-seed0.pt")[1]
+    assert header["meta"]["image_size"] == [64, 32]
