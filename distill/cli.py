@@ -205,12 +205,14 @@ def eval_(
 ) -> None:
     """Evaluate a model file: Recall@K, NMI, F1, mAP, rank-1 (the data set's protocol)."""
     from distill import pipeline
+    from distill.evaluate import evaluate_model
     from distill.modelfile import load_model
 
     model, info = load_model(checkpoint)
     cfg = _config(None, data=data, image_size=image_size or _trained_size(info), device=device)
     device_ = pipeline.resolve_device(cfg.device)
-    metrics = pipeline.evaluate_model(model.to(device_), pipeline.prepare_data(cfg), device_, clustering)
+    data_ = pipeline.prepare_data(cfg)
+    metrics = evaluate_model(model.to(device_), data_.splits, data_.eval_transform, device_, clustering)
     table = Table("metric", "value", title=str(checkpoint))
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")

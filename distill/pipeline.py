@@ -19,20 +19,20 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from distill.config import Config, export_precisions, student_specs
-from distill.data import Sample, Splits, hold_out_identities, load_dataset
+from distill.data import Sample, Splits, data_fingerprint, hold_out_identities, load_dataset
 from distill.data.inputs import choose_augment, choose_image_size
-from distill.data.dataset import ImageDataset, make_label_map, stack_labels
+from distill.data.dataset import ImageDataset, make_label_map
 from distill.data.transforms import build_transform
 from distill.engine import TrainSettings, barrier, extract, fit, is_main_process, resolve_device
 from distill.errors import DistillError
-from distill.evaluate import reid_metrics, retrieval_metrics
+from distill.evaluate import evaluate_model, reid_metrics, retrieval_metrics
 from distill.losses.task import HPARAMS
 from distill.modelfile import read_model_file, save_model
 from distill.objective import StudentObjective, build_objective
 from distill.students import create_student
 from distill.teachers import build_teacher_model, load_backbone_weights, load_teacher
 from distill.teachers.registry import file_fingerprint
-from distill.teachers.cache import cache_key, cached_outputs, data_fingerprint
+from distill.teachers.cache import cache_key, cached_outputs
 
 console = Console(stderr=True)
 
@@ -317,29 +317,6 @@ def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=Non
     return model
 
 
-def evaluate_model(fn: Callable[[Tensor], Any], data: Prepared, device: torch.device, clustering: bool = True) -> dict[str, float]:
-    """Recall@K (and, with ``clustering``, k-means NMI/F1) over all test images; mAP and rank-1 with
-    the data set's protocol."""
-    splits = data.splits
-    q_ds = ImageDataset(splits.query, data.eval_transform)
-    qf = extract(fn, q_ds, device)[0]
-    q_labels, q_cams = stack_labels(splits.query)
-    if splits.protocol == "reid":
-        g_ds = ImageDataset(splits.gallery, data.eval_transform)
-        gf = extract(fn, g_ds, device)[0]
-        g_labels, g_cams = stack_labels(splits.gallery)
-        reid = reid_metrics(qf, gf, q_labels, g_labels, q_cams, g_cams)
-        retrieval = retrieval_metrics(torch.cat([qf, gf]), torch.cat([q_labels, g_labels]), clustering=clustering)
-    else:
-        # every test image queries all the others: a distinct "camera" per image removes only itself
-        cams = torch.arange(len(q_labels))
-        reid = reid_metrics(qf, qf, q_labels, q_labels, cams, cams)
-        retrieval = retrieval_metrics(qf, q_labels, clustering=clustering)
-    metrics = {k: float(v) for k, v in retrieval.items() if k.startswith("recall@") or k in ("nmi", "f1")}
-    metrics.update(map=float(reid["map"]), rank1=float(reid["rank1"]))
-    return metrics
-
-
 def teacher_gate(cfg: Config, teacher, baseline: nn.Module | None, data: Prepared, device: torch.device) -> dict:
     """Is the teacher clearly better than the student trained alone? Compared on the validation
     identities (never the test set); a warning, or with ``require_better_teacher`` an error (exit 1).
@@ -439,7 +416,7 @@ def run(cfg: Config) -> dict:
 
     def entry(name: str, role: str, spec: str | None, fn, bench: dict, size: tuple, precision: str = "fp32", **extra) -> None:
         console.print(f"evaluating {name} ({bench['runtime']}, {precision})")
-        metrics = evaluate_model(fn, data, device, cfg.clustering)
+        metrics = evaluate_model(fn, data.splits, data.eval_transform, device, cfg.clustering)
         entries.append({"name": name, "role": role, "student": spec, "precision": precision, **bench,
                         "params": size[0], "gflops": size[1], "metrics": metrics, **extra})
 

@@ -6,9 +6,11 @@ Every loader returns ``Splits`` of plain ``Sample`` records; images are read lat
 
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from distill.errors import DistillError
 
@@ -91,3 +93,12 @@ def hold_out_identities(samples: list[Sample], fraction: float) -> tuple[list[Sa
         return list(samples), []
     held = {labels[int((j + 0.5) * len(labels) / n_val)] for j in range(n_val)}
     return [s for s in samples if s.label not in held], [s for s in samples if s.label in held]
+
+
+def data_fingerprint(samples: Sequence[Sample]) -> str:
+    """Hash of every sample's path, label and file size: cheap, and changes when the data does."""
+    h = hashlib.sha1()
+    for s in samples:
+        size = os.path.getsize(s.path) if os.path.exists(s.path) else -1
+        h.update(f"{s.path}\0{s.label}\0{size}\n".encode())
+    return h.hexdigest()[:16]
