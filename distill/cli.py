@@ -206,7 +206,7 @@ def eval_(
     """Evaluate a model file: Recall@K, NMI, F1, mAP, rank-1 (the data set's protocol)."""
     from distill import pipeline
     from distill.evaluate import evaluate_model
-    from distill.modelfile import load_model
+    from distill.models import load_model
 
     model, info = load_model(checkpoint)
     cfg = _config(None, data=data, image_size=image_size or _trained_size(info), device=device)
@@ -230,7 +230,7 @@ def export(
     """Export a model file to ONNX (dynamic batch), check it and its parity with ONNX Runtime."""
     from distill.config import _coerce
     from distill.export import export_onnx
-    from distill.modelfile import load_model
+    from distill.models import load_model
 
     model, header = load_model(checkpoint)
     info = export_onnx(model, output, _coerce("image_size", image_size or _trained_size(header)), precision=precision)
@@ -254,7 +254,7 @@ def bench(
     from distill.bench import benchmark_onnx, benchmark_torch, machine_info, onnx_input_size
     from distill.config import _coerce
     from distill.engine import resolve_device
-    from distill.modelfile import load_model
+    from distill.models import load_model
 
     if (checkpoint is None) == (onnx is None):
         raise DistillError("give exactly one of --checkpoint or --onnx")
@@ -291,11 +291,11 @@ def list_() -> None:
     """Known teachers, students, data sets and task losses."""
     from distill.data import dataset_names
     from distill.losses.task import task_loss_names
+    from distill.models import model_names
     from distill.students import student_names
-    from distill.teachers import teacher_names
 
     table = Table("kind", "names")
-    table.add_row("teachers", ", ".join(teacher_names()) + ", timm:NAME, torchvision:NAME, onnx:PATH")
+    table.add_row("teachers", ", ".join(model_names("teacher")) + ", timm:NAME, torchvision:NAME, onnx:PATH")
     table.add_row("students", ", ".join(student_names()) + ", timm:NAME")
     table.add_row("data sets", ", ".join(dataset_names()) + " (NAME:PATH)")
     table.add_row("task losses", ", ".join(task_loss_names()))

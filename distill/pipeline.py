@@ -27,11 +27,11 @@ from distill.engine import TrainSettings, barrier, extract, fit, is_main_process
 from distill.errors import DistillError
 from distill.evaluate import evaluate_model, reid_metrics, retrieval_metrics
 from distill.losses.task import HPARAMS
-from distill.modelfile import read_model_file, save_model
+from distill.models import NotAModelFile, build_model, parse_spec, read_model_file, save_model
+from distill.models.file import load_backbone_weights
 from distill.objective import StudentObjective, build_objective
 from distill.students import create_student
-from distill.teachers import build_teacher_model, load_backbone_weights, load_teacher
-from distill.teachers.registry import file_fingerprint
+from distill.teachers import Teacher, file_fingerprint, load_teacher
 from distill.teachers.cache import cache_key, cached_outputs
 
 console = Console(stderr=True)
@@ -66,18 +66,24 @@ def check_models(cfg: Config) -> None:
     """Fail fast on an unknown teacher/student name or a missing file, before any training starts."""
     for name, width in student_specs(cfg):
         create_student(name, cfg.embed_dim, 2, width=width, multiscale=cfg.multiscale)
-    if cfg.teacher.startswith("onnx:"):
-        if not Path(cfg.teacher[5:]).is_file():
-            raise DistillError(f"ONNX teacher file not found: {cfg.teacher[5:]}")
+    teacher = parse_spec(cfg.teacher)
+    if teacher.kind == "onnx":
+        if not Path(teacher.name).is_file():
+            raise DistillError(f"ONNX teacher file not found: {teacher.name}")
+        if cfg.teacher_layer or cfg.teacher_finetune:
+            raise DistillError(f"{cfg.teacher} runs in ONNX Runtime as it is: drop --teacher-layer and --teacher-finetune")
     else:
-        build_teacher_model(cfg.teacher, cfg.embed_dim, 2)
+        build_model(cfg.teacher, cfg.embed_dim, 2)
     if cfg.teacher_weights and not Path(cfg.teacher_weights).is_file():
         raise DistillError(f"teacher weights not found: {cfg.teacher_weights}")
-    if cfg.teacher.startswith(("timm:", "torchvision:")) and not cfg.teacher_weights:
+    if teacher.kind in ("timm", "torchvision") and not cfg.teacher_weights:
         raise DistillError(
             f"teacher {cfg.teacher} needs local weights (nothing is downloaded): pass --teacher-weights PATH, "
-            "a .pth/.safetensors state dict of the library model (fine-tuned here first) or a distill model file"
+            "a .pth/.safetensors state dict of the library model (used as it is, or fine-tuned here first with "
+            "--teacher-finetune) or a distill model file"
         )
+    if cfg.teacher_finetune and not cfg.teacher_weights:
+        raise DistillError("--teacher-finetune fine-tunes given weights: pass --teacher-weights PATH (a plain state dict)")
 
 
 def choose_inputs(cfg: Config, splits: Splits, device: torch.device) -> None:
@@ -226,18 +232,42 @@ def cached_teacher_differences(path: Path, recipe: dict[str, Any], fingerprint: 
     return diffs
 
 
-def get_teacher(cfg: Config, data: Prepared, device: torch.device):
-    """A frozen teacher: from ``onnx:``/a distill model file, or trained here once and cached in the run dir.
+def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
+    """A frozen teacher whose logits are used only when its classes are the task's (``task_logits``).
 
-    Given weights are always read and checked first; the cache is reused only when every field in
-    ``TEACHER_FIELDS`` and the training data match what it was trained with.
+    ``onnx:``, a distill model file and (without ``teacher_finetune``) a plain state dict are used as
+    they are; otherwise the teacher is trained here once (from scratch, or fine-tuned from the given
+    backbone weights) and cached in the run dir. Given weights are always read and checked first; the
+    cache is reused only when every field in ``TEACHER_FIELDS`` and the training data match.
     """
-    if cfg.teacher.startswith("onnx:"):
+    return task_logits(_frozen_teacher(cfg, data, device), data.num_classes)
+
+
+def task_logits(teacher: Teacher, num_classes: int) -> Teacher:
+    """Turn off the teacher's logits (so KD) when its classes are not the task's, saying so in one line."""
+    if teacher.has_logits and teacher.num_classes != num_classes:
+        teacher.has_logits = False
+        console.print(
+            f"[yellow]the teacher has {teacher.num_classes} classes, the task {num_classes}: KD is off[/] "
+            "(the embedding-level losses still apply)"
+        )
+    return teacher
+
+
+def _frozen_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
+    if parse_spec(cfg.teacher).kind == "onnx":
         return load_teacher(cfg.teacher, device=str(device))
     if cfg.teacher_weights and is_distill_model_file(cfg.teacher_weights):
-        return load_teacher(cfg.teacher, weights=cfg.teacher_weights, device=str(device))
+        if cfg.teacher_finetune:
+            raise DistillError(
+                f"{cfg.teacher_weights} is a distill model file, used as it is: --teacher-finetune fine-tunes a plain "
+                "state dict; drop it"
+            )
+        return load_teacher(cfg.teacher, weights=cfg.teacher_weights, device=str(device), layer=cfg.teacher_layer)
+    if cfg.teacher_weights and not cfg.teacher_finetune:
+        return load_teacher(cfg.teacher, weights=cfg.teacher_weights, device=str(device), layer=cfg.teacher_layer)
     torch.manual_seed(cfg.seed)  # the same --seed gives the same teacher
-    model = build_teacher_model(cfg.teacher, cfg.embed_dim, data.num_classes)
+    model = build_model(cfg.teacher, cfg.embed_dim, data.num_classes)
     if cfg.teacher_weights:
         load_backbone_weights(model, cfg.teacher_weights)
     path = cfg.out_dir / "teacher.pt"
@@ -246,7 +276,7 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
     diffs = cached_teacher_differences(path, recipe, fingerprint)
     if diffs == []:
         console.print(f"[green]reusing the teacher trained earlier:[/] {path}")
-        return load_teacher(cfg.teacher, weights=str(path), device=str(device))
+        return load_teacher(cfg.teacher, weights=str(path), device=str(device), layer=cfg.teacher_layer)
     if diffs:
         console.print(f"[yellow]{path} was trained with other settings ({'; '.join(diffs)}): training a new one")
     objective = build_objective(cfg, data.num_classes)
@@ -260,7 +290,7 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
             fit=model.fit_summary,
         )
     barrier()
-    return load_teacher(cfg.teacher, weights=str(path), device=str(device))
+    return load_teacher(cfg.teacher, weights=str(path), device=str(device), layer=cfg.teacher_layer)
 
 
 def weight_penalty(objective: StudentObjective) -> Callable[[nn.Module], Tensor] | None:
@@ -269,15 +299,11 @@ def weight_penalty(objective: StudentObjective) -> Callable[[nn.Module], Tensor]
 
 
 def is_distill_model_file(path: str) -> bool:
-    """True when ``path`` is one of our model files (else it is backbone weights to fine-tune from)."""
+    """True when ``path`` is one of our model files (else it is a plain state dict)."""
     try:
         read_model_file(path)
-    except DistillError as err:
-        if not Path(path).exists():
-            raise
-        if "not a distill model file" in str(err):
-            return False
-        raise
+    except NotAModelFile:
+        return False
     return True
 
 

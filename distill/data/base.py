@@ -62,8 +62,6 @@ def dataset_names() -> list[str]:
 
 def load_dataset(spec: str, **options) -> Splits:
     """Load ``NAME`` or ``NAME:PATH`` (e.g. ``synthetic``, ``market1501:/data/Market-1501``)."""
-    import distill.data  # noqa: F401  (registers the built-in loaders)
-
     name, _, path = spec.partition(":")
     if name not in _LOADERS:
         raise DistillError(f"unknown data set '{name}'; known: {', '.join(dataset_names())} (use NAME:PATH)")
