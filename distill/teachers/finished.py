@@ -47,9 +47,10 @@ class FinishedModel(nn.Module):
             if not linears:
                 raise DistillError("the teacher has no Linear classifier to take the features before: name one with --teacher-layer")
             linears[-1].register_forward_pre_hook(self._keep_input)
+        weight = next(net.parameters())
         with torch.no_grad():
             was_training = net.training
-            emb, logits = self.eval()(torch.zeros(1, 3, *cfg.input_size))
+            emb, logits = self.eval()(torch.zeros(1, 3, *cfg.input_size, dtype=weight.dtype, device=weight.device))
             net.train(was_training)
         self.embed_dim, self.num_classes = emb.shape[1], logits.shape[1]
 
