@@ -173,6 +173,9 @@ def train_teacher(cfg: Config) -> None:
     """Train (or reuse) the teacher of a run directory: writes <out>/teacher.pt."""
     from distill import pipeline
 
+    weights = cfg.teacher_weights
+    if weights and Path(weights).is_file() and not pipeline.is_distill_model_file(weights):
+        cfg.teacher_finetune = True  # this command trains: a plain state dict is backbone weights to fine-tune
     with _locked(cfg):
         pipeline.get_teacher(cfg, *pipeline.setup(cfg))
     err_console.print(f"teacher: {cfg.out_dir / 'teacher.pt'}")

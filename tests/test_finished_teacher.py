@@ -154,6 +154,15 @@ def test_run_distils_from_a_finished_model_without_training_it(spec, tiny_data, 
     assert teacher_row["params"] == sum(p.numel() for p in load_teacher(f"{spec}:resnet18", weights=path).module.parameters())
 
 
+def test_train_teacher_fine_tunes_a_plain_state_dict(tiny_data, tv_r18, tmp_path):  # noqa: F811
+    out = tmp_path / "t"
+    args = ["train-teacher", "--teacher", "torchvision:resnet18", "--teacher-weights", str(tv_r18[1]), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--embed-dim", "8", *TINY])
+    assert result.exit_code == 0, result.output
+    teacher = load_teacher("torchvision:resnet18", weights=out / "teacher.pt")
+    assert teacher.embed_dim == 8 and teacher.num_classes == 6  # a new embedding head, trained on the task
+
+
 def test_teacher_finetune_and_layer_bad_combinations(tmp_path, timm_r18):
     onnx = tmp_path / "t.onnx"
     onnx.write_bytes(b"")
