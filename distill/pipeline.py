@@ -456,7 +456,7 @@ def run(cfg: Config) -> dict:
         entry("teacher", "teacher", None, teacher, benchmark_torch(teacher.module, device=str(device), **bench_kw), t_size)
         onnx_entry("teacher", "teacher", None, export_onnx(teacher.module, out / "teacher.onnx", cfg.image_size), t_size)
     else:
-        entry("teacher", "teacher", None, teacher, benchmark_onnx(cfg.teacher.partition(":")[2], **bench_kw), (None, None))
+        entry("teacher", "teacher", None, teacher, benchmark_onnx(parse_spec(cfg.teacher).name, **bench_kw), (None, None))
 
     precisions = export_precisions(cfg)
     calibration = calibration_images(data) if "int8-static" in precisions else None
