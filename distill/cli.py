@@ -173,6 +173,9 @@ def train_teacher(cfg: Config) -> None:
     """Train (or reuse) the teacher of a run directory: writes <out>/teacher.pt."""
     from distill import pipeline
 
+    weights = cfg.teacher_weights
+    if weights and Path(weights).is_file() and not pipeline.is_distill_model_file(weights):
+        cfg.teacher_finetune = True  # this command trains: a plain state dict is backbone weights to fine-tune
     with _locked(cfg):
         pipeline.get_teacher(cfg, *pipeline.setup(cfg))
     err_console.print(f"teacher: {cfg.out_dir / 'teacher.pt'}")
@@ -205,12 +208,14 @@ def eval_(
 ) -> None:
     """Evaluate a model file: Recall@K, NMI, F1, mAP, rank-1 (the data set's protocol)."""
     from distill import pipeline
-    from distill.modelfile import load_model
+    from distill.evaluate import evaluate_model
+    from distill.models import load_model
 
     model, info = load_model(checkpoint)
     cfg = _config(None, data=data, image_size=image_size or _trained_size(info), device=device)
     device_ = pipeline.resolve_device(cfg.device)
-    metrics = pipeline.evaluate_model(model.to(device_), pipeline.prepare_data(cfg), device_, clustering)
+    data_ = pipeline.prepare_data(cfg)
+    metrics = evaluate_model(model.to(device_), data_.splits, data_.eval_transform, device_, clustering)
     table = Table("metric", "value", title=str(checkpoint))
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")
@@ -228,7 +233,7 @@ def export(
     """Export a model file to ONNX (dynamic batch), check it and its parity with ONNX Runtime."""
     from distill.config import _coerce
     from distill.export import export_onnx
-    from distill.modelfile import load_model
+    from distill.models import load_model
 
     model, header = load_model(checkpoint)
     info = export_onnx(model, output, _coerce("image_size", image_size or _trained_size(header)), precision=precision)
@@ -252,7 +257,7 @@ def bench(
     from distill.bench import benchmark_onnx, benchmark_torch, machine_info, onnx_input_size
     from distill.config import _coerce
     from distill.engine import resolve_device
-    from distill.modelfile import load_model
+    from distill.models import load_model
 
     if (checkpoint is None) == (onnx is None):
         raise DistillError("give exactly one of --checkpoint or --onnx")
@@ -289,11 +294,11 @@ def list_() -> None:
     """Known teachers, students, data sets and task losses."""
     from distill.data import dataset_names
     from distill.losses.task import task_loss_names
+    from distill.models import model_names
     from distill.students import student_names
-    from distill.teachers import teacher_names
 
     table = Table("kind", "names")
-    table.add_row("teachers", ", ".join(teacher_names()) + ", timm:NAME, torchvision:NAME, onnx:PATH")
+    table.add_row("teachers", ", ".join(model_names("teacher")) + ", timm:NAME, torchvision:NAME, onnx:PATH")
     table.add_row("students", ", ".join(student_names()) + ", timm:NAME")
     table.add_row("data sets", ", ".join(dataset_names()) + " (NAME:PATH)")
     table.add_row("task losses", ", ".join(task_loss_names()))

@@ -16,7 +16,7 @@ class EmbeddingNet(nn.Module):
     """backbone -> global average pool -> Linear -> BatchNorm1d -> (L2-normalised embedding, logits).
 
     ``logits`` come from the un-normalised projection so the classifier is free to scale them.
-    ``forward`` always returns the pair; ``embed`` returns only the embedding (what ONNX exports).
+    ``forward`` always returns the pair (``EmbeddingOnly`` keeps the embedding, what ONNX exports).
     """
 
     def __init__(self, backbone: nn.Module, feat_dim: int, embed_dim: int, num_classes: int) -> None:
@@ -37,9 +37,6 @@ class EmbeddingNet(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z = self.bn(self.proj(self.features(x)))
         return F.normalize(z, dim=1), self.classifier(z)
-
-    def embed(self, x: Tensor) -> Tensor:
-        return self.forward(x)[0]
 
 
 class EmbeddingOnly(nn.Module):

@@ -34,7 +34,6 @@ from distill.data.samplers import ImportanceBatchSampler, PKSampler, loader_sett
 from distill.errors import DistillError
 
 TeacherFn = Callable[[Tensor, Tensor], Any]
-Objective = Callable[[Tensor, Tensor, Tensor, Any], tuple[Tensor, dict[str, float]]]
 Validator = Callable[[nn.Module], float]
 MAX_VALIDATIONS = 20  # validation rounds per training at most (small data sets run hundreds of epochs)
 

@@ -25,6 +25,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from sklearn.metrics.cluster import pair_confusion_matrix
 from torch import Tensor
 
+from distill.data.base import Splits
 from distill.data.dataset import ImageDataset, stack_labels
 from distill.engine import extract
 from distill.errors import DistillError
@@ -315,3 +316,28 @@ def compatibility_metrics(
         reid = reid_metrics(s_query, t_query, q_labels, q_labels, cams, cams, metric=metric)
         recall = cross_model_recall(s_query, t_query, q_labels, ks, metric)
     return {**recall, "map": float(reid["map"]), "rank1": float(reid["rank1"])}
+
+
+def evaluate_model(
+    fn: Callable[[Tensor], Any], splits: Splits, transform: Callable, device: torch.device, clustering: bool = True
+) -> dict[str, float]:
+    """Recall@K (and, with ``clustering``, k-means NMI/F1) over all test images; mAP and rank-1 with
+    the data set's protocol; ``fn`` maps images to ``(embedding, ...)``, ``transform`` is the
+    eval transform."""
+    q_ds = ImageDataset(splits.query, transform)
+    qf = extract(fn, q_ds, device)[0]
+    q_labels, q_cams = stack_labels(splits.query)
+    if splits.protocol == "reid":
+        g_ds = ImageDataset(splits.gallery, transform)
+        gf = extract(fn, g_ds, device)[0]
+        g_labels, g_cams = stack_labels(splits.gallery)
+        reid = reid_metrics(qf, gf, q_labels, g_labels, q_cams, g_cams)
+        retrieval = retrieval_metrics(torch.cat([qf, gf]), torch.cat([q_labels, g_labels]), clustering=clustering)
+    else:
+        # every test image queries all the others: a distinct "camera" per image removes only itself
+        cams = torch.arange(len(q_labels))
+        reid = reid_metrics(qf, qf, q_labels, q_labels, cams, cams)
+        retrieval = retrieval_metrics(qf, q_labels, clustering=clustering)
+    metrics = {k: float(v) for k, v in retrieval.items() if k.startswith("recall@") or k in ("nmi", "f1")}
+    metrics.update(map=float(reid["map"]), rank1=float(reid["rank1"]))
+    return metrics

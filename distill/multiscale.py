@@ -55,6 +55,3 @@ class MultiScaleNet(nn.Module):
         deep, logits = self.base(x)
         parts = torch.cat([deep] + [path(x) for path in self.paths], dim=1)
         return F.normalize(self.combine(parts), dim=1), logits
-
-    def embed(self, x: Tensor) -> Tensor:
-        return self.forward(x)[0]

@@ -19,20 +19,20 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from distill.config import Config, export_precisions, student_specs
-from distill.data import Sample, Splits, hold_out_identities, load_dataset
+from distill.data import Sample, Splits, data_fingerprint, hold_out_identities, load_dataset
 from distill.data.inputs import choose_augment, choose_image_size
-from distill.data.dataset import ImageDataset, make_label_map, stack_labels
+from distill.data.dataset import ImageDataset, make_label_map
 from distill.data.transforms import build_transform
 from distill.engine import TrainSettings, barrier, extract, fit, is_main_process, resolve_device
 from distill.errors import DistillError
-from distill.evaluate import reid_metrics, retrieval_metrics
+from distill.evaluate import evaluate_model, reid_metrics, retrieval_metrics
 from distill.losses.task import HPARAMS
-from distill.modelfile import read_model_file, save_model
+from distill.models import NotAModelFile, build_model, parse_spec, read_model_file, save_model
+from distill.models.file import load_backbone_weights
 from distill.objective import StudentObjective, build_objective
 from distill.students import create_student
-from distill.teachers import build_teacher_model, load_backbone_weights, load_teacher
-from distill.teachers.registry import file_fingerprint
-from distill.teachers.cache import cache_key, cached_outputs, data_fingerprint
+from distill.teachers import Teacher, file_fingerprint, load_teacher
+from distill.teachers.cache import cache_key, cached_outputs
 
 console = Console(stderr=True)
 
@@ -66,18 +66,24 @@ def check_models(cfg: Config) -> None:
     """Fail fast on an unknown teacher/student name or a missing file, before any training starts."""
     for name, width in student_specs(cfg):
         create_student(name, cfg.embed_dim, 2, width=width, multiscale=cfg.multiscale)
-    if cfg.teacher.startswith("onnx:"):
-        if not Path(cfg.teacher[5:]).is_file():
-            raise DistillError(f"ONNX teacher file not found: {cfg.teacher[5:]}")
+    teacher = parse_spec(cfg.teacher)
+    if teacher.kind == "onnx":
+        if not Path(teacher.name).is_file():
+            raise DistillError(f"ONNX teacher file not found: {teacher.name}")
+        if cfg.teacher_layer or cfg.teacher_finetune:
+            raise DistillError(f"{cfg.teacher} runs in ONNX Runtime as it is: drop --teacher-layer and --teacher-finetune")
     else:
-        build_teacher_model(cfg.teacher, cfg.embed_dim, 2)
+        build_model(cfg.teacher, cfg.embed_dim, 2)
     if cfg.teacher_weights and not Path(cfg.teacher_weights).is_file():
         raise DistillError(f"teacher weights not found: {cfg.teacher_weights}")
-    if cfg.teacher.startswith(("timm:", "torchvision:")) and not cfg.teacher_weights:
+    if teacher.kind in ("timm", "torchvision") and not cfg.teacher_weights:
         raise DistillError(
             f"teacher {cfg.teacher} needs local weights (nothing is downloaded): pass --teacher-weights PATH, "
-            "a .pth/.safetensors state dict of the library model (fine-tuned here first) or a distill model file"
+            "a .pth/.safetensors state dict of the library model (used as it is, or fine-tuned here first with "
+            "--teacher-finetune) or a distill model file"
         )
+    if cfg.teacher_finetune and not cfg.teacher_weights:
+        raise DistillError("--teacher-finetune fine-tunes given weights: pass --teacher-weights PATH (a plain state dict)")
 
 
 def choose_inputs(cfg: Config, splits: Splits, device: torch.device, quiet: bool = False) -> None:
@@ -227,18 +233,42 @@ def cached_teacher_differences(path: Path, recipe: dict[str, Any], fingerprint: 
     return diffs
 
 
-def get_teacher(cfg: Config, data: Prepared, device: torch.device):
-    """A frozen teacher: from ``onnx:``/a distill model file, or trained here once and cached in the run dir.
+def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
+    """A frozen teacher whose logits are used only when its classes are the task's (``task_logits``).
 
-    Given weights are always read and checked first; the cache is reused only when every field in
-    ``TEACHER_FIELDS`` and the training data match what it was trained with.
+    ``onnx:``, a distill model file and (without ``teacher_finetune``) a plain state dict are used as
+    they are; otherwise the teacher is trained here once (from scratch, or fine-tuned from the given
+    backbone weights) and cached in the run dir. Given weights are always read and checked first; the
+    cache is reused only when every field in ``TEACHER_FIELDS`` and the training data match.
     """
-    if cfg.teacher.startswith("onnx:"):
+    return task_logits(_frozen_teacher(cfg, data, device), data.num_classes)
+
+
+def task_logits(teacher: Teacher, num_classes: int) -> Teacher:
+    """Turn off the teacher's logits (so KD) when its classes are not the task's, saying so in one line."""
+    if teacher.has_logits and teacher.num_classes != num_classes:
+        teacher.has_logits = False
+        console.print(
+            f"[yellow]the teacher has {teacher.num_classes} classes, the task {num_classes}: KD is off[/] "
+            "(the embedding-level losses still apply)"
+        )
+    return teacher
+
+
+def _frozen_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
+    if parse_spec(cfg.teacher).kind == "onnx":
         return load_teacher(cfg.teacher, device=str(device))
     if cfg.teacher_weights and is_distill_model_file(cfg.teacher_weights):
-        return load_teacher(cfg.teacher, weights=cfg.teacher_weights, device=str(device))
+        if cfg.teacher_finetune:
+            raise DistillError(
+                f"{cfg.teacher_weights} is a distill model file, used as it is: --teacher-finetune fine-tunes a plain "
+                "state dict; drop it"
+            )
+        return load_teacher(cfg.teacher, weights=cfg.teacher_weights, device=str(device), layer=cfg.teacher_layer)
+    if cfg.teacher_weights and not cfg.teacher_finetune:
+        return load_teacher(cfg.teacher, weights=cfg.teacher_weights, device=str(device), layer=cfg.teacher_layer)
     torch.manual_seed(cfg.seed)  # the same --seed gives the same teacher
-    model = build_teacher_model(cfg.teacher, cfg.embed_dim, data.num_classes)
+    model = build_model(cfg.teacher, cfg.embed_dim, data.num_classes)
     if cfg.teacher_weights:
         load_backbone_weights(model, cfg.teacher_weights)
     path = cfg.out_dir / "teacher.pt"
@@ -247,7 +277,7 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
     diffs = cached_teacher_differences(path, recipe, fingerprint)
     if diffs == []:
         console.print(f"[green]reusing the teacher trained earlier:[/] {path}")
-        return load_teacher(cfg.teacher, weights=str(path), device=str(device))
+        return load_teacher(cfg.teacher, weights=str(path), device=str(device), layer=cfg.teacher_layer)
     if diffs:
         console.print(f"[yellow]{path} was trained with other settings ({'; '.join(diffs)}): training a new one")
     objective = build_objective(cfg, data.num_classes)
@@ -261,7 +291,7 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device):
             fit=model.fit_summary,
         )
     barrier()
-    return load_teacher(cfg.teacher, weights=str(path), device=str(device))
+    return load_teacher(cfg.teacher, weights=str(path), device=str(device), layer=cfg.teacher_layer)
 
 
 def weight_penalty(objective: StudentObjective) -> Callable[[nn.Module], Tensor] | None:
@@ -270,15 +300,11 @@ def weight_penalty(objective: StudentObjective) -> Callable[[nn.Module], Tensor]
 
 
 def is_distill_model_file(path: str) -> bool:
-    """True when ``path`` is one of our model files (else it is backbone weights to fine-tune from)."""
+    """True when ``path`` is one of our model files (else it is a plain state dict)."""
     try:
         read_model_file(path)
-    except DistillError as err:
-        if not Path(path).exists():
-            raise
-        if "not a distill model file" in str(err):
-            return False
-        raise
+    except NotAModelFile:
+        return False
     return True
 
 
@@ -316,29 +342,6 @@ def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=Non
             multiscale=cfg.multiscale, image_size=list(cfg.image_size), fit=model.fit_summary,
         )
     return model
-
-
-def evaluate_model(fn: Callable[[Tensor], Any], data: Prepared, device: torch.device, clustering: bool = True) -> dict[str, float]:
-    """Recall@K (and, with ``clustering``, k-means NMI/F1) over all test images; mAP and rank-1 with
-    the data set's protocol."""
-    splits = data.splits
-    q_ds = ImageDataset(splits.query, data.eval_transform)
-    qf = extract(fn, q_ds, device)[0]
-    q_labels, q_cams = stack_labels(splits.query)
-    if splits.protocol == "reid":
-        g_ds = ImageDataset(splits.gallery, data.eval_transform)
-        gf = extract(fn, g_ds, device)[0]
-        g_labels, g_cams = stack_labels(splits.gallery)
-        reid = reid_metrics(qf, gf, q_labels, g_labels, q_cams, g_cams)
-        retrieval = retrieval_metrics(torch.cat([qf, gf]), torch.cat([q_labels, g_labels]), clustering=clustering)
-    else:
-        # every test image queries all the others: a distinct "camera" per image removes only itself
-        cams = torch.arange(len(q_labels))
-        reid = reid_metrics(qf, qf, q_labels, q_labels, cams, cams)
-        retrieval = retrieval_metrics(qf, q_labels, clustering=clustering)
-    metrics = {k: float(v) for k, v in retrieval.items() if k.startswith("recall@") or k in ("nmi", "f1")}
-    metrics.update(map=float(reid["map"]), rank1=float(reid["rank1"]))
-    return metrics
 
 
 def teacher_gate(cfg: Config, teacher, baseline: nn.Module | None, data: Prepared, device: torch.device) -> dict:
@@ -440,7 +443,7 @@ def run(cfg: Config) -> dict:
 
     def entry(name: str, role: str, spec: str | None, fn, bench: dict, size: tuple, precision: str = "fp32", **extra) -> None:
         console.print(f"evaluating {name} ({bench['runtime']}, {precision})")
-        metrics = evaluate_model(fn, data, device, cfg.clustering)
+        metrics = evaluate_model(fn, data.splits, data.eval_transform, device, cfg.clustering)
         entries.append({"name": name, "role": role, "student": spec, "precision": precision, **bench,
                         "params": size[0], "gflops": size[1], "metrics": metrics, **extra})
 
@@ -454,7 +457,7 @@ def run(cfg: Config) -> dict:
         entry("teacher", "teacher", None, teacher, benchmark_torch(teacher.module, device=str(device), **bench_kw), t_size)
         onnx_entry("teacher", "teacher", None, export_onnx(teacher.module, out / "teacher.onnx", cfg.image_size), t_size)
     else:
-        entry("teacher", "teacher", None, teacher, benchmark_onnx(cfg.teacher.partition(":")[2], **bench_kw), (None, None))
+        entry("teacher", "teacher", None, teacher, benchmark_onnx(parse_spec(cfg.teacher).name, **bench_kw), (None, None))
 
     precisions = export_precisions(cfg)
     calibration = calibration_images(data) if "int8-static" in precisions else None

@@ -40,7 +40,8 @@ from distill import pipeline
 from distill.atomic import atomic_write_bytes, atomic_write_text
 from distill.config import Config, load_config
 from distill.errors import DistillError
-from distill.teachers.cache import data_fingerprint
+from distill.evaluate import evaluate_model
+from distill.data import data_fingerprint
 
 BASELINE = "baseline"
 # The lead adds more (rkd, pkt, compat): a plain dict of name -> Config overrides on the base config.
@@ -241,7 +242,7 @@ def _train_and_evaluate(ctx: _Context, cfg: Config, recipe: str) -> tuple[dict[s
     teacher = None if recipe == BASELINE else ctx.teacher
     name = f"study/models/{recipe}-seed{cfg.seed}"
     model = pipeline.train_student(cfg, ctx.data, ctx.device, teacher=teacher, name=name)
-    return pipeline.evaluate_model(model, ctx.data, ctx.device, cfg.clustering), time.perf_counter() - started
+    return evaluate_model(model, ctx.data.splits, ctx.data.eval_transform, ctx.device, cfg.clustering), time.perf_counter() - started
 
 
 _WORKER: dict[str, _Context] = {}
@@ -346,7 +347,7 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
                     future.cancel()
                 raise
 
-    teacher_metrics = pipeline.evaluate_model(teacher, data, device, base.clustering)
+    teacher_metrics = evaluate_model(teacher, data.splits, data.eval_transform, device, base.clustering)
     ordered = [results[name, seed] for name in recipes for seed in seed_list]
     study = {
         "recipes": {name: overrides for name, (overrides, _) in recipes.items()},

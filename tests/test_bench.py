@@ -20,7 +20,7 @@ from distill.cli import app
 from distill.embedding import EmbeddingNet
 from distill.errors import DistillError
 from distill.export import export_onnx
-from distill.modelfile import save_model
+from distill.models import save_model
 from distill.students import create_student
 
 SIZE = (32, 16)

@@ -18,7 +18,7 @@ from distill.data import base
 from distill.data.dataset import ImageDataset, stack_labels
 from distill.data.synthetic import load_synthetic
 from distill.evaluate import reid_metrics, retrieval_metrics
-from distill.modelfile import load_model
+from distill.models import load_model
 from distill.pipeline import prepare_data
 
 runner = CliRunner()

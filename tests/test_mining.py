@@ -1,4 +1,4 @@
-"""Triplet masks, the log-ratio kNN batch builder and Deep Ranking's importance triplet sampler."""
+"""Triplet masks and Deep Ranking's importance triplet sampler."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from distill.losses.metric import n_pair_indices
 from distill.losses.mining import (
     ImportanceTripletSampler,
     dense_triplet_mask,
-    knn_batches,
-    label_triplet_mask,
     pairwise_sq_dist,
 )
 
@@ -27,16 +25,6 @@ def test_pairwise_sq_dist_matches_loop(seed):
     torch.testing.assert_close(pairwise_sq_dist(x, y), ref)
     d = pairwise_sq_dist(x)
     assert (d >= 0).all() and d[0, 1] < 1e-12
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_label_triplet_mask_matches_enumeration(seed):
-    y = torch.randint(0, 3, (7,), generator=torch.Generator().manual_seed(seed))
-    y[-1] = 9
-    ref = torch.tensor(
-        [[[a != p and y[a] == y[p] and y[n] != y[a] for n in range(7)] for p in range(7)] for a in range(7)]
-    )
-    assert torch.equal(label_triplet_mask(y), ref)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -57,51 +45,6 @@ def test_n_pair_indices_are_first_two_of_each_class(seed):
     a, p = n_pair_indices(y)
     ref = [[i for i in range(11) if y[i] == c][:2] for c in sorted(set(y.tolist()))]
     assert [[int(i), int(j)] for i, j in zip(a, p)] == [r for r in ref if len(r) == 2]
-
-
-# ---------------------------------------------------------------- kNN batches
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_knn_batches_distinct_distances(seed):
-    g = torch.Generator().manual_seed(seed)
-    targets = torch.randn(30, 2, generator=g)
-    anchors = torch.tensor([0, 7, 29])
-    out = knn_batches(targets, anchors, k=4, batch_size=10, generator=g)
-    assert out.shape == (3, 10)
-    for row, a in zip(out.tolist(), anchors.tolist()):
-        d = [((targets[a] - targets[i]) ** 2).sum().item() for i in range(30)]
-        ref = sorted((i for i in range(30) if i != a), key=lambda i: d[i])[:4]
-        assert row[0] == a and row[1:5] == ref
-        assert len(set(row)) == 10  # the random others repeat nothing
-
-
-def test_knn_batches_ties_and_scalar_targets():
-    targets = torch.tensor([0.0, 1.0, 1.0, -1.0, 3.0, 3.0, 5.0, 7.0])  # ties in label distance
-    out = knn_batches(targets, torch.tensor([0, 4]), k=3, batch_size=6, generator=torch.Generator().manual_seed(0))
-    for row in out.tolist():
-        a = row[0]
-        d = sorted((targets[i] - targets[a]).abs().item() for i in range(8) if i != a)
-        assert sorted((targets[i] - targets[a]).abs().item() for i in row[1:4]) == d[:3]
-        assert len(set(row)) == 6
-
-
-def test_knn_batches_random_part_covers_the_rest():
-    targets = torch.arange(12.0)
-    g = torch.Generator().manual_seed(1)
-    seen = set()
-    for _ in range(40):
-        row = knn_batches(targets, torch.tensor([0]), k=2, batch_size=5, generator=g)[0].tolist()
-        assert row[:3] == [0, 1, 2]
-        seen.update(row[3:])
-    assert seen == set(range(3, 12))
-
-
-def test_knn_batches_bad_sizes():
-    with pytest.raises(DistillError, match="k < batch_size"):
-        knn_batches(torch.randn(5), torch.tensor([0]), k=3, batch_size=3)
-    with pytest.raises(DistillError, match="data set size=5"):
-        knn_batches(torch.randn(5), torch.tensor([0]), k=1, batch_size=6)
 
 
 # ---------------------------------------------------------------- importance triplet sampler

@@ -12,11 +12,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from distill.embedding import EmbeddingNet
 from distill.errors import DistillError
-from distill.modelfile import load_model, save_model
+from distill.models import load_model, save_model
 from distill.multiscale import MultiScaleNet
-from distill.students import create_student, register_student, registry, student_names
-from distill.teachers import build_teacher_model
-from distill.teachers.inception_bn import inception_bn
+from distill.models import build_model, registry
+from distill.models.inception_bn import inception_bn
+from distill.students import create_student, register_student, student_names
 
 
 def params(model: torch.nn.Module) -> int:
@@ -74,7 +74,7 @@ def test_half_width_is_much_cheaper(build):
 
 
 def test_registry_decorator_and_errors(monkeypatch):
-    monkeypatch.setattr(registry, "_STUDENTS", dict(registry._STUDENTS))
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
 
     @register_student("tiny_test")
     def tiny(embed_dim: int, num_classes: int, width: float = 1.0) -> EmbeddingNet:
@@ -101,14 +101,14 @@ def test_timm_student():
     check_outputs(model.eval(), (64, 32), 16, 5)
     with pytest.raises(DistillError, match=r"unknown timm model 'no_such_net' \(see timm.list_models\(\)\)"):
         create_student("timm:no_such_net", 16, 5)
-    with pytest.raises(DistillError, match="unknown timm model ''"):
+    with pytest.raises(DistillError, match="unknown student 'timm:'; known: nin_bn, timm:<name>"):
         create_student("timm:", 16, 5)
-    with pytest.raises(DistillError, match="--student-width applies to registered students only"):
+    with pytest.raises(DistillError, match="a width multiplier applies to builtin models only, not 'timm:mobilenetv3_small_050'"):
         create_student("timm:mobilenetv3_small_050", 16, 5, width=0.5)
 
 
 def test_multiscale_wraps_a_teacher():
-    model = build_teacher_model("inception_bn", 8, 5, width=0.125)
+    model = build_model("inception_bn", 8, 5, width=0.125)
     check_outputs(MultiScaleNet(model), (32, 32), 8, 5)
 
 
@@ -147,7 +147,7 @@ def test_multiscale_matches_its_definition_and_uses_every_parameter():
 )
 def test_model_file_roundtrip_is_bit_exact(tmp_path, arch, width, multiscale, suffix):
     torch.manual_seed(0)
-    model = create_student(arch, 8, 5, width=width, multiscale=multiscale) if arch != "inception_bn" else build_teacher_model(arch, 8, 5, width=width)
+    model = create_student(arch, 8, 5, width=width, multiscale=multiscale) if arch != "inception_bn" else build_model(arch, 8, 5, width=width)
     model.train()(torch.randn(4, 3, 32, 32))  # move BN running statistics away from their init
     path = tmp_path / f"model{suffix}"
     save_model(path, model, arch, width=width, seed=3, image_size=[32, 16])
@@ -206,11 +206,11 @@ def test_model_file_errors(tmp_path):
         load_model(tmp_path / "shape.pt")
     del data["model"]["proj.weight"]
     torch.save(data, tmp_path / "missing.pt")
-    with pytest.raises(DistillError, match=r"missing.pt \(nin_bn\) does not match the model: missing key 'proj.weight'"):
+    with pytest.raises(DistillError, match=r"missing.pt \(nin_bn\) does not match the model \(1 missing, 0 unexpected, 0 with another shape\):\n  missing key 'proj.weight' \(8, 256\)$"):
         load_model(tmp_path / "missing.pt")
     data["model"]["proj.weight"], data["model"]["extra"] = model.proj.weight.detach(), torch.zeros(1)
     torch.save(data, tmp_path / "extra.pt")
-    with pytest.raises(DistillError, match="does not match the model: unexpected key 'extra'"):
+    with pytest.raises(DistillError, match=r"\(0 missing, 1 unexpected, 0 with another shape\):\n  unexpected key 'extra' \(1,\)$"):
         load_model(tmp_path / "extra.pt")
     data["arch"] = "alexnet"
     torch.save(data, tmp_path / "arch.pt")

@@ -14,16 +14,18 @@ from torch import nn
 
 from distill.embedding import EmbeddingOnly
 from distill.errors import DistillError
-from distill.modelfile import save_model
+from distill.models import save_model
 from distill.students import create_student
-from distill.students.registry import LibraryBackbone
-from distill.teachers import build_teacher_model, load_backbone_weights, load_teacher, teacher_names
+from distill.models import build_model, model_names
+from distill.models.file import load_backbone_weights
+from distill.models.library import LibraryBackbone
+from distill.teachers import load_teacher
 
 
 @pytest.fixture(scope="module")
 def resnet18_teacher():
     torch.manual_seed(0)
-    return build_teacher_model("torchvision:resnet18", 16, 5)
+    return build_model("torchvision:resnet18", 16, 5)
 
 
 def resnet18_feature_map(net: torchvision.models.ResNet, x: torch.Tensor) -> torch.Tensor:
@@ -33,19 +35,19 @@ def resnet18_feature_map(net: torchvision.models.ResNet, x: torch.Tensor) -> tor
 
 
 def test_registry_names_and_errors():
-    assert teacher_names() == ["inception_bn"]
+    assert model_names("teacher") == ["inception_bn"] and model_names() == ["inception_bn", "nin_bn"]
     with pytest.raises(DistillError, match=r"unknown teacher 'bninception'; known: inception_bn, timm:<name>, torchvision:<name>, onnx:<path>"):
-        build_teacher_model("bninception", 8, 5)
+        build_model("bninception", 8, 5)
     with pytest.raises(DistillError, match="unknown teacher 'torchvision:'"):
-        build_teacher_model("torchvision:", 8, 5)
+        build_model("torchvision:", 8, 5)
     with pytest.raises(DistillError, match=r"unknown torchvision model 'resnet9' \(see torchvision.models.list_models\(\)\)"):
-        build_teacher_model("torchvision:resnet9", 8, 5)
+        build_model("torchvision:resnet9", 8, 5)
     with pytest.raises(DistillError, match="unknown timm model 'resnet9'"):
-        build_teacher_model("timm:resnet9", 8, 5)
+        build_model("timm:resnet9", 8, 5)
     with pytest.raises(DistillError, match="'onnx:t.onnx' runs in ONNX Runtime and cannot be trained"):
-        build_teacher_model("onnx:t.onnx", 8, 5)
-    with pytest.raises(DistillError, match="a width multiplier applies to builtin teachers only, not 'timm:resnet10t'"):
-        build_teacher_model("timm:resnet10t", 8, 5, width=0.5)
+        build_model("onnx:t.onnx", 8, 5)
+    with pytest.raises(DistillError, match="a width multiplier applies to builtin models only, not 'timm:resnet10t'"):
+        build_model("timm:resnet10t", 8, 5, width=0.5)
     with pytest.raises(DistillError, match=r"'vit' gives no \[N, C, H, W\] feature map; pick a convolutional model"):
         LibraryBackbone(nn.Flatten(), ()).feature_dim("vit")
     with pytest.raises(DistillError, match="'tiny' cannot run on a 64x64 image"):
@@ -99,7 +101,7 @@ def test_load_torchvision_backbone_weights(tmp_path, resnet18_teacher):
 
     bad = dict(state, **{"layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)})
     torch.save(bad, tmp_path / "shape.pth")
-    with pytest.raises(DistillError, match=r"backbone weights .*shape.pth does not match the model: 'layer1.0.conv1.weight' has shape \(64, 64, 1, 1\) in the file but \(64, 64, 3, 3\)"):
+    with pytest.raises(DistillError, match=r"backbone weights .*shape.pth does not match the model \(0 missing, 0 unexpected, 1 with another shape\):\n  'layer1.0.conv1.weight' has shape \(64, 64, 1, 1\) in the file but \(64, 64, 3, 3\)"):
         load_backbone_weights(model, tmp_path / "shape.pth")
     torch.save({k: v for k, v in state.items() if k != "layer4.1.bn2.bias"}, tmp_path / "missing.pth")
     with pytest.raises(DistillError, match="missing key 'layer4.1.bn2.bias'"):
@@ -130,7 +132,7 @@ def test_load_timm_backbone_weights_ignores_the_classifier(tmp_path):
     import timm
 
     torch.manual_seed(0)
-    model = build_teacher_model("timm:mobilenetv3_small_050", 8, 5)
+    model = build_model("timm:mobilenetv3_small_050", 8, 5)
     full = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=1000)
     torch.save(full.state_dict(), tmp_path / "imagenet.pth")
     load_backbone_weights(model, tmp_path / "imagenet.pth")
@@ -141,7 +143,7 @@ def test_load_timm_backbone_weights_ignores_the_classifier(tmp_path):
 
 def test_frozen_teacher_from_model_file(tmp_path):
     torch.manual_seed(0)
-    model = build_teacher_model("inception_bn", 8, 5, width=0.125)
+    model = build_model("inception_bn", 8, 5, width=0.125)
     model.train()(torch.randn(4, 3, 32, 32))
     path = tmp_path / "teacher.pt"
     save_model(path, model, "inception_bn", width=0.125)
@@ -181,9 +183,10 @@ def test_load_teacher_errors(tmp_path):
     save_model(tmp_path / "student.pt", student, "nin_bn", width=0.25)
     with pytest.raises(DistillError, match=r"student.pt holds a 'nin_bn' model, not 'inception_bn': pass --teacher nin_bn"):
         load_teacher("inception_bn", weights=tmp_path / "student.pt")
-    torch.save(student.backbone.state_dict(), tmp_path / "backbone.pth")
-    with pytest.raises(DistillError, match=r"backbone.pth is not a distill model file; .* distill train-teacher --teacher nin_bn --teacher-weights"):
+    torch.save(student.backbone.state_dict(), tmp_path / "backbone.pth")  # backbone weights: no heads, other names
+    with pytest.raises(DistillError, match=r"nin_bn weights does not match the model \(\d+ missing, \d+ unexpected, 0 with another shape\):\n  missing key 'backbone.layers.0.0.0.weight'") as err:
         load_teacher("nin_bn", weights=tmp_path / "backbone.pth")
+    assert str(err.value).endswith("pass --teacher-finetune)") and "... and" in str(err.value)
 
 
 def export(model: nn.Module, path, outputs: list[str], dynamic: bool = True) -> None:

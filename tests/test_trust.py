@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.modelfile import save_model
+from distill.models import save_model
 from distill.students import create_student
 from tests.test_cli import tiny_data  # noqa: F401  (fixture)
 

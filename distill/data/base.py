@@ -6,9 +6,11 @@ Every loader returns ``Splits`` of plain ``Sample`` records; images are read lat
 
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from distill.errors import DistillError
 
@@ -60,8 +62,6 @@ def dataset_names() -> list[str]:
 
 def load_dataset(spec: str, **options) -> Splits:
     """Load ``NAME`` or ``NAME:PATH`` (e.g. ``synthetic``, ``market1501:/data/Market-1501``)."""
-    import distill.data  # noqa: F401  (registers the built-in loaders)
-
     name, _, path = spec.partition(":")
     if name not in _LOADERS:
         raise DistillError(f"unknown data set '{name}'; known: {', '.join(dataset_names())} (use NAME:PATH)")
@@ -91,3 +91,12 @@ def hold_out_identities(samples: list[Sample], fraction: float) -> tuple[list[Sa
         return list(samples), []
     held = {labels[int((j + 0.5) * len(labels) / n_val)] for j in range(n_val)}
     return [s for s in samples if s.label not in held], [s for s in samples if s.label in held]
+
+
+def data_fingerprint(samples: Sequence[Sample]) -> str:
+    """Hash of every sample's path, label and file size: cheap, and changes when the data does."""
+    h = hashlib.sha1()
+    for s in samples:
+        size = os.path.getsize(s.path) if os.path.exists(s.path) else -1
+        h.update(f"{s.path}\0{s.label}\0{size}\n".encode())
+    return h.hexdigest()[:16]

@@ -1,5 +1,5 @@
-"""Which tuples a metric loss sees: dense distance matrices, triplet masks, Deep Ranking's online
-importance triplet sampler and the log-ratio kNN minibatch builder.
+"""Which tuples a metric loss sees: dense distance matrices, triplet masks and Deep Ranking's online
+importance triplet sampler.
 
 Everything here is vectorised (no Python loop over the batch) and uses squared Euclidean
 distances, the distance of Deep Ranking's triplet loss.
@@ -43,12 +43,6 @@ def positive_negative_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
     return same & ~eye, ~same
 
 
-def label_triplet_mask(labels: Tensor) -> Tensor:
-    """``[N, N, N]`` mask of valid triplets ``(a, p, n)``: ``y_a = y_p``, ``a != p``, ``y_n != y_a``."""
-    pos, neg = positive_negative_masks(labels)
-    return pos.unsqueeze(2) & neg.unsqueeze(1)
-
-
 def dense_triplet_mask(target_dist: Tensor) -> Tensor:
     """Dense triplet mining on continuous labels (Kim et al. 2019): ``[N, N, N]`` mask of all
     ``(a, i, j)`` with ``i != a``, ``j != a`` and ``D(y_a, y_i) < D(y_a, y_j)`` (which implies ``i != j``;
@@ -58,34 +52,6 @@ def dense_triplet_mask(target_dist: Tensor) -> Tensor:
     eye = torch.eye(n, dtype=torch.bool, device=target_dist.device)
     closer = target_dist.unsqueeze(2) < target_dist.unsqueeze(1)
     return closer & ~eye.unsqueeze(2) & ~eye.unsqueeze(1)
-
-
-def knn_batches(
-    targets: Tensor, anchors: Tensor, k: int, batch_size: int, generator: torch.Generator | None = None
-) -> Tensor:
-    """Log-ratio minibatches (Kim et al. 2019, Sec. 3.3): for each anchor, the anchor itself, its ``k``
-    nearest neighbours in label space (``targets`` ``[M]`` or ``[M, d]``, the whole training set) and
-    ``batch_size - 1 - k`` others drawn uniformly without replacement. Returns ``[len(anchors),
-    batch_size]`` data set indices, in that order (anchor, neighbours by distance, random others).
-    """
-    t = targets.reshape(len(targets), -1).float()
-    m = t.shape[0]
-    if not 0 <= k < batch_size <= m:
-        raise DistillError(
-            f"knn_batches needs 0 <= k < batch_size <= data set size, got k={k}, "
-            f"batch_size={batch_size}, data set size={m}"
-        )
-    anchors = anchors.reshape(-1).long()
-    d = pairwise_sq_dist(t[anchors], t)
-    rows = torch.arange(len(anchors), device=d.device)
-    d[rows, anchors] = float("inf")
-    neighbours = d.topk(k, dim=1, largest=False).indices
-    taken = torch.zeros_like(d, dtype=torch.bool)
-    taken[rows, anchors] = True
-    taken.scatter_(1, neighbours, True)
-    noise = torch.rand(d.shape, generator=generator, device="cpu").to(d.device)
-    others = noise.masked_fill(taken, -1.0).topk(batch_size - 1 - k, dim=1).indices
-    return torch.cat([anchors.unsqueeze(1), neighbours, others], dim=1)
 
 
 class ImportanceTripletSampler:

@@ -1,6 +1,6 @@
-"""Student registry (``@register_student``, ``create_student``) and the builtin NIN-BN student."""
+"""Students: ``@register_student`` and ``create_student`` on top of ``distill.models`` (NIN-BN is builtin)."""
 
-from distill.students.registry import create_student, register_student, student_names, timm_model
-from distill.students import nin_bn  # noqa: F401  (registers "nin_bn")
+import distill.models  # noqa: F401  (registers the builtin models, nin_bn among them)
+from distill.students.registry import create_student, register_student, student_names
 
-__all__ = ["create_student", "register_student", "student_names", "timm_model"]
+__all__ = ["create_student", "register_student", "student_names"]

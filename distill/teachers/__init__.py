@@ -1,11 +1,5 @@
-"""Teachers: the builtin BN-Inception, timm/torchvision backbones, ONNX models, distill model files."""
+"""Teachers: freeze and wrap a teacher (PyTorch or ONNX Runtime), and cache its outputs."""
 
-from distill.teachers.registry import (
-    Teacher,
-    build_teacher_model,
-    load_backbone_weights,
-    load_teacher,
-    teacher_names,
-)
+from distill.teachers.frozen import Teacher, file_fingerprint, load_teacher
 
-__all__ = ["Teacher", "build_teacher_model", "load_backbone_weights", "load_teacher", "teacher_names"]
+__all__ = ["Teacher", "file_fingerprint", "load_teacher"]

@@ -8,7 +8,6 @@ Outputs for un-augmented training images are stored in one ``.pt`` file keyed by
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,16 +15,7 @@ import torch
 from torch import Tensor
 
 from distill.atomic import atomic_torch_save
-from distill.data.base import Sample
-
-
-def data_fingerprint(samples: Sequence[Sample]) -> str:
-    """Hash of every sample's path, label and file size: cheap, and changes when the data does."""
-    h = hashlib.sha1()
-    for s in samples:
-        size = os.path.getsize(s.path) if os.path.exists(s.path) else -1
-        h.update(f"{s.path}\0{s.label}\0{size}\n".encode())
-    return h.hexdigest()[:16]
+from distill.data import Sample, data_fingerprint
 
 
 def cache_key(teacher_fingerprint: str, samples: Sequence[Sample], transform: object) -> str:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.embedding import EmbeddingNet
+from distill.models.registry import ModelCfg, register_model
 
 # (1x1, 3x3 reduce, 3x3, double 3x3 reduce, double 3x3, pool type, pool projection, stride);
 # a 1x1 of 0 means no 1x1 branch, a projection of 0 means the pooled input passes through.
@@ -94,6 +95,7 @@ class InceptionBN(nn.Module):
         return self.blocks(self.stem(x))
 
 
+@register_model("inception_bn", "teacher", ModelCfg(input_size=(256, 128), embed_dim=128))
 def inception_bn(embed_dim: int, num_classes: int, width: float = 1.0) -> EmbeddingNet:
     """BN-Inception backbone with the L2-normalised embedding and classifier heads."""
     backbone = InceptionBN(width)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from distill.embedding import EmbeddingNet
-from distill.students.registry import register_student
+from distill.models.registry import ModelCfg, register_model
 
 # (kernel, stride, channels) of each mlpconv block; its two 1x1 convolutions keep the channels.
 NIN_CONFIG: tuple[tuple[int, int, int], ...] = ((11, 4, 96), (5, 1, 256), (3, 1, 384), (3, 1, 1024))
@@ -53,7 +53,7 @@ class NINBN(nn.Module):
         return self.layers(x)
 
 
-@register_student("nin_bn")
+@register_model("nin_bn", "student", ModelCfg(input_size=(256, 128), embed_dim=128))
 def nin_bn(embed_dim: int, num_classes: int, width: float = 1.0) -> EmbeddingNet:
     """NIN-BN backbone with the L2-normalised embedding and classifier heads."""
     backbone = NINBN(width)

@@ -1,0 +1,74 @@
+"""No import cycles inside ``distill``: every import statement (module level or inside a function)
+is an edge of a graph over distill's modules, read with ``ast``; a cycle fails with its path."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import distill
+
+ROOT = Path(distill.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: distill modules it imports}``; ``from pkg import sub`` counts as importing ``pkg.sub``."""
+    modules = {module_name(p): p for p in ROOT.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{path}:{node.lineno}: distill uses absolute imports only"
+                subs = {f"{node.module}.{alias.name}" for alias in node.names}
+                edges.update(subs & modules.keys() or {node.module})
+        graph[name] = {m for m in edges if m in modules and m != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a path ``[a, b, ..., a]``, or None (depth-first search, white/grey/black)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one_and_only_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None  # a diamond is no cycle
+
+
+def test_the_graph_sees_the_imports():
+    graph = import_graph()
+    assert "distill.models.registry" in graph["distill.models.file"]  # from distill.models.registry import ...
+    assert "distill.models.file" in graph["distill.models"]  # package __init__
+    assert "distill.pipeline" in graph["distill.cli"]  # import inside a function
+
+
+def test_no_import_cycles_in_distill():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
