@@ -101,6 +101,9 @@ def choose_inputs(cfg: Config, splits: Splits, device: torch.device, quiet: bool
     if ids < cfg.batch_size // cfg.images_per_id:
         cfg.batch_size = max(2, ids) * cfg.images_per_id
         chosen.append(f"batch {cfg.batch_size} ({ids} identities x {cfg.images_per_id})")
+        if cfg.darkrank_list_size is not None and cfg.darkrank_list_size >= cfg.batch_size:
+            cfg.darkrank_list_size = cfg.batch_size - 1
+            chosen.append(f"DarkRank lists of {cfg.darkrank_list_size}")
     if chosen and not quiet:
         console.print(f"chosen for {splits.name}: " + ", ".join(chosen) + " (set them with --image-size, --augment, --batch-size)")
 

@@ -19,7 +19,7 @@ from distill.config import load_config
 from distill.data import base as data_base
 from distill.data.synthetic import load_synthetic
 from distill.errors import DistillError
-from distill.modelfile import load_model
+from distill.models.file import load_model
 
 runner = CliRunner()
 SMALL = dict(train_ids=8, test_ids=4, images_per_id=8, height=32, width=16)

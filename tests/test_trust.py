@@ -181,7 +181,7 @@ def image_folder(root, images_per_class: dict[str, int]):
 def test_data_that_cannot_be_trained_or_evaluated_fails_before_training(tmp_path, per_class, message):
     root = image_folder(tmp_path / "folder", per_class)
     out = tmp_path / "run"
-    result = runner.invoke(app, ["run", "--data", f"imagefolder:{root}", "--out", str(out), "--image-size", "32x16", "--batch-size", "8"])
+    result = runner.invoke(app, ["run", "--data", f"imagefolder:{root}", "--out", str(out), "--image-size", "32x16", "--batch-size", "12"])
     one_line_error(result, f"data set 'imagefolder:{root}': {message}")
     assert "camera" not in result.output
     assert not list(out.glob("*.ckpt")) and not list(out.glob("*.pt"))  # nothing was trained
