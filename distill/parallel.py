@@ -4,9 +4,10 @@ and the objective's: verification head, L-Softmax weights, HDML generator, regre
 and the all-gather that lets batch-level losses (triplet, DarkRank, RKD) span the global batch.
 
 Gradients with ``gather``: every rank computes the same loss ``L`` of the global batch; the
-differentiable all-gather sends each rank's ``dL/d emb_r`` back to rank ``r`` summed over the ranks
-(``world_size x dL/d emb_r``), and DDP divides by ``world_size``: each parameter receives exactly
-``dL/d theta``, the gradient of one process trained on the concatenated batch.
+differentiable all-gather (:class:`AllGather`) sends each rank's ``dL/d emb_r`` back to rank ``r``
+summed over the ranks (``world_size x dL/d emb_r``), and DDP divides by ``world_size``: each
+parameter receives exactly ``dL/d theta``, the gradient of one process trained on the concatenated
+batch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
 
@@ -47,7 +47,7 @@ class TrainStep(nn.Module):
         local = emb.detach()
         emb, logits = _wide(emb), _wide(logits)
         if self.gather:
-            emb, logits = torch.cat(dist_fn.all_gather(emb)), torch.cat(dist_fn.all_gather(logits))
+            emb, logits = AllGather.apply(emb), AllGather.apply(logits)
             labels = gather(labels)
             if teacher_out is not None:
                 teacher_out = tuple(None if t is None else gather(t) for t in teacher_out)
@@ -70,6 +70,23 @@ def gather(x: Tensor) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+class AllGather(torch.autograd.Function):
+    """:func:`gather` with a gradient: backward sums the gradient of the whole gathered tensor over the
+    ranks and returns this rank's slice (a reduce-scatter, written with ``all_reduce`` so that it runs
+    on gloo too). ``torch.distributed.nn.functional.all_gather`` does the same, but torch 2.14 warns that
+    it is deprecated and points to a private module."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return gather(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 def sum_over_ranks(x: Tensor) -> Tensor:

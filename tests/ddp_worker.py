@@ -22,6 +22,7 @@ from distill.bench import benchmark_threads
 from distill.engine import TrainSettings, fit
 from distill.losses.darkrank import DarkRankLoss
 from distill.objective import StudentObjective
+from distill.parallel import AllGather
 
 NUM_IDS, PER_ID, SHAPE = 6, 6, (3, 4, 4)  # 36 images; batches of 3 ids x 2 images: 6 per epoch, 3 per rank
 EMBED, TEACHER_DIM = 8, 5
@@ -81,16 +82,30 @@ def settings(gather: bool) -> TrainSettings:
     return TrainSettings(epochs=2, lr=1e-2, batch_size=6, images_per_id=2, seed=3, workers=0, amp=False, gather_embeddings=gather)
 
 
+def gather_input(world: int) -> tuple[Tensor, Tensor]:
+    """``x`` (rank r holds rows ``x.chunk(world)[r]``) and the weights of ``L = sum(w * x^3)``."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(world * 3, 4, generator=g, dtype=torch.float64)
+    return x, torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+
 def main(out: Path) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")
+    x, w = gather_input(world)
+    local = x.chunk(world)[rank].clone().requires_grad_()
+    gathered = AllGather.apply(local)
+    (w * gathered.pow(3)).sum().backward()  # the same L on every rank
+    torch.save({"gathered": gathered.detach(), "grad": local.grad}, out / f"allgather-rank{rank}.pt")
+
     data = TinyData()
     for case, (gather, bn, loss) in CASES.items():
         model, objective = build(bn, loss)
         teacher = data.teacher if loss == LOSS else None
         fit(model, objective, data, settings(gather), out / f"{case}.ckpt", teacher_fn=teacher, desc=case)
-        rank = dist.get_rank()
         params = {name: p.detach() for name, p in model.named_parameters()}
         torch.save({"model": params, "objective": objective.state_dict(), "fit": model.fit_summary}, out / f"{case}-rank{rank}.pt")
-    if dist.get_rank() == 0:
+    if rank == 0:
         threads = {"benchmark": benchmark_threads(), "training": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
         (out / "threads.json").write_text(json.dumps(threads))
     dist.destroy_process_group()

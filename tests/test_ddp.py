@@ -18,7 +18,7 @@ from distill.data.samplers import PKSampler
 from distill.engine import seed_everything
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddp_worker import CASES, TinyData, build, settings  # noqa: E402
+from ddp_worker import CASES, TinyData, build, gather_input, settings  # noqa: E402
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,16 @@ def reference(gather: bool) -> tuple[dict, dict, list[float]]:
     return dict(model.named_parameters()), objective.state_dict(), epoch_losses
 
 
+def test_all_gather_concatenates_in_rank_order_and_sums_the_gradient_over_ranks(ranks):
+    """Every rank computes the same L = sum(w * x^3) of the gathered x; rank r's gradient is the sum of
+    the ranks' dL/dx_r = world_size x 3 w x^2 (DDP's average then makes it the single-process one)."""
+    x, w = gather_input(WORLD)
+    for rank in range(WORLD):
+        got = torch.load(ranks / f"allgather-rank{rank}.pt", weights_only=True)
+        assert torch.equal(got["gathered"], x)
+        torch.testing.assert_close(got["grad"], (WORLD * 3 * w * x.pow(2)).chunk(WORLD)[rank], rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_rank_ends_with_the_same_model_and_objective(ranks, case):
     a, b = load(ranks, case, 0), load(ranks, case, 1)
@@ -95,9 +105,9 @@ def test_ranks_match_one_process_on_the_concatenated_batches(ranks, gather):
     got = load(ranks, case, 0)
     model, objective, epoch_losses = reference(gather)
     for name, value in model.items():
-        torch.testing.assert_close(got["model"][name], value.detach(), rtol=1e-7, atol=1e-9, msg=f"model.{name}")
+        torch.testing.assert_close(got["model"][name], value.detach(), rtol=1e-7, atol=1e-9, msg=lambda m, name=name: f"model.{name}: {m}")
     for name, value in objective.items():
-        torch.testing.assert_close(got["objective"][name], value, rtol=1e-7, atol=1e-9, msg=f"objective.{name}")
+        torch.testing.assert_close(got["objective"][name], value, rtol=1e-7, atol=1e-9, msg=lambda m, name=name: f"objective.{name}: {m}")
     logged = [json.loads(line) for line in (ranks / f"{case}.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in logged] == pytest.approx(epoch_losses, rel=1e-9)
 
