@@ -16,9 +16,7 @@ import torch
 
 from distill.data.samplers import PKSampler
 from distill.engine import seed_everything
-
-sys.path.insert(0, str(Path(__file__).parent))
-from ddp_worker import CASES, TinyData, build, gather_input, settings  # noqa: E402
+from tests.ddp_worker import CASES, TinyData, build, gather_input, settings
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
