@@ -46,10 +46,12 @@ def is_stable(previous: Sequence[float], last: Sequence[float], tolerance: float
 
 def benchmark_threads() -> int:
     """CPU threads for benchmarks: ``torch.get_num_threads()``, except under ``torchrun`` with several
-    local processes, which sets ``OMP_NUM_THREADS=1`` for training; there the CPUs available to the
-    process are used, as a single process would by default, so numbers compare across launches."""
+    local processes, which sets ``OMP_NUM_THREADS=1`` for training; there the count a single process
+    takes by default is used, so numbers compare across launches. That default (torch's
+    ``intraop_default_num_threads`` without OMP/MKL_NUM_THREADS: the physical cores, not the
+    logical CPUs) is also the inter-op pool's default size, which ``OMP_NUM_THREADS`` leaves alone."""
     if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return torch.get_num_interop_threads()
     return torch.get_num_threads()
 
 

@@ -78,6 +78,7 @@ class Config:
     compile: bool = False
     workers: int | None = None
     resume: bool = False
+    gather_embeddings: bool = False  # torchrun: all-gather embeddings so batch-level losses span the global batch
     # outputs
     name: str = "default"
     out: str | None = None
@@ -195,6 +196,7 @@ HELP: dict[str, str] = {
     "compile": "torch.compile the models.",
     "workers": "Data-loader worker processes (default: chosen from the device and cores).",
     "resume": "Continue interrupted training from checkpoints.",
+    "gather_embeddings": "Under torchrun: all-gather embeddings, labels and teacher outputs so triplet/DarkRank/RKD span the global batch.",
     "name": "Run name (output directory runs/<name> unless --out).",
     "out": "Output directory.",
     "export_precision": "ONNX precisions, comma-separated: fp32, fp16, int8, int8-static.",

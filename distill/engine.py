@@ -32,6 +32,7 @@ from distill.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_
 from distill.data.dataset import ImageDataset
 from distill.data.samplers import ImportanceBatchSampler, PKSampler, loader_settings
 from distill.errors import DistillError
+from distill.parallel import TrainStep, data_parallel, sum_over_ranks
 
 TeacherFn = Callable[[Tensor, Tensor], Any]
 Validator = Callable[[nn.Module], float]
@@ -58,6 +59,7 @@ class TrainSettings:
     resume: bool = False
     sampler: str = "pk"  # pk | importance
     margin: float = 0.2  # the importance sampler's triplet margin
+    gather_embeddings: bool = False  # under torchrun: batch-level losses see the global batch
 
     def num_epochs(self, steps_per_epoch: int) -> int:
         """Epochs to train: ``ceil(steps / steps_per_epoch)`` when ``steps`` is set, else ``epochs``,
@@ -144,6 +146,12 @@ def fit(
     ``MAX_VALIDATIONS`` times, and after the last epoch); the weights with the best score (ties go
     to the later epoch) are kept in the checkpoint and loaded into ``model`` at the end. Its
     ``best_epoch`` and ``best_score`` are set on the returned model's ``fit_summary`` dict.
+
+    Under torchrun, model and objective train as one DDP module (:mod:`distill.parallel`), so every
+    trainable parameter gets the gradient averaged over ranks. Each rank takes every
+    ``world_size``-th batch: the global batch is ``world_size x batch_size``, an epoch has
+    ``1/world_size`` the steps, and ``lr`` is used as given. With ``settings.gather_embeddings`` the
+    objective sees the global batch. Logged losses are means over all ranks' steps.
     """
     checkpoint = Path(checkpoint)
     device = torch.device(settings.device)
@@ -188,12 +196,11 @@ def fit(
         start_epoch = state["epoch"] + 1
         best = state.get("best")
 
-    train_model: nn.Module = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if settings.compile:
-        train_model = torch.compile(train_model)
     use_amp = settings.amp and device.type == "cuda"
+    net = torch.compile(model) if settings.compile else model
+    train_step: nn.Module = TrainStep(net, objective, penalty, amp=use_amp, gather=settings.gather_embeddings and world > 1)
+    if world > 1:  # one DDP wrapper: the objective's parameters are averaged like the model's
+        train_step = data_parallel(train_step, device)
     log_path = checkpoint.with_suffix(".jsonl")
     main = rank == 0
     # the log is rewritten whole after each epoch: the previous run's stays until there is a new one
@@ -216,18 +223,13 @@ def fit(
                 if device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
                 teacher_out = teacher_fn(images, indices) if teacher_fn is not None else None
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    emb, logits = train_model(images)
+                loss, parts, emb = train_step(images, labels, teacher_out)
                 if observe is not None:
                     observe(indices, emb, labels)
-                loss, parts = objective(emb.float(), logits.float(), labels, teacher_out)
-                if penalty is not None:
-                    reg = penalty(model)
-                    loss = loss + reg
-                    parts = {**parts, "weight_l2": reg.item()}
-                if not torch.isfinite(loss):
+                mean_loss = sum_over_ranks(loss).item() / world  # every rank stops when one meets NaN
+                if not math.isfinite(mean_loss):
                     raise DistillError(
-                        f"{desc}: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                        f"{desc}: loss became {mean_loss} at epoch {epoch + 1}, step {step + 1}; "
                         f"the last good checkpoint is kept at {checkpoint}. Try a lower learning rate.",
                         exit_code=1,
                     )
@@ -239,9 +241,11 @@ def fit(
                     totals[name] = totals.get(name, 0.0) + value
                 seen += len(labels)
                 shown = f" val {best['score']:.3f}" if best else ""
-                progress.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss.item():.3f}{shown}")
-            record = {k: v / len(sampler) for k, v in totals.items()}
-            record.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], images_per_s=seen / (time.perf_counter() - t0))
+                progress.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {mean_loss:.3f}{shown}")
+            # the losses logged are the means over every rank's steps, the images those of all ranks
+            summed = sum_over_ranks(torch.tensor([*totals.values(), seen], dtype=torch.float64, device=device)).tolist()
+            record = {k: v / (len(sampler) * world) for k, v in zip(totals, summed)}
+            record.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], images_per_s=summed[-1] / (time.perf_counter() - t0))
             if validate is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
                 score = float(validate(model))
                 if best is None or score >= best["score"]:

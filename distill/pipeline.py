@@ -198,6 +198,7 @@ def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> 
         compile=cfg.compile,
         workers=cfg.workers,
         resume=cfg.resume,
+        gather_embeddings=cfg.gather_embeddings,
     )
 
 

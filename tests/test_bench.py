@@ -166,11 +166,9 @@ def test_benchmark_threads_under_torchrun_match_a_single_process(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun with one process leaves the threads alone
     assert benchmark_threads() == torch.get_num_threads()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun set OMP_NUM_THREADS=1 for training
-    import os
-
-    assert benchmark_threads() == len(os.sched_getaffinity(0))
+    assert benchmark_threads() == torch.get_num_interop_threads()  # torch's default; see tests/test_ddp.py
     result = benchmark_torch(tiny_net(), SIZE, batch_sizes=(1,), warmup=0, iters=2, budget_s=0.0)
-    assert result["threads"] == len(os.sched_getaffinity(0)) and torch.get_num_threads() == 1  # restored
+    assert result["threads"] == torch.get_num_interop_threads() and torch.get_num_threads() == 1  # restored
 
 
 def test_onnx_input_size_fixed_and_dynamic(tmp_path):

@@ -1,0 +1,115 @@
+"""Run by tests/test_ddp.py under ``torchrun --nproc-per-node 2`` (gloo, CPU): trains a tiny model and
+objective with ``engine.fit`` and saves what each rank ends with to ``OUT/<case>-rank<R>.pt``.
+
+The definitions here (data, model, objective, settings) are shared with the single-process
+reference in tests/test_ddp.py. Everything is float64, so that rank-vs-single-process differences
+are rounding only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.bench import benchmark_threads
+from distill.engine import TrainSettings, fit
+from distill.losses.darkrank import DarkRankLoss
+from distill.objective import StudentObjective
+from distill.parallel import AllGather
+
+NUM_IDS, PER_ID, SHAPE = 6, 6, (3, 4, 4)  # 36 images; batches of 3 ids x 2 images: 6 per epoch, 3 per rank
+EMBED, TEACHER_DIM = 8, 5
+LOSS = "softmax=1,triplet=1,verification=1"  # the verification head is a learnable part of the objective
+# name: (gather, BatchNorm, task losses); "unused": no softmax and no teacher, so the classifier gets no gradient
+CASES = {"local": (False, False, LOSS), "gather": (True, False, LOSS), "bn": (False, True, LOSS), "unused": (False, False, "triplet=1")}
+
+
+class TinyData(torch.utils.data.Dataset):
+    """Random images with fixed teacher outputs (a stand-in for the teacher cache), indexed like ImageDataset."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        n = NUM_IDS * PER_ID
+        self.labels = [i // PER_ID for i in range(n)]
+        self.images = torch.randn(n, *SHAPE, generator=g, dtype=torch.float64)
+        self.teacher_emb = F.normalize(torch.randn(n, TEACHER_DIM, generator=g, dtype=torch.float64), dim=1)
+        self.teacher_logits = torch.randn(n, NUM_IDS, generator=g, dtype=torch.float64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        return self.images[i], self.labels[i], i
+
+    def teacher(self, images: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+        return self.teacher_emb[indices], self.teacher_logits[indices]
+
+
+class TinyNet(nn.Module):
+    """Linear embedding + classifier; BatchNorm only when asked (its batch statistics are per rank)."""
+
+    def __init__(self, bn: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(SHAPE[0] * SHAPE[1] * SHAPE[2], EMBED)
+        self.bn = nn.BatchNorm1d(EMBED) if bn else nn.Identity()
+        self.classifier = nn.Linear(EMBED, NUM_IDS)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.bn(self.proj(x.flatten(1)))
+        return F.normalize(z, dim=1), self.classifier(z)
+
+
+def build(bn: bool = False, loss: str = LOSS) -> tuple[nn.Module, StudentObjective]:
+    """Model and objective (task losses with a verification head, KD, hard DarkRank over every other
+    sample, RKD distance, and a regression with its learned projection), float64, seeded."""
+    torch.manual_seed(0)
+    model = TinyNet(bn).double()
+    objective = StudentObjective(
+        loss, EMBED, NUM_IDS, kd_weight=1.0, darkrank=DarkRankLoss(mode="hard", list_size=None), darkrank_weight=0.1,
+        embedding_weights={"rkd_distance": 1.0, "regression": 1.0}, teacher_embed_dim=TEACHER_DIM,
+    ).double()
+    return model, objective
+
+
+def settings(gather: bool) -> TrainSettings:
+    return TrainSettings(epochs=2, lr=1e-2, batch_size=6, images_per_id=2, seed=3, workers=0, amp=False, gather_embeddings=gather)
+
+
+def gather_input(world: int) -> tuple[Tensor, Tensor]:
+    """``x`` (rank r holds rows ``x.chunk(world)[r]``) and the weights of ``L = sum(w * x^3)``."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(world * 3, 4, generator=g, dtype=torch.float64)
+    return x, torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+
+def main(out: Path) -> None:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo")
+    x, w = gather_input(world)
+    local = x.chunk(world)[rank].clone().requires_grad_()
+    gathered = AllGather.apply(local)
+    (w * gathered.pow(3)).sum().backward()  # the same L on every rank
+    torch.save({"gathered": gathered.detach(), "grad": local.grad}, out / f"allgather-rank{rank}.pt")
+
+    data = TinyData()
+    for case, (gather, bn, loss) in CASES.items():
+        model, objective = build(bn, loss)
+        teacher = data.teacher if loss == LOSS else None
+        fit(model, objective, data, settings(gather), out / f"{case}.ckpt", teacher_fn=teacher, desc=case)
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        torch.save({"model": params, "objective": objective.state_dict(), "fit": model.fit_summary}, out / f"{case}-rank{rank}.pt")
+    if rank == 0:
+        threads = {"benchmark": benchmark_threads(), "training": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
+        (out / "threads.json").write_text(json.dumps(threads))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
