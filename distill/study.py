@@ -38,7 +38,7 @@ from scipy import stats
 
 from distill import pipeline
 from distill.atomic import atomic_write_bytes, atomic_write_text
-from distill.config import Config, load_config
+from distill.config import Config, _coerce, load_config
 from distill.errors import DistillError
 from distill.evaluate import evaluate_model
 from distill.data import data_fingerprint
@@ -172,7 +172,7 @@ def _check_types(name: str, overrides: dict[str, Any], base: Config) -> None:
     """Reject a value whose type cannot be the field's (the one of the base config's value)."""
     for key, value in overrides.items():
         current = getattr(base, key, None)
-        if current is None or isinstance(current, (tuple, dict)):
+        if current is None or value is None or isinstance(current, (tuple, dict)):  # load_config checks None
             continue
         if isinstance(current, bool):
             ok, kind = isinstance(value, bool), "true or false"
@@ -194,6 +194,10 @@ def recipe_config(base: Config, name: str, overrides: dict[str, Any]) -> Config:
             f"recipe '{name}' sets {', '.join(shared)}: a study shares one teacher, data set, device and output "
             "directory across recipes and chooses the seeds; give these as options of `distill study` instead"
         )
+    try:
+        overrides = {key: _coerce(key, value) for key, value in overrides.items()}  # "all", "HxW", lists
+    except DistillError as err:
+        raise DistillError(f"recipe '{name}': {err}") from None
     _check_types(name, overrides, base)
     try:
         return load_config(None, **(base.to_dict() | overrides))
