@@ -1,4 +1,4 @@
-"""Training loop: P x K (or importance-sampled) batches, AdamW + one-cycle schedule, AMP (bf16)
+"""Training loop: the batches of a given sampler (P x K or importance-sampled), AdamW + one-cycle schedule, AMP (bf16)
 and channels_last on GPU, optional torch.compile, DDP under torchrun, atomic per-epoch checkpoints
 with every RNG state (so ``resume`` continues bit-for-bit on CPU), a JSONL metrics log and a rich
 progress bar.
@@ -25,16 +25,17 @@ import torch
 import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from distill.atomic import atomic_write_text
 from distill.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from distill.data.dataset import ImageDataset
-from distill.data.samplers import ImportanceBatchSampler, PKSampler, loader_settings
+from distill.data.samplers import loader_settings
 from distill.errors import DistillError
 from distill.parallel import TrainStep, data_parallel, sum_over_ranks
 
 TeacherFn = Callable[[Tensor, Tensor], Any]
+BatchSampler = Sampler[list[int]]  # yields lists of dataset indices; has set_epoch(epoch)
 Validator = Callable[[nn.Module], float]
 MAX_VALIDATIONS = 20  # validation rounds per training at most (small data sets run hundreds of epochs)
 
@@ -49,16 +50,12 @@ class TrainSettings:
     steps: int | None = None  # exactly this many steps (rounded up to whole epochs) instead of epochs
     min_steps: int = 0  # at least this many steps
     weight_decay: float = 5e-4
-    batch_size: int = 64
-    images_per_id: int = 4
     seed: int = 0
     device: str = "cpu"
     amp: bool = True
     compile: bool = False
     workers: int | None = None
     resume: bool = False
-    sampler: str = "pk"  # pk | importance
-    margin: float = 0.2  # the importance sampler's triplet margin
     gather_embeddings: bool = False  # under torchrun: batch-level losses see the global batch
 
     def num_epochs(self, steps_per_epoch: int) -> int:
@@ -126,6 +123,7 @@ def fit(
     model: nn.Module,
     objective: nn.Module,
     dataset: ImageDataset,
+    sampler: BatchSampler,
     settings: TrainSettings,
     checkpoint: str | Path,
     teacher_fn: TeacherFn | None = None,
@@ -133,8 +131,9 @@ def fit(
     desc: str = "train",
     validate: Validator | None = None,
 ) -> nn.Module:
-    """Train ``model`` (and the learnable parts of ``objective``) on P x K (or, with
-    ``settings.sampler == "importance"``, importance-sampled) batches of ``dataset``.
+    """Train ``model`` (and the learnable parts of ``objective``) on the batches of ``sampler``
+    (a batch sampler over ``dataset`` with ``set_epoch``, e.g. P x K or importance sampling; one
+    with ``observe``/``state_dict`` is fed each trained batch's embeddings and checkpointed).
 
     A checkpoint is written atomically after every epoch; with ``settings.resume`` and an existing
     checkpoint, training continues from the epoch after the last one saved. Metrics go to
@@ -148,10 +147,11 @@ def fit(
     ``best_epoch`` and ``best_score`` are set on the returned model's ``fit_summary`` dict.
 
     Under torchrun, model and objective train as one DDP module (:mod:`distill.parallel`), so every
-    trainable parameter gets the gradient averaged over ranks. Each rank takes every
-    ``world_size``-th batch: the global batch is ``world_size x batch_size``, an epoch has
-    ``1/world_size`` the steps, and ``lr`` is used as given. With ``settings.gather_embeddings`` the
-    objective sees the global batch. Logged losses are means over all ranks' steps.
+    trainable parameter gets the gradient averaged over ranks. The sampler gives each rank its share
+    of the batches (built with ``rank``/``world_size``): the global batch is ``world_size`` batches,
+    an epoch has ``1/world_size`` the steps, and ``lr`` is used as given. With
+    ``settings.gather_embeddings`` the objective sees the global batch. Logged losses are means
+    over all ranks' steps.
     """
     checkpoint = Path(checkpoint)
     device = torch.device(settings.device)
@@ -161,43 +161,13 @@ def fit(
     objective.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-
-    k = settings.images_per_id
-    if settings.sampler == "importance":
-        sampler = ImportanceBatchSampler(
-            dataset.labels, settings.batch_size, margin=settings.margin, seed=settings.seed, rank=rank, world_size=world
-        )
-    else:
-        sampler = PKSampler(dataset.labels, p=settings.batch_size // k, k=k, seed=settings.seed, rank=rank, world_size=world)
-    observe = getattr(sampler, "observe", None)
-    if len(sampler) == 0:
-        raise DistillError(
-            f"the training set is too small for batches of {settings.batch_size // k} identities x {k} images "
-            f"({len(set(dataset.labels))} identities): lower --batch-size"
-        )
     loader = DataLoader(dataset, batch_sampler=sampler, **loader_settings(device, settings.workers))
-    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     epochs = settings.num_epochs(len(sampler))
-    steps = epochs * len(sampler)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=steps, pct_start=0.15)
+    optimizer, scheduler = _optimiser(model, objective, settings, epochs * len(sampler))
+    start_epoch, best = _restore(checkpoint, settings.resume, model, objective, optimizer, scheduler, sampler)
 
-    start_epoch = 0
-    best: dict[str, Any] | None = None  # {"score", "epoch", "model"}: the best validated weights
-    if settings.resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if "sampler" in state:
-            sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        start_epoch = state["epoch"] + 1
-        best = state.get("best")
-
-    use_amp = settings.amp and device.type == "cuda"
     net = torch.compile(model) if settings.compile else model
+    use_amp = settings.amp and device.type == "cuda"
     train_step: nn.Module = TrainStep(net, objective, penalty, amp=use_amp, gather=settings.gather_embeddings and world > 1)
     if world > 1:  # one DDP wrapper: the objective's parameters are averaged like the model's
         train_step = data_parallel(train_step, device)
@@ -211,41 +181,16 @@ def fit(
         print(f"{desc}: {epochs} epochs x {len(sampler)} steps" + (f", validated every {every} epoch(s)" if validate else ""), file=sys.stderr)
     with _progress(desc) as progress:
         task = progress.add_task(desc, total=(epochs - start_epoch) * len(sampler), info="", visible=main)
+
+        def show(epoch: int, mean_loss: float) -> None:
+            shown = f" val {best['score']:.3f}" if best else ""
+            progress.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {mean_loss:.3f}{shown}")
+
         for epoch in range(start_epoch, epochs):
             sampler.set_epoch(epoch)
             model.train()
             objective.train()
-            totals: dict[str, float] = {}
-            seen, t0 = 0, time.perf_counter()
-            for step, (images, labels, indices) in enumerate(loader):
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    images = images.contiguous(memory_format=torch.channels_last)
-                teacher_out = teacher_fn(images, indices) if teacher_fn is not None else None
-                loss, parts, emb = train_step(images, labels, teacher_out)
-                if observe is not None:
-                    observe(indices, emb, labels)
-                mean_loss = sum_over_ranks(loss).item() / world  # every rank stops when one meets NaN
-                if not math.isfinite(mean_loss):
-                    raise DistillError(
-                        f"{desc}: loss became {mean_loss} at epoch {epoch + 1}, step {step + 1}; "
-                        f"the last good checkpoint is kept at {checkpoint}. Try a lower learning rate.",
-                        exit_code=1,
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                for name, value in {"loss": loss.item(), **parts}.items():
-                    totals[name] = totals.get(name, 0.0) + value
-                seen += len(labels)
-                shown = f" val {best['score']:.3f}" if best else ""
-                progress.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {mean_loss:.3f}{shown}")
-            # the losses logged are the means over every rank's steps, the images those of all ranks
-            summed = sum_over_ranks(torch.tensor([*totals.values(), seen], dtype=torch.float64, device=device)).tolist()
-            record = {k: v / (len(sampler) * world) for k, v in zip(totals, summed)}
-            record.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], images_per_s=summed[-1] / (time.perf_counter() - t0))
+            record = _train_epoch(train_step, loader, optimizer, scheduler, teacher_fn, device, epoch, desc, checkpoint, show)
             if validate is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
                 score = float(validate(model))
                 if best is None or score >= best["score"]:
@@ -255,27 +200,101 @@ def fit(
                 val = f" val {record['val_score']:.3f} (best {best['score']:.3f} @ {best['epoch']})" if "val_score" in record else ""
                 print(f"{desc}: epoch {epoch + 1}/{epochs} loss {record['loss']:.4f}{val} {record['images_per_s']:.0f} img/s", file=sys.stderr)
             if main:
-                state = {
-                    "model": model.state_dict(),
-                    "objective": objective.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(),
-                    "epoch": epoch,
-                    "best": best,
-                }
-                if observe is not None:
-                    state["sampler"] = sampler.state_dict()
-                save_checkpoint(checkpoint, state)
+                _save(checkpoint, epoch, best, model, objective, optimizer, scheduler, sampler)
                 log += json.dumps(record) + "\n"
                 atomic_write_text(log_path, log)
     if best is not None:
         model.load_state_dict(best["model"])
-    model.fit_summary = {"epochs": epochs, "steps": steps} | (
+    model.fit_summary = {"epochs": epochs, "steps": epochs * len(sampler)} | (
         {"best_epoch": best["epoch"], "best_score": best["score"]} if best else {}
     )
     model.eval()
     return model
+
+
+def _optimiser(
+    model: nn.Module, objective: nn.Module, settings: TrainSettings, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
+    """AdamW over every trainable parameter of model and objective, with a one-cycle schedule
+    (15% warm-up) over ``total_steps``."""
+    params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=total_steps, pct_start=0.15)
+    return optimizer, scheduler
+
+
+def _restore(checkpoint: Path, resume: bool, model: nn.Module, objective: nn.Module, optimizer, scheduler, sampler) -> tuple[int, dict | None]:
+    """Load the checkpoint's states (with ``resume`` and when it exists): ``(first epoch to train,
+    best validated {"score", "epoch", "model"} or None)``; ``(0, None)`` for a fresh run."""
+    if not (resume and checkpoint.exists()):
+        return 0, None
+    state = load_checkpoint(checkpoint)
+    model.load_state_dict(state["model"])
+    objective.load_state_dict(state["objective"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if "sampler" in state:
+        sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"])
+    return state["epoch"] + 1, state.get("best")
+
+
+def _train_epoch(
+    train_step: nn.Module, loader: DataLoader, optimizer, scheduler, teacher_fn: TeacherFn | None, device: torch.device,
+    epoch: int, desc: str, checkpoint: Path, show: Callable[[int, float], None],
+) -> dict[str, float]:
+    """One pass over ``loader``; returns the epoch's log record: mean losses (over every rank's
+    steps), epoch, last learning rate and the images per second of all ranks."""
+    world = distributed()[1]
+    sampler = loader.batch_sampler
+    observe = getattr(sampler, "observe", None)
+    totals: dict[str, float] = {}
+    seen, t0 = 0, time.perf_counter()
+    for step, (images, labels, indices) in enumerate(loader):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        teacher_out = teacher_fn(images, indices) if teacher_fn is not None else None
+        loss, parts, emb = train_step(images, labels, teacher_out)
+        if observe is not None:
+            observe(indices, emb, labels)
+        mean_loss = sum_over_ranks(loss).item() / world  # every rank stops when one meets NaN
+        if not math.isfinite(mean_loss):
+            raise DistillError(
+                f"{desc}: loss became {mean_loss} at epoch {epoch + 1}, step {step + 1}; "
+                f"the last good checkpoint is kept at {checkpoint}. Try a lower learning rate.",
+                exit_code=1,
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        for name, value in {"loss": loss.item(), **parts}.items():
+            totals[name] = totals.get(name, 0.0) + value
+        seen += len(labels)
+        show(epoch, mean_loss)
+    # the losses logged are the means over every rank's steps, the images those of all ranks
+    summed = sum_over_ranks(torch.tensor([*totals.values(), seen], dtype=torch.float64, device=device)).tolist()
+    record = {k: v / (len(sampler) * world) for k, v in zip(totals, summed)}
+    record.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], images_per_s=summed[-1] / (time.perf_counter() - t0))
+    return record
+
+
+def _save(checkpoint: Path, epoch: int, best: dict | None, model: nn.Module, objective: nn.Module, optimizer, scheduler, sampler) -> None:
+    """Write every state ``_restore`` needs (the sampler's when it has one) atomically."""
+    state = {
+        "model": model.state_dict(),
+        "objective": objective.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "epoch": epoch,
+        "best": best,
+    }
+    if hasattr(sampler, "state_dict"):
+        state["sampler"] = sampler.state_dict()
+    save_checkpoint(checkpoint, state)
 
 
 @torch.inference_mode()

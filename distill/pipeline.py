@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from rich.console import Console
@@ -21,9 +21,10 @@ from torch import Tensor, nn
 from distill.config import Config, export_precisions, student_specs
 from distill.data import Sample, Splits, data_fingerprint, hold_out_identities, load_dataset
 from distill.data.inputs import choose_augment, choose_image_size
+from distill.data.samplers import ImportanceBatchSampler, PKSampler
 from distill.data.dataset import ImageDataset, make_label_map
 from distill.data.transforms import build_transform
-from distill.engine import TrainSettings, barrier, extract, fit, is_main_process, resolve_device
+from distill.engine import BatchSampler, TrainSettings, barrier, distributed, extract, fit, is_main_process, resolve_device
 from distill.errors import DistillError
 from distill.evaluate import evaluate_model, reid_metrics, retrieval_metrics
 from distill.losses.task import HPARAMS
@@ -188,10 +189,6 @@ def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> 
         min_steps=cfg.teacher_min_steps if teacher else cfg.min_steps,
         lr=cfg.teacher_lr if teacher else cfg.lr,
         weight_decay=cfg.weight_decay,
-        batch_size=cfg.batch_size,
-        images_per_id=cfg.images_per_id,
-        sampler=cfg.sampler,
-        margin=float(cfg.loss_options.get("triplet_margin", HPARAMS["triplet_margin"])),
         seed=cfg.seed,
         device=str(device),
         amp=cfg.amp,
@@ -200,6 +197,23 @@ def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> 
         resume=cfg.resume,
         gather_embeddings=cfg.gather_embeddings,
     )
+
+
+def batch_sampler(cfg: Config, labels: Sequence[int]) -> BatchSampler:
+    """This process's training batches: ``cfg.sampler`` (P x K or importance sampling) over ``labels``,
+    seeded by ``cfg.seed``, its share of them under torchrun."""
+    rank, world = distributed()
+    if cfg.sampler == "importance":
+        margin = float(cfg.loss_options.get("triplet_margin", HPARAMS["triplet_margin"]))
+        return ImportanceBatchSampler(labels, cfg.batch_size, margin=margin, seed=cfg.seed, rank=rank, world_size=world)
+    p, k = cfg.batch_size // cfg.images_per_id, cfg.images_per_id
+    sampler = PKSampler(labels, p=p, k=k, seed=cfg.seed, rank=rank, world_size=world)
+    if len(sampler) == 0:
+        raise DistillError(
+            f"the training set is too small for batches of {p} identities x {k} images "
+            f"({len(set(labels))} identities): lower --batch-size"
+        )
+    return sampler
 
 
 # Every Config field that shapes a teacher trained here: a cached <out>/teacher.pt is reused only
@@ -286,7 +300,8 @@ def _frozen_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teache
         console.print(f"[yellow]{path} was trained with other settings ({'; '.join(diffs)}): training a new one")
     objective = build_objective(cfg, data.num_classes)
     fit(
-        model, objective, data.train, train_settings(cfg, device, teacher=True), cfg.out_dir / "teacher.ckpt",
+        model, objective, data.train, batch_sampler(cfg, data.train.labels), train_settings(cfg, device, teacher=True),
+        cfg.out_dir / "teacher.ckpt",
         penalty=weight_penalty(objective), desc="teacher", validate=validator(data, device),
     )
     if is_main_process():
@@ -337,7 +352,7 @@ def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=Non
     objective = build_objective(cfg, data.num_classes, teacher)
     teacher_fn = teacher_outputs(cfg, teacher, data, device) if teacher is not None else None
     fit(
-        model, objective, data.train, train_settings(cfg, device), cfg.out_dir / f"{name}.ckpt",
+        model, objective, data.train, batch_sampler(cfg, data.train.labels), train_settings(cfg, device), cfg.out_dir / f"{name}.ckpt",
         teacher_fn=teacher_fn, penalty=weight_penalty(objective), desc=name, validate=validator(data, device),
     )
     if is_main_process():

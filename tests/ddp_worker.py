@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.bench import benchmark_threads
+from distill.data.samplers import PKSampler
 from distill.engine import TrainSettings, fit
 from distill.losses.darkrank import DarkRankLoss
 from distill.objective import StudentObjective
@@ -79,7 +80,12 @@ def build(bn: bool = False, loss: str = LOSS) -> tuple[nn.Module, StudentObjecti
 
 
 def settings(gather: bool) -> TrainSettings:
-    return TrainSettings(epochs=2, lr=1e-2, batch_size=6, images_per_id=2, seed=3, workers=0, amp=False, gather_embeddings=gather)
+    return TrainSettings(epochs=2, lr=1e-2, seed=3, workers=0, amp=False, gather_embeddings=gather)
+
+
+def pk_sampler(labels: list[int], rank: int = 0, world: int = 1) -> PKSampler:
+    """Batches of 3 identities x 2 images, rank ``rank``'s share of ``world``."""
+    return PKSampler(labels, p=3, k=2, seed=3, rank=rank, world_size=world)
 
 
 def gather_input(world: int) -> tuple[Tensor, Tensor]:
@@ -102,7 +108,7 @@ def main(out: Path) -> None:
     for case, (gather, bn, loss) in CASES.items():
         model, objective = build(bn, loss)
         teacher = data.teacher if loss == LOSS else None
-        fit(model, objective, data, settings(gather), out / f"{case}.ckpt", teacher_fn=teacher, desc=case)
+        fit(model, objective, data, pk_sampler(data.labels, rank, world), settings(gather), out / f"{case}.ckpt", teacher_fn=teacher, desc=case)
         params = {name: p.detach() for name, p in model.named_parameters()}
         torch.save({"model": params, "objective": objective.state_dict(), "fit": model.fit_summary}, out / f"{case}-rank{rank}.pt")
     if rank == 0:

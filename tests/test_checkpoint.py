@@ -17,7 +17,7 @@ from distill import atomic
 from distill.checkpoint import load_checkpoint, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state
 from distill.engine import fit
 from distill.errors import DistillError
-from tests.test_engine import CrossEntropy, Exploding, dataset, settings, steps_per_epoch, tiny_model  # noqa: F401
+from tests.test_engine import CrossEntropy, Exploding, batches, dataset, settings, steps_per_epoch, tiny_model  # noqa: F401
 
 
 class CreatesFile:
@@ -34,7 +34,7 @@ def test_resume_refuses_a_malicious_pickle_without_running_it(dataset, tmp_path)
     ckpt, victim = tmp_path / "m.ckpt", tmp_path / "pwned"
     torch.save({"model": {}, "objective": {}, "optimizer": {}, "scheduler": {}, "rng": CreatesFile(str(victim)), "epoch": 0}, ckpt)
     with pytest.raises(DistillError) as err:
-        fit(tiny_model(6), CrossEntropy(), dataset, settings(2, resume=True), ckpt)
+        fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(2, resume=True), ckpt)
     message = str(err.value)
     assert message.startswith(f"cannot resume from {ckpt}: it holds pickled objects, which are never loaded (")
     assert "open)" in message
@@ -65,10 +65,10 @@ def test_resume_from_an_empty_or_garbage_file_is_one_line(tmp_path):
 
 def test_resume_from_a_truncated_checkpoint_is_one_line(dataset, tmp_path):
     ckpt = tmp_path / "m.ckpt"
-    fit(tiny_model(6), CrossEntropy(), dataset, settings(1), ckpt)
+    fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(1), ckpt)
     ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
     with pytest.raises(DistillError) as err:
-        fit(tiny_model(6), CrossEntropy(), dataset, settings(2, resume=True), ckpt)
+        fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(2, resume=True), ckpt)
     one_line_refusal(ckpt, err)
 
 
@@ -120,9 +120,9 @@ def test_stale_temp_files_are_removed_with_a_warning(tmp_path):
 
 def test_a_failed_run_keeps_the_previous_log(dataset, tmp_path):
     ckpt = tmp_path / "m.ckpt"
-    fit(tiny_model(6), CrossEntropy(), dataset, settings(2), ckpt)
+    fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(2), ckpt)
     before = ckpt.with_suffix(".jsonl").read_text()
     with pytest.raises(DistillError, match="loss became nan at epoch 1"):
-        fit(tiny_model(6), Exploding(good=steps_per_epoch(dataset) // 2), dataset, settings(2), ckpt)
+        fit(tiny_model(6), Exploding(good=steps_per_epoch(dataset) // 2), dataset, batches(dataset), settings(2), ckpt)
     assert ckpt.with_suffix(".jsonl").read_text() == before
     assert [json.loads(line)["epoch"] for line in before.splitlines()] == [1, 2]

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill.data.samplers import PKSampler
 from distill.engine import seed_everything
-from tests.ddp_worker import CASES, TinyData, build, gather_input, settings
+from tests.ddp_worker import CASES, TinyData, build, gather_input, pk_sampler, settings
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +47,7 @@ def reference(gather: bool) -> tuple[dict, dict, list[float]]:
     s = settings(gather)
     seed_everything(s.seed)
     labels = torch.tensor(data.labels)
-    sampler = PKSampler(data.labels, p=s.batch_size // s.images_per_id, k=s.images_per_id, seed=s.seed)
+    sampler = pk_sampler(data.labels)
     steps = len(sampler) // WORLD
     params = [*model.parameters(), *objective.parameters()]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -123,8 +122,8 @@ def test_scaling_rule_world_size_x_batch_size_with_the_lr_as_given(ranks):
     not scaled: the schedule ends where a single process's ends (the reference above uses lr as given)."""
     s = settings(False)
     labels = TinyData().labels
-    whole = PKSampler(labels, p=3, k=2, seed=s.seed)
-    per_rank = [PKSampler(labels, p=3, k=2, seed=s.seed, rank=r, world_size=WORLD) for r in range(WORLD)]
+    whole = pk_sampler(labels)
+    per_rank = [pk_sampler(labels, r, WORLD) for r in range(WORLD)]
     assert len(whole) == 6 and [len(p) for p in per_rank] == [3, 3]
     assert sorted(b for p in per_rank for b in map(tuple, p)) == sorted(map(tuple, whole))
     for case in CASES:

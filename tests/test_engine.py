@@ -11,7 +11,7 @@ from torch import nn
 
 from distill.data import load_dataset
 from distill.data.dataset import ImageDataset, make_label_map
-from distill.data.samplers import PKSampler
+from distill.data.samplers import ImportanceBatchSampler, PKSampler
 from distill.data.transforms import build_transform
 from distill.embedding import EmbeddingNet
 from distill.engine import TrainSettings, extract, fit
@@ -54,13 +54,20 @@ def steps_per_epoch(dataset) -> int:
     return len(PKSampler(dataset.labels, p=3, k=4))
 
 
-def settings(epochs: int, resume: bool = False, sampler: str = "pk") -> TrainSettings:
-    return TrainSettings(epochs=epochs, lr=1e-2, batch_size=12, images_per_id=4, seed=3, resume=resume, sampler=sampler)
+def batches(dataset, kind: str = "pk"):
+    """Batches of 12: 3 identities x 4 images, or importance-sampled."""
+    if kind == "importance":
+        return ImportanceBatchSampler(dataset.labels, 12, seed=3)
+    return PKSampler(dataset.labels, p=3, k=4, seed=3)
+
+
+def settings(epochs: int, resume: bool = False) -> TrainSettings:
+    return TrainSettings(epochs=epochs, lr=1e-2, seed=3, resume=resume)
 
 
 def test_training_reduces_the_loss_and_logs_every_epoch(dataset, tmp_path):
     ckpt = tmp_path / "m.ckpt"
-    fit(tiny_model(6), CrossEntropy(), dataset, settings(4), ckpt)
+    fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(4), ckpt)
     log = [json.loads(line) for line in ckpt.with_suffix(".jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4]
     assert log[-1]["loss"] < log[0]["loss"]
@@ -69,8 +76,8 @@ def test_training_reduces_the_loss_and_logs_every_epoch(dataset, tmp_path):
 
 def test_a_fresh_run_starts_a_fresh_log(dataset, tmp_path):
     ckpt = tmp_path / "m.ckpt"
-    fit(tiny_model(6), CrossEntropy(), dataset, settings(2), ckpt)
-    fit(tiny_model(6), CrossEntropy(), dataset, settings(1), ckpt)
+    fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(2), ckpt)
+    fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(1), ckpt)
     assert [json.loads(line)["epoch"] for line in ckpt.with_suffix(".jsonl").read_text().splitlines()] == [1]
 
 
@@ -78,9 +85,9 @@ def test_penalty_is_added_to_the_loss_and_logged(dataset, tmp_path):
     def weights(model):
         return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1])
 
-    plain = fit(tiny_model(6), CrossEntropy(), dataset, settings(2), tmp_path / "a.ckpt")
+    plain = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(2), tmp_path / "a.ckpt")
     shrunk = fit(
-        tiny_model(6), CrossEntropy(), dataset, settings(2), tmp_path / "b.ckpt",
+        tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(2), tmp_path / "b.ckpt",
         penalty=lambda m: 10.0 * sum(p.pow(2).sum() for n, p in m.named_parameters() if n.endswith("weight") and p.dim() > 1),
     )
     assert weights(shrunk).norm() < 0.9 * weights(plain).norm()
@@ -104,14 +111,14 @@ class Interrupted(CrossEntropy):
 
 @pytest.mark.parametrize("sampler", ["pk", "importance"])
 def test_resume_after_ctrl_c_continues_bit_for_bit(dataset, tmp_path, sampler):
-    straight = fit(tiny_model(6), CrossEntropy(), dataset, settings(3, sampler=sampler), tmp_path / "a.ckpt")
+    straight = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset, sampler), settings(3), tmp_path / "a.ckpt")
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_model(6), Interrupted(after=steps_per_epoch(dataset) + 1), dataset, settings(3, sampler=sampler), tmp_path / "b.ckpt")
+        fit(tiny_model(6), Interrupted(after=steps_per_epoch(dataset) + 1), dataset, batches(dataset, sampler), settings(3), tmp_path / "b.ckpt")
     state = torch.load(tmp_path / "b.ckpt", weights_only=True)
     assert state["epoch"] == 0  # epoch 1 finished and saved; epoch 2 was interrupted
     assert ("sampler" in state) == (sampler == "importance")
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
-    resumed = fit(tiny_model(6), CrossEntropy(), dataset, settings(3, resume=True, sampler=sampler), tmp_path / "b.ckpt")
+    resumed = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset, sampler), settings(3, resume=True), tmp_path / "b.ckpt")
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -119,14 +126,8 @@ def test_resume_after_ctrl_c_continues_bit_for_bit(dataset, tmp_path, sampler):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(dataset, tmp_path):
     ckpt = tmp_path / "m.ckpt"
     with pytest.raises(DistillError, match=r"loss became nan at epoch 2, step 1; the last good checkpoint is kept"):
-        fit(tiny_model(6), Exploding(good=steps_per_epoch(dataset)), dataset, settings(3), ckpt)
+        fit(tiny_model(6), Exploding(good=steps_per_epoch(dataset)), dataset, batches(dataset), settings(3), ckpt)
     assert torch.load(ckpt, weights_only=True)["epoch"] == 0
-
-
-def test_too_few_identities_for_a_batch(dataset, tmp_path):
-    big = TrainSettings(epochs=1, lr=1e-2, batch_size=40, images_per_id=4)
-    with pytest.raises(DistillError, match="too small for batches of 10 identities x 4 images"):
-        fit(tiny_model(6), CrossEntropy(), dataset, big, tmp_path / "m.ckpt")
 
 
 def test_extract_keeps_order_and_none_outputs(dataset):
@@ -151,7 +152,7 @@ def test_the_step_budget_rounds_up_to_whole_epochs(epochs, steps, min_steps, exp
 def test_a_small_set_trains_for_the_minimum_number_of_steps(dataset, tmp_path):
     ckpt = tmp_path / "m.ckpt"
     per_epoch = steps_per_epoch(dataset)
-    model = fit(tiny_model(6), CrossEntropy(), dataset, TrainSettings(**{**vars(settings(1)), "min_steps": 5 * per_epoch + 1}), ckpt)
+    model = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), TrainSettings(**{**vars(settings(1)), "min_steps": 5 * per_epoch + 1}), ckpt)
     assert model.fit_summary == {"epochs": 6, "steps": 6 * per_epoch}
     assert len(ckpt.with_suffix(".jsonl").read_text().splitlines()) == 6
 
@@ -170,7 +171,7 @@ class Scripted:
 def test_the_best_validated_epoch_is_kept_and_logged(dataset, tmp_path):
     ckpt = tmp_path / "m.ckpt"
     validate = Scripted([0.2, 0.6, 0.5, 0.6, 0.1])  # up, down, a tie (the later one wins), down
-    model = fit(tiny_model(6), CrossEntropy(), dataset, settings(5), ckpt, validate=validate)
+    model = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(5), ckpt, validate=validate)
     assert model.fit_summary == {"epochs": 5, "steps": 5 * steps_per_epoch(dataset), "best_epoch": 4, "best_score": 0.6}
     for name, value in model.state_dict().items():
         assert torch.equal(value, validate.seen[3][name]), name
@@ -180,11 +181,11 @@ def test_the_best_validated_epoch_is_kept_and_logged(dataset, tmp_path):
 
 
 def test_resume_keeps_the_best_checkpoint(dataset, tmp_path):
-    straight = fit(tiny_model(6), CrossEntropy(), dataset, settings(3), tmp_path / "a.ckpt", validate=Scripted([0.9, 0.1, 0.2]))
+    straight = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(3), tmp_path / "a.ckpt", validate=Scripted([0.9, 0.1, 0.2]))
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_model(6), Interrupted(after=steps_per_epoch(dataset) + 1), dataset, settings(3), tmp_path / "b.ckpt",
+        fit(tiny_model(6), Interrupted(after=steps_per_epoch(dataset) + 1), dataset, batches(dataset), settings(3), tmp_path / "b.ckpt",
             validate=Scripted([0.9]))
-    resumed = fit(tiny_model(6), CrossEntropy(), dataset, settings(3, resume=True), tmp_path / "b.ckpt", validate=Scripted([0.1, 0.2]))
+    resumed = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(3, resume=True), tmp_path / "b.ckpt", validate=Scripted([0.1, 0.2]))
     assert resumed.fit_summary["best_epoch"] == 1
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
@@ -195,6 +196,6 @@ def test_validation_runs_at_most_max_validations_times_and_after_the_last_epoch(
 
     monkeypatch.setattr(engine, "MAX_VALIDATIONS", 2)
     validate = Scripted([0.1, 0.2, 0.3])
-    fit(tiny_model(6), CrossEntropy(), dataset, settings(5), tmp_path / "m.ckpt", validate=validate)
+    fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(5), tmp_path / "m.ckpt", validate=validate)
     log = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if "val_score" in r] == [3, 5]

@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from distill.config import load_config
 from distill.data import samplers
 from distill.data.samplers import ImportanceBatchSampler, PKSampler, loader_settings
 from distill.errors import DistillError
+from distill.pipeline import batch_sampler
 
 
 def random_labels(seed: int) -> list[int]:
@@ -232,3 +234,14 @@ def test_importance_sampler_state_and_bad_input() -> None:
         ImportanceBatchSampler(labels[:12], batch_size=8).load_state_dict(a.state_dict())
     with pytest.raises(DistillError, match="at least 2 identities and batches of at least 3 images, got 1 identities"):
         ImportanceBatchSampler([5, 5, 5], batch_size=3)
+
+
+def test_the_pipeline_builds_the_configured_sampler():
+    labels = np.repeat(np.arange(6), 8).tolist()
+    pk = batch_sampler(load_config(None, batch_size=12, images_per_id=4, seed=5), labels)
+    assert isinstance(pk, PKSampler) and (pk.p, pk.k, pk.seed) == (3, 4, 5)
+    cfg = load_config(None, batch_size=12, sampler="importance", loss_options=["triplet_margin=0.3"])
+    importance = batch_sampler(cfg, labels)
+    assert isinstance(importance, ImportanceBatchSampler) and (importance.batch_size, importance.margin) == (12, 0.3)
+    with pytest.raises(DistillError, match=r"too small for batches of 10 identities x 4 images \(6 identities\): lower --batch-size"):
+        batch_sampler(load_config(None, batch_size=40, images_per_id=4), labels)

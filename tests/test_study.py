@@ -13,7 +13,7 @@ import torch
 from scipy import stats
 from typer.testing import CliRunner
 
-from distill import engine, pipeline, study
+from distill import pipeline, study
 from distill.cli import app
 from distill.config import load_config
 from distill.data import base as data_base
@@ -174,19 +174,19 @@ def test_pairs_share_init_and_batches_and_an_interrupted_study_resumes(tiny_data
     inits, batches, current = {}, {}, []
     real_fit, real_train = pipeline.fit, pipeline.train_student
 
-    def recording_fit(model, objective, dataset, settings, checkpoint, **kw):
+    def recording_fit(model, objective, dataset, sampler, settings, checkpoint, **kw):
         current[:] = [kw.get("desc")]
         inits[current[0]] = {k: v.clone() for k, v in model.state_dict().items()}
-        return real_fit(model, objective, dataset, settings, checkpoint, **kw)
+        return real_fit(model, objective, dataset, sampler, settings, checkpoint, **kw)
 
-    class RecordingSampler(engine.PKSampler):
+    class RecordingSampler(pipeline.PKSampler):
         def __iter__(self):
             epoch = list(super().__iter__())
             batches.setdefault(current[0], []).append(epoch)
             return iter(epoch)
 
     monkeypatch.setattr(pipeline, "fit", recording_fit)
-    monkeypatch.setattr(engine, "PKSampler", RecordingSampler)
+    monkeypatch.setattr(pipeline, "PKSampler", RecordingSampler)
     base = load_config(None, out=str(tmp_path / "s"), **TINY)
     recipes = study.recipe_configs(base, ["kd"])
     first = study.run_study(base, recipes, seeds=2)
