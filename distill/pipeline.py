@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from distill.config import Config, export_precisions, student_specs
 from distill.data import Sample, Splits, data_fingerprint, hold_out_identities, load_dataset
 from distill.data.inputs import choose_augment, choose_image_size
-from distill.data.samplers import ImportanceBatchSampler, PKSampler
+from distill.data.importance import ImportanceBatchSampler
+from distill.data.samplers import PKSampler
 from distill.data.dataset import ImageDataset, make_label_map
 from distill.data.transforms import build_transform
 from distill.engine import BatchSampler, TrainSettings, barrier, distributed, extract, fit, is_main_process, resolve_device

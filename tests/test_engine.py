@@ -11,7 +11,8 @@ from torch import nn
 
 from distill.data import load_dataset
 from distill.data.dataset import ImageDataset, make_label_map
-from distill.data.samplers import ImportanceBatchSampler, PKSampler
+from distill.data.importance import ImportanceBatchSampler
+from distill.data.samplers import PKSampler
 from distill.data.transforms import build_transform
 from distill.embedding import EmbeddingNet
 from distill.engine import TrainSettings, extract, fit

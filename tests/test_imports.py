@@ -72,3 +72,23 @@ def test_the_graph_sees_the_imports():
 def test_no_import_cycles_in_distill():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_data_imports_nothing_from_losses():
+    graph = import_graph()
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
+    data = [m for m in graph if m == "distill.data" or m.startswith("distill.data.")]
+    assert "distill.data.importance" in data
+    leaks = {m: sorted(d for d in reachable(graph, m) if d.startswith("distill.losses")) for m in data}
+    leaks = {m: d for m, d in leaks.items() if d}
+    assert not leaks, f"distill.data reaches distill.losses: {leaks}"

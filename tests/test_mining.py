@@ -5,13 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distill.data.importance import ImportanceTripletSampler
 from distill.errors import DistillError
 from distill.losses.metric import n_pair_indices
-from distill.losses.mining import (
-    ImportanceTripletSampler,
-    dense_triplet_mask,
-    pairwise_sq_dist,
-)
+from distill.losses.mining import dense_triplet_mask, pairwise_sq_dist
 
 SEEDS = [0, 1, 2]
 

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from distill.config import load_config
 from distill.data import samplers
-from distill.data.samplers import ImportanceBatchSampler, PKSampler, loader_settings
+from distill.data.importance import ImportanceBatchSampler
+from distill.data.samplers import PKSampler, loader_settings
 from distill.errors import DistillError
 from distill.pipeline import batch_sampler
 

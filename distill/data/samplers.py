@@ -1,8 +1,7 @@
-"""Batch samplers (P x K, and Deep Ranking's online importance sampling) and DataLoader settings.
+"""P x K batch sampling and DataLoader settings (importance sampling: :mod:`distill.data.importance`).
 
 PK sampling (Schroff et al. 2015; Hermans et al. 2017, "In Defense of the Triplet Loss") gives
 every anchor in a batch K-1 positives and (P-1)K negatives, which triplet and DarkRank losses need.
-Importance sampling (Wang et al. 2014) fills batches with the triplets that are hardest now.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import torch
 from torch.utils.data import Sampler
 
 from distill.errors import DistillError
-from distill.losses.mining import ImportanceTripletSampler, pairwise_sq_dist, positive_negative_masks
 
 
 class PKSampler(Sampler[list[int]]):
@@ -97,102 +95,6 @@ class PKSampler(Sampler[list[int]]):
         if batches:
             batches = (batches * math.ceil(count * self.world_size / len(batches)))[: count * self.world_size]
         yield from batches[self.rank :: self.world_size]
-
-
-class ImportanceBatchSampler(Sampler[list[int]]):
-    """Batches of hard triplets by Deep Ranking's online importance sampling (Wang et al. 2014, Sec. 5).
-
-    Each epoch streams the shuffled training set through a fresh ``ImportanceTripletSampler``
-    (per-class reservoirs of ``capacity`` items, so memory does not grow with the data set). Each
-    batch then holds the images of triplets drawn from those buffers: queries in proportion to their
-    importance, far positives and near negatives preferred under the current embeddings, triplets
-    that already satisfy ``margin`` dropped; when too few violate it, random images fill the batch.
-
-    The engine feeds every trained batch back through ``observe``: it stores the embeddings (the
-    distances used to pick positives and negatives) and sets each image's importance to its hardest
-    in-batch triplet violation ``max(0, margin + max_p D_ap - min_n D_an)`` plus a small floor, so
-    every image can still be drawn. Unseen images start with importance 1 and a zero embedding. With
-    DataLoader workers the feedback lags by the few batches they prefetch. An epoch has as many
-    batches as a P x K epoch; under DDP each rank samples its own batches (seeded by rank).
-    """
-
-    FLOOR = 1e-3
-
-    def __init__(
-        self,
-        labels: Sequence[int],
-        batch_size: int,
-        margin: float = 0.2,
-        capacity: int = 16,
-        temperature: float = 0.5,
-        num_candidates: int = 32,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        values = torch.as_tensor(list(labels), dtype=torch.long)
-        classes, self.labels = torch.unique(values, return_inverse=True)
-        if len(classes) < 2 or batch_size < 3:
-            raise DistillError(
-                f"importance sampling needs at least 2 identities and batches of at least 3 images, "
-                f"got {len(classes)} identities and batch size {batch_size}"
-            )
-        self.num_classes = len(classes)
-        self.batch_size, self.margin, self.seed = batch_size, margin, seed
-        self.options = {"capacity": capacity, "margin": margin, "temperature": temperature, "num_candidates": num_candidates}
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        self.importance = torch.ones(len(values), dtype=torch.float64)
-        self.table: torch.Tensor | None = None  # [N, D] latest embeddings, allocated on the first observe
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return max(1, len(self.labels) // self.batch_size) // self.world_size
-
-    def _embed(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.table[indices] if self.table is not None else torch.zeros(len(indices), 1)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1)[0]))
-        triplets = ImportanceTripletSampler(self.num_classes, generator=generator, **self.options)
-        order = torch.randperm(len(self.labels), generator=generator)
-        triplets.update(order, self.labels[order], self.importance[order])
-        for _ in range(len(self)):
-            drawn = triplets.sample(self.batch_size, embed=self._embed).flatten()
-            batch = list(dict.fromkeys(drawn.tolist()))[: self.batch_size]  # unique, in draw order
-            if len(batch) < self.batch_size:
-                rest = torch.randperm(len(self.labels), generator=generator).tolist()
-                taken = set(batch)
-                batch += [i for i in rest if i not in taken][: self.batch_size - len(batch)]
-            yield batch
-
-    def observe(self, indices: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor) -> None:
-        """Record a trained batch: its embeddings and each image's hardest triplet violation."""
-        indices, emb, labels = indices.cpu().long(), emb.detach().float().cpu(), labels.cpu()
-        if self.table is None:
-            self.table = torch.zeros(len(self.labels), emb.shape[1])
-        d = pairwise_sq_dist(emb)
-        pos, neg = positive_negative_masks(labels)
-        far_pos = d.masked_fill(~pos, float("-inf")).amax(1)
-        near_neg = d.masked_fill(~neg, float("inf")).amin(1)
-        violation = (self.margin + far_pos - near_neg).clamp_min(0.0)
-        violation = torch.where(pos.any(1) & neg.any(1), violation, torch.zeros_like(violation))
-        self.table[indices] = emb
-        self.importance[indices] = violation.double() + self.FLOOR
-
-    def state_dict(self) -> dict[str, torch.Tensor | None]:
-        """Importance scores and stored embeddings, for checkpoints (resume continues bit-for-bit)."""
-        return {"importance": self.importance.clone(), "table": None if self.table is None else self.table.clone()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
-        if state["importance"].shape != self.importance.shape:
-            raise DistillError(
-                f"sampler state covers {len(state['importance'])} images, this training set has {len(self.importance)}"
-            )
-        self.importance = state["importance"].clone()
-        self.table = None if state["table"] is None else state["table"].clone()
 
 
 def cpu_count() -> int:
