@@ -441,7 +441,7 @@ def run(cfg: Config) -> dict:
     """
     from distill.bench import benchmark_onnx, benchmark_torch, count_gflops, count_params, machine_info, ort_providers
     from distill.export import OnnxEmbedder, export_onnx
-    from distill.report import build_report, print_report, write_report
+    from distill.report import build_report, print_report, report_row, write_report
 
     started = time.perf_counter()
     data, device = setup(cfg)
@@ -461,16 +461,14 @@ def run(cfg: Config) -> dict:
     bench_kw = dict(image_size=cfg.image_size, iters=cfg.bench_iters)
     entries = []
 
-    def entry(name: str, role: str, spec: str | None, fn, bench: dict, size: tuple, precision: str = "fp32", **extra) -> None:
-        console.print(f"evaluating {name} ({bench['runtime']}, {precision})")
+    def entry(name: str, role: str, spec: str | None, fn, bench: dict, size: tuple, onnx: dict | None = None) -> None:
+        console.print(f"evaluating {name} ({bench['runtime']}, {onnx['precision'] if onnx else 'fp32'})")
         metrics = evaluate_model(fn, data.splits, data.eval_transform, device, cfg.clustering)
-        entries.append({"name": name, "role": role, "student": spec, "precision": precision, **bench,
-                        "params": size[0], "gflops": size[1], "metrics": metrics, **extra})
+        entries.append(report_row(name, role, spec, bench, size, metrics, onnx))
 
     def onnx_entry(name: str, role: str, spec: str | None, info: dict, size: tuple) -> None:
         embedder = OnnxEmbedder(info["path"], providers)
-        entry(name, role, spec, embedder, benchmark_onnx(info["path"], providers=providers, **bench_kw), size, info["precision"],
-              onnx_file=info["path"], max_abs_diff=info["max_abs_diff"])
+        entry(name, role, spec, embedder, benchmark_onnx(info["path"], providers=providers, **bench_kw), size, info)
 
     if teacher.module is not None:
         t_size = count_params(teacher.module), count_gflops(teacher.module, cfg.image_size)

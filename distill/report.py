@@ -124,6 +124,19 @@ def _target(rows: list[dict], target: float, pair: tuple[str, str]) -> dict:
     return {"target_accuracy": target, "met": bool(meeting), "best": summary, "message": message}
 
 
+def report_row(
+    name: str, role: str, student: str | None, bench: dict, size: tuple[int | None, float | None], metrics: dict,
+    onnx: dict | None = None,
+) -> dict:
+    """One model entry for :func:`build_report`: who it is (``name``, ``role``, the ``student`` spec),
+    its speed (``bench``: a ``benchmark_torch``/``benchmark_onnx`` result), its size (``(params,
+    gflops)``) and test ``metrics``. An ONNX artefact passes ``export_onnx``'s info as ``onnx``: its
+    precision, file and largest difference from PyTorch go into the row; a PyTorch model is fp32."""
+    row = {"name": name, "role": role, "student": student, "precision": onnx["precision"] if onnx else "fp32", **bench,
+           "params": size[0], "gflops": size[1], "metrics": metrics}
+    return row | ({"onnx_file": onnx["path"], "max_abs_diff": onnx["max_abs_diff"]} if onnx else {})
+
+
 def build_report(
     models: list[dict], config: dict, onnx_info: dict, protocol: str = "retrieval", target_accuracy: float = 0.9,
     machine: dict | None = None,

@@ -14,7 +14,8 @@ from rich.console import Console
 
 from distill.errors import DistillError
 from distill.report import (
-    METRICS, REID_NOTE, build_report, load_report, pareto_front, print_report, speed_accuracy_figure, to_markdown, write_report,
+    METRICS, REID_NOTE, build_report, load_report, pareto_front, print_report, report_row, speed_accuracy_figure, to_markdown,
+    write_report,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -255,3 +256,18 @@ def test_plot_one_marker_per_row_legend_outside_front_and_teacher_drawn():
     assert set(teacher.get_ydata()) == {0.90}
     png = write_report(report, Path(tempfile.mkdtemp()))["png"].read_bytes()
     assert png[:8] == PNG_MAGIC
+
+
+def test_report_row_of_a_torch_model_and_of_an_onnx_file():
+    bench = {"runtime": "torch", "latency_ms": 2.5, "throughput_ips": 400.0}
+    metrics = {"recall@1": 0.5}
+    torch_row = report_row("student", "student", "tiny", bench, (1000, 0.25), metrics)
+    assert torch_row == {"name": "student", "role": "student", "student": "tiny", "precision": "fp32", "runtime": "torch",
+                         "latency_ms": 2.5, "throughput_ips": 400.0, "params": 1000, "gflops": 0.25, "metrics": metrics}
+    info = {"path": "out/student.int8.onnx", "precision": "int8", "max_abs_diff": 0.01, "opset": 17}
+    onnx_row = report_row("teacher", "teacher", None, bench | {"runtime": "onnxruntime"}, (None, None), metrics, info)
+    assert onnx_row == {"name": "teacher", "role": "teacher", "student": None, "precision": "int8", "runtime": "onnxruntime",
+                        "latency_ms": 2.5, "throughput_ips": 400.0, "params": None, "gflops": None, "metrics": metrics,
+                        "onnx_file": "out/student.int8.onnx", "max_abs_diff": 0.01}
+    report = build_report([torch_row, onnx_row], {}, info)  # build_report takes the rows as they are
+    assert [(m["name"], m["precision"]) for m in report["models"]] == [("student", "fp32"), ("teacher", "int8")]
