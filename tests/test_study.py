@@ -128,8 +128,10 @@ def test_recipes_file(tmp_path):
 def test_example_recipes_file_is_valid():
     path = Path(__file__).parent.parent / "examples" / "recipes.toml"
     configs = study.recipe_configs(load_config(None), None, study.load_recipes_file(path))
-    assert list(configs) == ["baseline", "kd-w1", "kd-w3", "kd-w3+soft-darkrank"]
+    assert list(configs) == ["baseline", "kd-w1", "kd-w3", "kd-w3+soft-darkrank", "kd-w3+rkd", "kd-w3+darkrank-full-list"]
     assert configs["kd-w3+soft-darkrank"][1].darkrank == "soft"
+    assert configs["kd-w3+rkd"][1].rkd_angle_weight == 20.0
+    assert configs["kd-w3+darkrank-full-list"][1].darkrank_list_size is None  # "all": every other sample
 
 
 @pytest.mark.parametrize(
