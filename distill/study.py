@@ -194,11 +194,10 @@ def recipe_config(base: Config, name: str, overrides: dict[str, Any]) -> Config:
             f"recipe '{name}' sets {', '.join(shared)}: a study shares one teacher, data set, device and output "
             "directory across recipes and chooses the seeds; give these as options of `distill study` instead"
         )
-    try:
-        overrides = {key: _coerce(key, value) for key, value in overrides.items()}  # "all", "HxW", lists
+    try:  # type-check the values as the run will read them ("all", "HxW"); load_config coerces again
+        _check_types(name, {key: _coerce(key, value) for key, value in overrides.items()}, base)
     except DistillError as err:
-        raise DistillError(f"recipe '{name}': {err}") from None
-    _check_types(name, overrides, base)
+        raise DistillError(err if str(err).startswith("recipe ") else f"recipe '{name}': {err}") from None
     try:
         return load_config(None, **(base.to_dict() | overrides))
     except DistillError as err:
