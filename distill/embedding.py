@@ -7,7 +7,6 @@ L2-normalised embedding for retrieval and the classifier logits for the softmax 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

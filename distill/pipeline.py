@@ -118,7 +118,7 @@ def prepare_data(cfg: Config, device: torch.device = torch.device("cpu")) -> Pre
     train_samples, val = hold_out_identities(splits.train, cfg.val_fraction)
     choose_inputs(cfg, replace(splits, train=train_samples), device)
     label_map = make_label_map(train_samples)
-    preload = len(train_samples) <= 20_000 and cfg.image_size[0] * cfg.image_size[1] <= 128 * 128
+    preload = len(train_samples) <= 20_000 and cfg.image_size[0] * cfg.image_size[1] <= 128 * 64
     kind = splits.protocol
     eval_tf = build_transform(cfg.image_size, train=False, kind=kind)
     # Un-augmented training (the embedded default is already varied per image) lets the teacher's
