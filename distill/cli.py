@@ -91,6 +91,7 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (flat ke
 _CLI_TYPES: dict[str, type] = {"image_size": str, "darkrank_list_size": str, "loss_options": list[str]}
 _FLAGS = {"loss_options": "--loss-opt"}
 _OFF_SWITCHES = {"require_better_teacher": "--allow-weaker-teacher"}
+_SHOWN_DEFAULTS = {"image_size": "auto", "loss_options": "none"}
 
 
 def _cli_type(f: dataclasses.Field) -> type | None:
@@ -113,9 +114,9 @@ def _config_parameters() -> list[inspect.Parameter]:
             continue
         flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = "unset" if default is None else "x".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = _SHOWN_DEFAULTS.get(f.name, "unset" if default is None else default)
         decls = [f"{flag}/{_OFF_SWITCHES.get(f.name, '--no-' + flag[2:])}"] if kind is bool else [flag]
-        option = typer.Option(None, *decls, help=f"{HELP[f.name]} [default: {shown}]", show_default=False)
+        option = typer.Option(None, *decls, help=HELP[f.name], show_default=str(shown))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
     return params
 

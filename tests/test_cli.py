@@ -210,3 +210,19 @@ def test_run_prints_the_inputs_it_chose_for_the_data(tiny_data, tmp_path):
     text = " ".join(result.output.split())
     assert "chosen for synthetic: input 64x32, augmentation 'none'" in text
     assert "48 train images of 6 identities, 16 validation images of held-out identities" in text
+
+
+def test_every_config_option_is_in_help_with_its_default():
+    import dataclasses
+
+    from distill.config import HELP, Config
+
+    text = " ".join(runner.invoke(app, ["run", "--help"], env={"COLUMNS": "400"}).output.split())
+    for f in dataclasses.fields(Config):
+        if f.name == "students":  # a TOML list only; --student takes the same specs
+            continue
+        flag = "--loss-opt" if f.name == "loss_options" else "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        assert HELP[f.name].split(";")[0].split("(")[0].strip() in text, f.name
+    assert "[default: (0.2)]" in text and "[default: (auto)]" in text and "[default: (inception_bn)]" in text
+    assert set(HELP) == {f.name for f in dataclasses.fields(Config)}
