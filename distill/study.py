@@ -49,7 +49,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     BASELINE: {"kd_weight": 0.0, "darkrank": "none"},  # trained without a teacher
     "kd": {"darkrank": "none"},
     "darkrank-hard": {"kd_weight": 0.0, "darkrank": "hard"},
-    "darkrank-soft": {"kd_weight": 0.0, "darkrank": "soft"},
+    "darkrank-soft": {"kd_weight": 0.0, "darkrank": "soft", "darkrank_list_size": 8, "darkrank_weight": 0.1},  # exact over 8!
     "kd+darkrank": {},  # the base config as given: distill run's defaults
 }
 DEFAULT_RECIPES = (BASELINE, "kd+darkrank")

@@ -85,7 +85,7 @@ def test_loss_options_from_cli_pairs_and_toml_table(tmp_path):
 
 
 def test_darkrank_list_size_none_means_every_other_sample(tmp_path):
-    assert Config().darkrank_list_size == 8 and load_config(None).darkrank_list_size == 8  # the measured default
+    assert Config().darkrank_list_size is None and load_config(None).darkrank_list_size is None  # the measured default
     assert load_config(None, darkrank_list_size="all").darkrank_list_size is None  # the paper: never turned into 8
     assert load_config(None, darkrank_list_size="12").darkrank_list_size == 12  # the CLI passes text
     path = tmp_path / "c.toml"
@@ -96,7 +96,7 @@ def test_darkrank_list_size_none_means_every_other_sample(tmp_path):
     with pytest.raises(DistillError, match="darkrank_list_size must be an integer or 'all'"):
         load_config(None, darkrank_list_size="most")
     with pytest.raises(DistillError, match=r"darkrank_list_size must be in \[2, batch_size\) or 'all'"):
-        load_config(None, batch_size=8, images_per_id=2)
+        load_config(None, darkrank_list_size=8, batch_size=8, images_per_id=2)
 
 
 def test_soft_darkrank_list_size_limits():
@@ -117,8 +117,8 @@ def test_soft_darkrank_list_size_limits():
     "overrides, message",
     [
         ({"darkrank_topk": 3, "darkrank": "soft"}, "--darkrank-topk is ListMLE@k, a hard DarkRank option"),
-        ({"darkrank_topk": 9}, r"darkrank_topk must be in \[1, 8\] \(the candidates per query\), got 9"),
-        ({"darkrank_topk": 0}, r"darkrank_topk must be in \[1, 8\]"),
+        ({"darkrank_topk": 9, "darkrank_list_size": 8}, r"darkrank_topk must be in \[1, 8\] \(the candidates per query\), got 9"),
+        ({"darkrank_topk": 0}, r"darkrank_topk must be in \[1, 63\]"),  # all 63 others of a batch of 64
         ({"darkrank_samples": 0}, "darkrank_samples must be >= 1, got 0"),
         ({"pkt_weight": -1.0}, r"pkt_weight \(--pkt-weight\) must be >= 0, got -1"),
         ({"compat_weight": float("nan")}, r"compat_weight \(--compat-weight\) must be >= 0, got nan"),

@@ -43,7 +43,7 @@ def test_without_a_teacher_only_the_task_losses() -> None:
 def test_defaults_add_only_kd_and_darkrank() -> None:
     objective = build_objective(Config(embed_dim=D), C, teacher())
     assert objective.embedding_weights == {} and objective.regression is None
-    assert objective.kd_weight == 3.0 and objective.darkrank.list_size == 8 and objective.darkrank.mode == "hard"
+    assert objective.kd_weight == 3.0 and objective.darkrank.list_size is None and objective.darkrank_weight == 0.02 and objective.darkrank.mode == "hard"
     assert not list(objective.parameters())  # softmax + triplet, nothing learnable in the objective
 
 

@@ -114,10 +114,10 @@ def test_builtin_recipes_and_the_baseline_is_always_first():
 def test_recipes_file(tmp_path):
     path = tmp_path / "recipes.toml"
     path.write_text('[[recipe]]\nname = "kd-t2"\nkd_weight = 1\nkd_temperature = 2.0\n\n'
-                    '[[recipe]]\nname = "dr.soft_w0.5"\ndarkrank = "soft"\ndarkrank_weight = 0.5\nloss_options = {triplet_margin = 0.3}\n')
+                    '[[recipe]]\nname = "dr.soft_w0.5"\ndarkrank = "soft"\ndarkrank_list_size = 8\ndarkrank_weight = 0.5\nloss_options = {triplet_margin = 0.3}\n')
     recipes = study.load_recipes_file(path)
     assert recipes == {"kd-t2": {"kd_weight": 1, "kd_temperature": 2.0},
-                       "dr.soft_w0.5": {"darkrank": "soft", "darkrank_weight": 0.5, "loss_options": {"triplet_margin": 0.3}}}
+                       "dr.soft_w0.5": {"darkrank": "soft", "darkrank_list_size": 8, "darkrank_weight": 0.5, "loss_options": {"triplet_margin": 0.3}}}
     configs = study.recipe_configs(load_config(None), None, recipes)
     assert list(configs) == ["baseline", "kd-t2", "dr.soft_w0.5"]
     assert configs["kd-t2"][1].kd_temperature == 2.0 and configs["kd-t2"][1].darkrank == "hard"
