@@ -18,7 +18,7 @@ class Config:
     # models
     teacher: str = "inception_bn"
     teacher_weights: str | None = None
-    teacher_layer: str | None = None  # the layer whose (pooled) output is the teacher's embedding; None: pooled features
+    teacher_layer: str = "auto"  # auto: the best on validation of its embedding and feature layers | embedding | a layer name
     teacher_finetune: bool = False  # fine-tune the given backbone weights with a new embedding head instead of using the model as it is
     student: str = "nin_bn"  # one spec or a comma-separated list; NAME@WIDTH sets that student's width
     students: list[str] | None = None  # the same list as a TOML array (give student or students, not both)
@@ -141,7 +141,7 @@ def export_precisions(cfg: Config) -> list[str]:
 HELP: dict[str, str] = {
     "teacher": "Teacher: inception_bn, timm:NAME, torchvision:NAME or onnx:PATH.",
     "teacher_weights": "Local teacher weights: a distill model file, or a state dict of the finished model (used as it is).",
-    "teacher_layer": "Teacher layer whose (pooled) output is the embedding (default: the pooled features before the classifier).",
+    "teacher_layer": "Teacher layer whose (pooled) output is the embedding: auto (the one that retrieves best on validation), embedding (the model's own: pooled features before the classifier) or a layer name.",
     "teacher_finetune": "Fine-tune the teacher weights on the task data with a new embedding head first, instead of using the model as it is.",
     "student": "Student(s): nin_bn or timm:NAME, or a comma-separated list; NAME@WIDTH sets the width (nin_bn@0.25,nin_bn@0.5).",
     "students": "The students as a TOML list (give student or students, not both).",

@@ -35,6 +35,7 @@ from distill.objective import StudentObjective, build_objective
 from distill.students import create_student
 from distill.teachers import Teacher, file_fingerprint, load_teacher
 from distill.teachers.cache import cache_key, cached_outputs
+from distill.teachers.layers import EMBEDDING, choose_layer, feature_layers
 
 console = Console(stderr=True)
 
@@ -72,7 +73,7 @@ def check_models(cfg: Config) -> None:
     if teacher.kind == "onnx":
         if not Path(teacher.name).is_file():
             raise DistillError(f"ONNX teacher file not found: {teacher.name}")
-        if cfg.teacher_layer or cfg.teacher_finetune:
+        if cfg.teacher_layer not in ("auto", EMBEDDING) or cfg.teacher_finetune:
             raise DistillError(f"{cfg.teacher} runs in ONNX Runtime as it is: drop --teacher-layer and --teacher-finetune")
     else:
         build_model(cfg.teacher, cfg.embed_dim, 2)
@@ -141,6 +142,29 @@ def validation_score(fn: Callable[[Tensor], Any], data: Prepared, device: torch.
         cams = torch.arange(len(labels))  # a distinct "camera" per image removes only the query itself
         return float(reid_metrics(feats, feats, labels, labels, cams, cams)["map"])
     return float(retrieval_metrics(feats, labels, ks=(1,), clustering=False)["recall@1"])
+
+
+DISTRACTOR_METRIC = "map with training distractors"
+
+
+def distractor_map(fn: Callable[[Tensor], Any], data: Prepared, device: torch.device, max_distractors: int = 1000) -> float:
+    """mAP of every validation image searching the other validation images plus (up to
+    ``max_distractors``, evenly spread) un-augmented training images as distractors.
+
+    What ``--teacher-layer auto`` ranks layers by. With a handful of held-out identities, Recall@1
+    among them alone is close to a coin toss between two people; the training images ask what
+    matters for classes the model never saw: does it keep them apart from the ones it was fitted
+    to, and mAP scores the whole ranking, not only its first place.
+    """
+    picks = torch.linspace(0, len(data.train_plain) - 1, min(max_distractors, len(data.train_plain))).long().unique()
+    distractors = [data.train_plain.samples[int(i)] for i in picks]
+    val = extract(fn, ImageDataset(data.val, data.eval_transform), device)[0]
+    train = extract(fn, ImageDataset(distractors, data.eval_transform), device)[0]
+    labels = torch.tensor([s.label for s in data.val])
+    gallery_labels = torch.cat([labels, torch.full((len(train),), int(labels.min()) - 1)])  # no query's label
+    cams = torch.arange(len(labels))  # a distinct "camera" per image removes only the query itself
+    gallery_cams = torch.cat([cams, torch.full((len(train),), -1)])
+    return float(reid_metrics(val, torch.cat([val, train]), labels, gallery_labels, cams, gallery_cams)["map"])
 
 
 def validator(data: Prepared, device: torch.device) -> Callable[[nn.Module], float] | None:
@@ -255,12 +279,33 @@ def cached_teacher_differences(path: Path, recipe: dict[str, Any], fingerprint: 
 def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
     """A frozen teacher whose logits are used only when its classes are the task's (``task_logits``).
 
+    With ``--teacher-layer auto`` its embedding comes from the layer that scores best on validation
+    (``teachers.layers``); ``teacher.layer_choice`` records the scores (None when nothing was chosen).
+
     ``onnx:``, a distill model file and (without ``teacher_finetune``) a plain state dict are used as
     they are; otherwise the teacher is trained here once (from scratch, or fine-tuned from the given
     backbone weights) and cached in the run dir. Given weights are always read and checked first; the
     cache is reused only when every field in ``TEACHER_FIELDS`` and the training data match.
     """
-    return task_logits(_frozen_teacher(cfg, data, device), data.num_classes)
+    weights = teacher_weights(cfg, data, device)
+
+    def load(layer: str | None) -> Teacher:
+        return load_teacher(cfg.teacher, weights=weights, device=str(device), layer=layer)
+
+    if cfg.teacher_layer != "auto":
+        return task_logits(load(None if cfg.teacher_layer == EMBEDDING else cfg.teacher_layer), data.num_classes)
+    teacher = load(None)
+    layers = feature_layers(cfg.teacher, teacher.module)
+    if not layers or not data.val:
+        return task_logits(teacher, data.num_classes)
+    teacher, scores = choose_layer(load, layers, lambda t: distractor_map(t, data, device))
+    chosen = next(name for name, value in scores.items() if value == max(scores.values()))
+    console.print(
+        f"teacher embedding: [bold]{chosen}[/] (validation {DISTRACTOR_METRIC} {scores[chosen]:.3f}; its own "
+        f"embedding {scores[EMBEDDING]:.3f}; {len(scores)} layers tried, set one with --teacher-layer)"
+    )
+    teacher.layer_choice = {"chosen": chosen, "metric": DISTRACTOR_METRIC, "scores": scores}
+    return task_logits(teacher, data.num_classes)
 
 
 def task_logits(teacher: Teacher, num_classes: int) -> Teacher:
@@ -274,18 +319,20 @@ def task_logits(teacher: Teacher, num_classes: int) -> Teacher:
     return teacher
 
 
-def _frozen_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
+def teacher_weights(cfg: Config, data: Prepared, device: torch.device) -> str | None:
+    """Where the teacher's weights are: None for ``onnx:``, the given file when it is used as it is,
+    else ``<out>/teacher.pt``, trained here first unless the cached one matches the recipe."""
     if parse_spec(cfg.teacher).kind == "onnx":
-        return load_teacher(cfg.teacher, device=str(device))
+        return None
     if cfg.teacher_weights and is_distill_model_file(cfg.teacher_weights):
         if cfg.teacher_finetune:
             raise DistillError(
                 f"{cfg.teacher_weights} is a distill model file, used as it is: --teacher-finetune fine-tunes a plain "
                 "state dict; drop it"
             )
-        return load_teacher(cfg.teacher, weights=cfg.teacher_weights, device=str(device), layer=cfg.teacher_layer)
+        return cfg.teacher_weights
     if cfg.teacher_weights and not cfg.teacher_finetune:
-        return load_teacher(cfg.teacher, weights=cfg.teacher_weights, device=str(device), layer=cfg.teacher_layer)
+        return cfg.teacher_weights
     torch.manual_seed(cfg.seed)  # the same --seed gives the same teacher
     model = build_model(cfg.teacher, cfg.embed_dim, data.num_classes)
     if cfg.teacher_weights:
@@ -296,7 +343,7 @@ def _frozen_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teache
     diffs = cached_teacher_differences(path, recipe, fingerprint)
     if diffs == []:
         console.print(f"[green]reusing the teacher trained earlier:[/] {path}")
-        return load_teacher(cfg.teacher, weights=str(path), device=str(device), layer=cfg.teacher_layer)
+        return str(path)
     if diffs:
         console.print(f"[yellow]{path} was trained with other settings ({'; '.join(diffs)}): training a new one")
     objective = build_objective(cfg, data.num_classes)
@@ -311,7 +358,7 @@ def _frozen_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teache
             fit=model.fit_summary,
         )
     barrier()
-    return load_teacher(cfg.teacher, weights=str(path), device=str(device), layer=cfg.teacher_layer)
+    return str(path)
 
 
 def weight_penalty(objective: StudentObjective) -> Callable[[nn.Module], Tensor] | None:
@@ -366,22 +413,22 @@ def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=Non
 
 def teacher_gate(cfg: Config, teacher, baseline: nn.Module | None, data: Prepared, device: torch.device) -> dict:
     """Is the teacher clearly better than the student trained alone? Compared on the validation
-    identities (never the test set); a warning, or with ``require_better_teacher`` an error (exit 1).
+    identities (never the test set) by :func:`distractor_map`; a warning, or with
+    ``require_better_teacher`` an error (exit 1).
 
     Returns what ``report.json`` records as ``teacher_gate``: both scores, the metric, the margin and
     a ``verdict`` of ``better``, ``not better`` or ``skipped`` (no validation split or no baseline).
     """
-    metric = "map" if data.splits.protocol == "reid" else "recall@1"
-    gate = {"metric": metric, "margin": cfg.gate_margin, "teacher": None, "baseline": None, "verdict": "skipped"}
+    gate = {"metric": DISTRACTOR_METRIC, "margin": cfg.gate_margin, "teacher": None, "baseline": None, "verdict": "skipped"}
     if not data.val or baseline is None:
         console.print("[yellow]teacher gate skipped[/]: it needs a validation split (--val-fraction) and the baseline student")
         return gate
-    gate["teacher"] = validation_score(teacher, data, device)
-    gate["baseline"] = validation_score(baseline, data, device)
+    gate["teacher"] = distractor_map(teacher, data, device)
+    gate["baseline"] = distractor_map(baseline, data, device)
     better = gate["teacher"] >= gate["baseline"] + cfg.gate_margin
     gate["verdict"] = "better" if better else "not better"
     line = (
-        f"teacher gate: validation {metric} teacher {gate['teacher']:.3f} vs student alone {gate['baseline']:.3f} "
+        f"teacher gate: validation {DISTRACTOR_METRIC} teacher {gate['teacher']:.3f} vs student alone {gate['baseline']:.3f} "
         f"(needs +{cfg.gate_margin:.2f})"
     )
     if better:
@@ -495,7 +542,7 @@ def run(cfg: Config) -> dict:
 
     config = cfg.to_dict() | {"device_resolved": str(device), "wall_time_s": round(time.perf_counter() - started, 1)}
     report = build_report(entries, config, onnx_infos[0], protocol=data.splits.protocol,
-                          target_accuracy=cfg.target_accuracy, machine=machine_info()) | {"teacher_gate": gate}
+                          target_accuracy=cfg.target_accuracy, machine=machine_info()) | {"teacher_gate": gate, "teacher_layer": teacher.layer_choice}
     write_report(report, out)
     print_report(report)
     return report

@@ -275,6 +275,12 @@ def gate_line(gate: dict) -> str:
     )
 
 
+def layer_line(choice: dict) -> str:
+    """One sentence on the teacher layer ``--teacher-layer auto`` chose (``report['teacher_layer']``)."""
+    scores = ", ".join(f"{name} {value:.3f}" for name, value in choice["scores"].items())
+    return f"{choice['chosen']}, the best on validation {choice['metric']} ({scores})"
+
+
 def to_markdown(report: dict) -> str:
     header, cells = _rows(report)
     lines = ["# distill report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -284,6 +290,8 @@ def to_markdown(report: dict) -> str:
         lines += ["", f"**Target**: {report['target']['message']}"]
     if report.get("teacher_gate"):
         lines += ["", f"**Teacher gate**: {gate_line(report['teacher_gate'])}"]
+    if report.get("teacher_layer"):
+        lines += ["", f"**Teacher embedding**: {layer_line(report['teacher_layer'])}"]
     lines += ["", "## Speedup", ""] + [f"- {line}" for line in speedup_lines(report)]
     onnx_info = report.get("onnx") or {}
     if onnx_info:
@@ -400,6 +408,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
                                  caption=f"ort = ONNX Runtime; {caption}" if last else None))
     lines = speedup_lines(report) + ([report["target"]["message"]] if report.get("target") else [])
     lines += [f"teacher gate: {gate_line(report['teacher_gate'])}"] if report.get("teacher_gate") else []
+    lines += [f"teacher embedding: {report['teacher_layer']['chosen']}"] if report.get("teacher_layer") else []
     for line in lines:
         console.print(line, highlight=False)
 

@@ -188,11 +188,12 @@ def test_the_teacher_gate_warns_records_and_can_fail_the_run(tiny_data, tmp_path
     warned = runner.invoke(app, ["run", "--out", str(out), "--gate-margin", "1", *TINY])
     assert warned.exit_code == 0, warned.output
     text = " ".join(warned.output.split())
-    assert "warning: teacher gate: validation map teacher" in text and "the teacher is not clearly better" in text
+    assert "warning: teacher gate: validation map with training distractors teacher" in text
+    assert "the teacher is not clearly better" in text
     gate = json.loads((out / "report.json").read_text())["teacher_gate"]
-    assert gate["verdict"] == "not better" and gate["metric"] == "map" and gate["margin"] == 1
+    assert gate["verdict"] == "not better" and gate["metric"] == "map with training distractors" and gate["margin"] == 1
     assert 0 <= gate["teacher"] <= 1 and 0 <= gate["baseline"] <= 1
-    assert "**Teacher gate**: validation map teacher" in (out / "report.md").read_text()
+    assert "**Teacher gate**: validation map with training distractors teacher" in (out / "report.md").read_text()
 
     failed = runner.invoke(app, ["run", "--out", str(out), "--gate-margin", "1", "--require-better-teacher", *TINY])
     assert failed.exit_code == 1

@@ -103,11 +103,11 @@ def test_validation_identities_are_held_out_whole_spread_and_fixed():
     assert hold_out_identities(samples, 0.2) == (train, val)
 
 
-def test_at_least_two_validation_identities_and_four_left_to_train():
-    assert len({s.label for s in hold_out_identities(samples_of({i: 2 for i in range(6)}), 0.1)[1]}) == 2
-    with pytest.warns(UserWarning, match="validation is off: 5 training identities are too few to hold out 2 and keep 4"):
-        train, val = hold_out_identities(samples_of({i: 2 for i in range(5)}), 0.2)
-    assert val == [] and len(train) == 10
+def test_at_least_two_validation_identities_and_three_left_to_train():
+    assert len({s.label for s in hold_out_identities(samples_of({i: 2 for i in range(5)}), 0.1)[1]}) == 2
+    with pytest.warns(UserWarning, match="validation is off: 4 training identities are too few to hold out 2 and keep 3"):
+        train, val = hold_out_identities(samples_of({i: 2 for i in range(4)}), 0.2)
+    assert val == [] and len(train) == 8
     assert hold_out_identities(samples_of({i: 2 for i in range(5)}), 0.0)[1] == []
 
 

@@ -95,7 +95,10 @@ class InceptionBN(nn.Module):
         return self.blocks(self.stem(x))
 
 
-@register_model("inception_bn", "teacher", ModelCfg(input_size=(256, 128), embed_dim=128))
+FEATURE_LAYERS = tuple(f"backbone.blocks.{name}" for name in INCEPTION_CONFIG)
+
+
+@register_model("inception_bn", "teacher", ModelCfg(input_size=(256, 128), embed_dim=128, feature_layers=FEATURE_LAYERS))
 def inception_bn(embed_dim: int, num_classes: int, width: float = 1.0) -> EmbeddingNet:
     """BN-Inception backbone with the L2-normalised embedding and classifier heads."""
     backbone = InceptionBN(width)

@@ -53,7 +53,11 @@ class NINBN(nn.Module):
         return self.layers(x)
 
 
-@register_model("nin_bn", "student", ModelCfg(input_size=(256, 128), embed_dim=128))
+# the mlpconv blocks sit at even indices of ``NINBN.layers`` (max pools between them)
+FEATURE_LAYERS = tuple(f"backbone.layers.{2 * i}" for i in range(len(NIN_CONFIG)))
+
+
+@register_model("nin_bn", "student", ModelCfg(input_size=(256, 128), embed_dim=128, feature_layers=FEATURE_LAYERS))
 def nin_bn(embed_dim: int, num_classes: int, width: float = 1.0) -> EmbeddingNet:
     """NIN-BN backbone with the L2-normalised embedding and classifier heads."""
     backbone = NINBN(width)

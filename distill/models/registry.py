@@ -27,12 +27,14 @@ PREFIXES = {"teacher": ("timm", "torchvision", "onnx"), "student": ("timm",)}
 @dataclass(frozen=True)
 class ModelCfg:
     """What a model expects: input size ``(H, W)``, per-channel mean/std of its input normalisation
-    (None: ImageNet's, what the data transforms give) and its usual embedding size (None: the run's)."""
+    (None: ImageNet's, what the data transforms give), its usual embedding size (None: the run's) and
+    the layers ``--teacher-layer auto`` tries besides its embedding."""
 
     input_size: tuple[int, int] = (224, 224)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     embed_dim: int | None = None
+    feature_layers: tuple[str, ...] = ()  # layers whose pooled output may serve as the embedding, shallow to deep
 
 
 @dataclass(frozen=True)
