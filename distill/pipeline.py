@@ -35,7 +35,7 @@ from distill.objective import StudentObjective, build_objective
 from distill.students import create_student
 from distill.teachers import Teacher, file_fingerprint, load_teacher
 from distill.teachers.cache import cache_key, cached_outputs
-from distill.teachers.layers import EMBEDDING, choose_layer, feature_layers
+from distill.teachers.layers import EMBEDDING, PooledLayers, choose_layer, feature_layers
 
 console = Console(stderr=True)
 
@@ -151,20 +151,39 @@ def distractor_map(fn: Callable[[Tensor], Any], data: Prepared, device: torch.de
     """mAP of every validation image searching the other validation images plus (up to
     ``max_distractors``, evenly spread) un-augmented training images as distractors.
 
-    What ``--teacher-layer auto`` ranks layers by. With a handful of held-out identities, Recall@1
-    among them alone is close to a coin toss between two people; the training images ask what
-    matters for classes the model never saw: does it keep them apart from the ones it was fitted
-    to, and mAP scores the whole ranking, not only its first place.
+    What the teacher gate and ``--teacher-layer auto`` compare by. With a handful of held-out
+    identities, Recall@1 among them alone is close to a coin toss between two people; the training
+    images ask what matters for classes the model never saw: does it keep them apart from the ones
+    it was fitted to; and mAP scores the whole ranking, not only its first place.
     """
+    return distractor_maps(fn, data, device, max_distractors)[0]
+
+
+def distractor_maps(fn: Callable[[Tensor], Any], data: Prepared, device: torch.device, max_distractors: int = 1000) -> list[float]:
+    """:func:`distractor_map` of each embedding ``fn`` returns (``fn`` may return a tuple of them)."""
     picks = torch.linspace(0, len(data.train_plain) - 1, min(max_distractors, len(data.train_plain))).long().unique()
     distractors = [data.train_plain.samples[int(i)] for i in picks]
-    val = extract(fn, ImageDataset(data.val, data.eval_transform), device)[0]
-    train = extract(fn, ImageDataset(distractors, data.eval_transform), device)[0]
+    val = extract(fn, ImageDataset(data.val, data.eval_transform), device)
+    train = extract(fn, ImageDataset(distractors, data.eval_transform), device)
     labels = torch.tensor([s.label for s in data.val])
-    gallery_labels = torch.cat([labels, torch.full((len(train),), int(labels.min()) - 1)])  # no query's label
+    gallery_labels = torch.cat([labels, torch.full((len(distractors),), int(labels.min()) - 1)])  # no query's label
     cams = torch.arange(len(labels))  # a distinct "camera" per image removes only the query itself
-    gallery_cams = torch.cat([cams, torch.full((len(train),), -1)])
-    return float(reid_metrics(val, torch.cat([val, train]), labels, gallery_labels, cams, gallery_cams)["map"])
+    gallery_cams = torch.cat([cams, torch.full((len(distractors),), -1)])
+    return [
+        float(reid_metrics(v, torch.cat([v, t]), labels, gallery_labels, cams, gallery_cams)["map"])
+        for v, t in zip(val, train) if v is not None
+    ]
+
+
+def layer_scores(teacher: Teacher, layers: list[str], data: Prepared, device: torch.device) -> dict[str, float]:
+    """:func:`distractor_map` of the teacher's embedding and of each layer (one forward pass), listed
+    embedding first, then from the deepest layer to the shallowest (the order ties are broken in)."""
+    probe = PooledLayers(teacher.module, layers)
+    try:
+        scores = dict(zip([EMBEDDING, *layers], distractor_maps(probe, data, device)))
+    finally:
+        probe.close()
+    return {name: scores[name] for name in [EMBEDDING, *reversed(layers)]}
 
 
 def validator(data: Prepared, device: torch.device) -> Callable[[nn.Module], float] | None:
@@ -289,17 +308,18 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
     """
     weights = teacher_weights(cfg, data, device)
 
-    def load(layer: str | None) -> Teacher:
-        return load_teacher(cfg.teacher, weights=weights, device=str(device), layer=layer)
+    def load(layer: str) -> Teacher:
+        return load_teacher(cfg.teacher, weights=weights, device=str(device), layer=None if layer == EMBEDDING else layer)
 
     if cfg.teacher_layer != "auto":
-        return task_logits(load(None if cfg.teacher_layer == EMBEDDING else cfg.teacher_layer), data.num_classes)
-    teacher = load(None)
+        return task_logits(load(cfg.teacher_layer), data.num_classes)
+    teacher = load(EMBEDDING)
     layers = feature_layers(cfg.teacher, teacher.module)
     if not layers or not data.val:
         return task_logits(teacher, data.num_classes)
-    teacher, scores = choose_layer(load, layers, lambda t: distractor_map(t, data, device))
-    chosen = next(name for name, value in scores.items() if value == max(scores.values()))
+    scores = layer_scores(teacher, layers, data, device)
+    chosen = choose_layer(scores)
+    teacher = teacher if chosen == EMBEDDING else load(chosen)
     console.print(
         f"teacher embedding: [bold]{chosen}[/] (validation {DISTRACTOR_METRIC} {scores[chosen]:.3f}; its own "
         f"embedding {scores[EMBEDDING]:.3f}; {len(scores)} layers tried, set one with --teacher-layer)"

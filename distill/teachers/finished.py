@@ -71,5 +71,9 @@ class FinishedModel(nn.Module):
             if self.mode == "pair" and self.layer is None:
                 return emb, logits
             emb, self._captured = self._captured, None
-        emb = emb.mean(dim=(2, 3)) if emb.dim() == 4 else emb.flatten(1)
-        return F.normalize(emb, dim=1), logits
+        return pooled_embedding(emb), logits
+
+
+def pooled_embedding(output: Tensor) -> Tensor:
+    """A layer's output as an L2-normalised embedding: global-average-pooled when it is a feature map."""
+    return F.normalize(output.mean(dim=(2, 3)) if output.dim() == 4 else output.flatten(1), dim=1)
