@@ -29,7 +29,7 @@ from distill.engine import BatchSampler, TrainSettings, barrier, distributed, ex
 from distill.errors import DistillError
 from distill.evaluate import evaluate_model, reid_metrics, retrieval_metrics
 from distill.losses.task import HPARAMS
-from distill.models import NotAModelFile, build_model, parse_spec, read_model_file, save_model
+from distill.models import NotAModelFile, build_model, model_cfg, parse_spec, read_model_file, save_model
 from distill.models.file import load_backbone_weights
 from distill.objective import StudentObjective, build_objective
 from distill.students import create_student
@@ -76,7 +76,13 @@ def check_models(cfg: Config) -> None:
         if cfg.teacher_layer not in ("auto", EMBEDDING) or cfg.teacher_finetune:
             raise DistillError(f"{cfg.teacher} runs in ONNX Runtime as it is: drop --teacher-layer and --teacher-finetune")
     else:
-        build_model(cfg.teacher, cfg.embed_dim, 2)
+        model = build_model(cfg.teacher, cfg.embed_dim, 2)
+        names = dict(model.named_modules())
+        if teacher.kind == "builtin" and cfg.teacher_layer not in ("auto", EMBEDDING, *(n for n in names if n)):
+            raise DistillError(
+                f"--teacher-layer: {cfg.teacher} has no layer '{cfg.teacher_layer}'; use auto, embedding or one of "
+                f"{', '.join(model_cfg(cfg.teacher).feature_layers)} (or another module name)"
+            )
     if cfg.teacher_weights and not Path(cfg.teacher_weights).is_file():
         raise DistillError(f"teacher weights not found: {cfg.teacher_weights}")
     if teacher.kind in ("timm", "torchvision") and not cfg.teacher_weights:

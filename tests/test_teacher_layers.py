@@ -121,3 +121,11 @@ def test_distractor_map_against_a_loop_over_validation_queries(tiny_data, tmp_pa
         hits = [k for k, match in enumerate(ranked) if match]
         aps.append(sum((n + 1) / (k + 1) for n, k in enumerate(hits)) / len(hits))
     assert got == pytest.approx(sum(aps) / len(aps), abs=1e-5)
+
+
+def test_an_unknown_layer_of_a_builtin_teacher_fails_before_training(tiny_data, tmp_path):
+    result = runner.invoke(app, ["run", "--out", str(tmp_path / "x"), *TINY, "--teacher-layer", "backbone.blocks.9z"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "--teacher-layer: inception_bn has no layer 'backbone.blocks.9z'; use auto, embedding or one of backbone.blocks.3a," in text
+    assert "teacher: epoch" not in text and not (tmp_path / "x" / "teacher.pt").exists()
