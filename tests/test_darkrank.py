@@ -429,3 +429,21 @@ def test_duplicated_images_give_finite_gradients_for_any_beta(beta: float) -> No
 def test_bad_topk_and_samples(call, message: str) -> None:
     with pytest.raises(DistillError, match=message):
         call()
+
+
+def test_darkrank_gradient_is_the_same_every_time_on_a_multithreaded_cpu():
+    """Same inputs, same gradient bit for bit (what makes `--seed` reproduce a distilled student)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        student, teacher = torch.randn(64, 128, generator=gen), torch.randn(64, 256, generator=gen)
+        loss = DarkRankLoss(mode="hard", list_size=None)
+        grads = []
+        for _ in range(10):
+            x = student.clone().requires_grad_(True)
+            loss(x, teacher).backward()
+            grads.append(x.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])

@@ -350,8 +350,10 @@ class DarkRankLoss(nn.Module):
             dtype = torch.promote_types(student_emb.dtype, torch.float32)
             student, teacher = student_emb.to(dtype), teacher_emb.detach().to(dtype)
             idx = self.candidates(teacher)
-            s = darkrank_scores(student, student[idx], self.alpha, self.beta)
-            t = darkrank_scores(teacher, teacher[idx], self.alpha, self.beta)
+            # all pairs, then each row's candidates: a row-wise gather is summed in a fixed order on
+            # the backward pass (indexing student[idx] accumulates with atomics on a multi-threaded CPU)
+            s = darkrank_scores(student, student, self.alpha, self.beta).gather(1, idx)
+            t = darkrank_scores(teacher, teacher, self.alpha, self.beta).gather(1, idx)
         if self.mode == "hard":
             return hard_darkrank(s, t, self.topk)
         return soft_darkrank(s, t, self.method, self.num_samples)
