@@ -162,11 +162,14 @@ def distractor_map(fn: Callable[[Tensor], Any], data: Prepared, device: torch.de
     images ask what matters for classes the model never saw: does it keep them apart from the ones
     it was fitted to; and mAP scores the whole ranking, not only its first place.
     """
-    return distractor_maps(fn, data, device, max_distractors)[0]
+    return distractor_maps(fn, data, device, max_distractors, count=1)[0]
 
 
-def distractor_maps(fn: Callable[[Tensor], Any], data: Prepared, device: torch.device, max_distractors: int = 1000) -> list[float]:
-    """:func:`distractor_map` of each embedding ``fn`` returns (``fn`` may return a tuple of them)."""
+def distractor_maps(
+    fn: Callable[[Tensor], Any], data: Prepared, device: torch.device, max_distractors: int = 1000, count: int | None = None
+) -> list[float]:
+    """:func:`distractor_map` of each of the first ``count`` outputs of ``fn`` (all when None): a
+    model's embedding alone (``count=1``, not its logits), or every layer of ``PooledLayers``."""
     picks = torch.linspace(0, len(data.train_plain) - 1, min(max_distractors, len(data.train_plain))).long().unique()
     distractors = [data.train_plain.samples[int(i)] for i in picks]
     val = extract(fn, ImageDataset(data.val, data.eval_transform), device)
@@ -177,7 +180,7 @@ def distractor_maps(fn: Callable[[Tensor], Any], data: Prepared, device: torch.d
     gallery_cams = torch.cat([cams, torch.full((len(distractors),), -1)])
     return [
         float(reid_metrics(v, torch.cat([v, t]), labels, gallery_labels, cams, gallery_cams)["map"])
-        for v, t in zip(val, train) if v is not None
+        for v, t in list(zip(val, train))[:count]
     ]
 
 
