@@ -60,9 +60,21 @@ class TrainSettings:
 
     def num_epochs(self, steps_per_epoch: int) -> int:
         """Epochs to train: ``ceil(steps / steps_per_epoch)`` when ``steps`` is set, else ``epochs``,
-        and never fewer than ``min_steps`` need (so a 100-image set still gets a real training)."""
-        wanted = math.ceil(self.steps / steps_per_epoch) if self.steps else self.epochs
-        return max(wanted, math.ceil(self.min_steps / steps_per_epoch))
+        and never fewer than ``min_steps`` need (so a 100-image set still gets a real training).
+        ``min_steps`` is for a default length only: a length the user gave runs as given, so
+        ``pipeline.train_settings`` passes ``min_steps=0`` with it."""
+        return max(self._asked(steps_per_epoch), math.ceil(self.min_steps / steps_per_epoch))
+
+    def _asked(self, steps_per_epoch: int) -> int:
+        return math.ceil(self.steps / steps_per_epoch) if self.steps else self.epochs
+
+    def budget_note(self, steps_per_epoch: int) -> str | None:
+        """One sentence when ``min_steps`` raised the length (None when it did not)."""
+        asked, epochs = self._asked(steps_per_epoch), self.num_epochs(steps_per_epoch)
+        if epochs == asked:
+            return None
+        return (f"the default {asked} epochs ({asked * steps_per_epoch} steps) raised to {epochs} to reach the "
+                f"minimum of {self.min_steps} steps (a length you set runs as given)")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -178,7 +190,9 @@ def fit(
 
     every = _val_every(epochs)
     if main and start_epoch == 0:
-        print(f"{desc}: {epochs} epochs x {len(sampler)} steps" + (f", validated every {every} epoch(s)" if validate else ""), file=sys.stderr)
+        note = settings.budget_note(len(sampler))
+        print(f"{desc}: {epochs} epochs x {len(sampler)} steps" + (f", validated every {every} epoch(s)" if validate else "")
+              + (f"; {note}" if note else ""), file=sys.stderr)
     with _progress(desc) as progress:
         task = progress.add_task(desc, total=(epochs - start_epoch) * len(sampler), info="", visible=main)
 

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from distill.config import Config, export_precisions, student_specs
+from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config, export_precisions, student_specs
 from distill.data import Sample, Splits, data_fingerprint, hold_out_identities, load_dataset
 from distill.data.inputs import choose_augment, choose_image_size
 from distill.data.importance import ImportanceBatchSampler
@@ -236,10 +236,16 @@ def check_splits(splits: Splits, spec: str) -> None:
 
 
 def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> TrainSettings:
+    """The teacher's or the students' training settings. A length the user gave (epochs or steps)
+    runs as given; only the default length is raised to the minimum number of steps."""
+    epochs, steps, minimum = (
+        (cfg.teacher_epochs, cfg.teacher_steps, cfg.teacher_min_steps) if teacher else (cfg.epochs, cfg.steps, cfg.min_steps)
+    )
+    given = epochs is not None or steps is not None
     return TrainSettings(
-        epochs=cfg.teacher_epochs if teacher else cfg.epochs,
-        steps=cfg.teacher_steps if teacher else cfg.steps,
-        min_steps=cfg.teacher_min_steps if teacher else cfg.min_steps,
+        epochs=epochs if epochs is not None else (DEFAULT_TEACHER_EPOCHS if teacher else DEFAULT_EPOCHS),
+        steps=steps,
+        min_steps=0 if given else minimum,
         lr=cfg.teacher_lr if teacher else cfg.lr,
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,
