@@ -59,7 +59,7 @@ def test_schema_speedups_drop_and_gain(seed):
     models = fake_models(seed)
     report = build_report(models, CONFIG, ONNX)
     assert set(report) == {"models", "speedup", "speedup_like_for_like", "onnx", "config", "accuracy_drop", "distillation_gain",
-                           "protocol", "accuracy_metrics", "pareto_metric", "target"}
+                           "protocol", "accuracy_metrics", "pareto_metric", "target", "share_of_lead_kept", "verdict"}
     for row in report["models"]:
         assert {"name", "runtime", "params", "gflops", "latency_ms_p50", "latency_ms_p90", "throughput_ips", "metrics"} <= set(row)
         assert set(METRICS) <= set(row["metrics"])
