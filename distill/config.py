@@ -36,11 +36,13 @@ class Config:
     bbox_crop: bool | None = None  # cub200 only: crop to the published bounding boxes
     split_file: str | None = None  # imagefolder only: explicit train/test split file
     # training (students; the teacher uses teacher_epochs and teacher_lr)
-    epochs: int = 12
-    teacher_epochs: int = 24  # 16 left BN-Inception under-trained: R@1 0.74-0.85 run to run vs 0.885-0.893 at 24
+    # A length given (epochs or steps) runs as given; left unset, it is DEFAULT_EPOCHS (or
+    # DEFAULT_TEACHER_EPOCHS) raised to at least min_steps (teacher_min_steps), so small sets train enough.
+    epochs: int | None = None  # None: DEFAULT_EPOCHS, at least min_steps
+    teacher_epochs: int | None = None  # None: DEFAULT_TEACHER_EPOCHS, at least teacher_min_steps
     steps: int | None = None  # student optimiser steps (rounded up to whole epochs); overrides epochs
     teacher_steps: int | None = None  # the same for the teacher; overrides teacher_epochs
-    min_steps: int = 150  # at least this many student steps, however few epochs that is (small data sets)
+    min_steps: int = 150  # the default length is raised to at least this many student steps (small data sets)
     teacher_min_steps: int = 300  # the same for the teacher
     batch_size: int = 64
     images_per_id: int = 4
@@ -102,6 +104,8 @@ class Config:
 
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
+DEFAULT_EPOCHS = 12  # student epochs when neither --epochs nor --steps is given
+DEFAULT_TEACHER_EPOCHS = 24  # 16 left BN-Inception under-trained: R@1 0.74-0.85 run to run vs 0.885-0.893 at 24
 
 
 def student_specs(cfg: Config) -> list[tuple[str, float]]:
@@ -157,12 +161,12 @@ HELP: dict[str, str] = {
     "cuhk03_variant": "cuhk03 only: labeled or detected boxes.",
     "bbox_crop": "cub200 only: crop to the bounding boxes.",
     "split_file": "imagefolder only: explicit train/test split file.",
-    "epochs": "Student epochs.",
-    "teacher_epochs": "Teacher epochs (when it is trained here).",
-    "steps": "Student optimiser steps, rounded up to whole epochs (overrides --epochs).",
-    "teacher_steps": "Teacher optimiser steps (overrides --teacher-epochs).",
-    "min_steps": "At least this many student steps, however small the data set.",
-    "teacher_min_steps": "At least this many teacher steps.",
+    "epochs": f"Student epochs, run as given (unset: {DEFAULT_EPOCHS}, raised to --min-steps on small data sets).",
+    "teacher_epochs": f"Teacher epochs when it is trained here, run as given (unset: {DEFAULT_TEACHER_EPOCHS}, raised to --teacher-min-steps).",
+    "steps": "Student optimiser steps, rounded up to whole epochs, run as given (overrides --epochs).",
+    "teacher_steps": "Teacher optimiser steps, run as given (overrides --teacher-epochs).",
+    "min_steps": "The default student length (no --epochs/--steps) is raised to at least this many steps.",
+    "teacher_min_steps": "The default teacher length (no --teacher-epochs/--teacher-steps) is raised to at least this many steps.",
     "batch_size": "Batch size (P identities x K images); fitted to the identities there are.",
     "images_per_id": "K, images per identity in a batch.",
     "sampler": "Batches: pk (P x K) or importance (Deep Ranking's online importance sampling).",
@@ -273,8 +277,12 @@ def validate(cfg: Config) -> Config:
         raise DistillError(f"--darkrank-method must be one of {', '.join(DARKRANK_METHODS)}, got '{cfg.darkrank_method}'")
     if cfg.augment is not None and cfg.augment not in AUGMENT_PRESETS:
         raise DistillError(f"--augment must be one of {', '.join(AUGMENT_PRESETS)}, got '{cfg.augment}'")
+    for name in ("epochs", "teacher_epochs", "steps", "teacher_steps", "min_steps", "teacher_min_steps"):
+        value = getattr(cfg, name)  # a TOML file or recipe can give 2.5
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise DistillError(f"{name} must be an integer, got {value!r}")
     for name in ("epochs", "teacher_epochs", "batch_size", "images_per_id", "embed_dim", "bench_iters"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise DistillError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("steps", "teacher_steps", "min_steps", "teacher_min_steps"):
         value = getattr(cfg, name)

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,12 +31,13 @@ from distill.atomic import atomic_write_text
 from distill.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from distill.data.dataset import ImageDataset
 from distill.data.samplers import loader_settings
+from distill import selection
 from distill.errors import DistillError
 from distill.parallel import TrainStep, data_parallel, sum_over_ranks
 
 TeacherFn = Callable[[Tensor, Tensor], Any]
 BatchSampler = Sampler[list[int]]  # yields lists of dataset indices; has set_epoch(epoch)
-Validator = Callable[[nn.Module], float]
+Validator = Callable[[nn.Module], "float | Sequence[float] | Tensor"]  # per-query scores, or one
 MAX_VALIDATIONS = 20  # validation rounds per training at most (small data sets run hundreds of epochs)
 
 
@@ -60,9 +61,21 @@ class TrainSettings:
 
     def num_epochs(self, steps_per_epoch: int) -> int:
         """Epochs to train: ``ceil(steps / steps_per_epoch)`` when ``steps`` is set, else ``epochs``,
-        and never fewer than ``min_steps`` need (so a 100-image set still gets a real training)."""
-        wanted = math.ceil(self.steps / steps_per_epoch) if self.steps else self.epochs
-        return max(wanted, math.ceil(self.min_steps / steps_per_epoch))
+        and never fewer than ``min_steps`` need (so a 100-image set still gets a real training).
+        ``min_steps`` is for a default length only: a length the user gave runs as given, so
+        ``pipeline.train_settings`` passes ``min_steps=0`` with it."""
+        return max(self._asked(steps_per_epoch), math.ceil(self.min_steps / steps_per_epoch))
+
+    def _asked(self, steps_per_epoch: int) -> int:
+        return math.ceil(self.steps / steps_per_epoch) if self.steps else self.epochs
+
+    def budget_note(self, steps_per_epoch: int) -> str | None:
+        """One sentence when ``min_steps`` raised the length (None when it did not)."""
+        asked, epochs = self._asked(steps_per_epoch), self.num_epochs(steps_per_epoch)
+        if epochs == asked:
+            return None
+        return (f"the default {asked} epochs ({asked * steps_per_epoch} steps) raised to {epochs} to reach the "
+                f"minimum of {self.min_steps} steps (a length you set runs as given)")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -141,10 +154,12 @@ def fit(
     ``penalty(model)``, when given, is added to every step's loss (e.g. Deep Ranking's L2 weight
     penalty). A NaN/inf loss stops training with a clear message, keeping the last good checkpoint.
 
-    ``validate(model) -> score`` (higher is better), when given, runs every few epochs (at most
-    ``MAX_VALIDATIONS`` times, and after the last epoch); the weights with the best score (ties go
-    to the later epoch) are kept in the checkpoint and loaded into ``model`` at the end. Its
-    ``best_epoch`` and ``best_score`` are set on the returned model's ``fit_summary`` dict.
+    ``validate(model) -> scores`` (per validation query, or one number; higher is better), when
+    given, runs every few epochs (at most ``MAX_VALIDATIONS`` times, and after the last epoch); the
+    weights of the epoch :mod:`distill.selection` keeps (the latest one within the noise of the best
+    score) are kept in the checkpoint and loaded into ``model`` at the end, and one line says which.
+    The returned model's ``fit_summary`` dict gets ``best_epoch``, ``best_score`` (and its standard
+    error), the highest-scoring and the last epoch with their scores (``selection.summary``).
 
     Under torchrun, model and objective train as one DDP module (:mod:`distill.parallel`), so every
     trainable parameter gets the gradient averaged over ranks. The sampler gives each rank its share
@@ -178,7 +193,9 @@ def fit(
 
     every = _val_every(epochs)
     if main and start_epoch == 0:
-        print(f"{desc}: {epochs} epochs x {len(sampler)} steps" + (f", validated every {every} epoch(s)" if validate else ""), file=sys.stderr)
+        note = settings.budget_note(len(sampler))
+        print(f"{desc}: {epochs} epochs x {len(sampler)} steps" + (f", validated every {every} epoch(s)" if validate else "")
+              + (f"; {note}" if note else ""), file=sys.stderr)
     with _progress(desc) as progress:
         task = progress.add_task(desc, total=(epochs - start_epoch) * len(sampler), info="", visible=main)
 
@@ -192,10 +209,9 @@ def fit(
             objective.train()
             record = _train_epoch(train_step, loader, optimizer, scheduler, teacher_fn, device, epoch, desc, checkpoint, show)
             if validate is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
-                score = float(validate(model))
-                if best is None or score >= best["score"]:
-                    best = {"score": score, "epoch": epoch + 1, "model": copy.deepcopy(model.state_dict())}
-                record.update(val_score=score, best_val_score=best["score"], best_epoch=best["epoch"])
+                kept, keep = selection.update(best, validate(model), epoch + 1)
+                best = kept | {"model": copy.deepcopy(model.state_dict()) if keep else best["model"]}
+                record.update(val_score=kept["last_score"], best_val_score=best["score"], best_epoch=best["epoch"])
             if main and progress.disable:
                 val = f" val {record['val_score']:.3f} (best {best['score']:.3f} @ {best['epoch']})" if "val_score" in record else ""
                 print(f"{desc}: epoch {epoch + 1}/{epochs} loss {record['loss']:.4f}{val} {record['images_per_s']:.0f} img/s", file=sys.stderr)
@@ -205,9 +221,9 @@ def fit(
                 atomic_write_text(log_path, log)
     if best is not None:
         model.load_state_dict(best["model"])
-    model.fit_summary = {"epochs": epochs, "steps": epochs * len(sampler)} | (
-        {"best_epoch": best["epoch"], "best_score": best["score"]} if best else {}
-    )
+        if main:
+            print(selection.selection_line(desc, best), file=sys.stderr)
+    model.fit_summary = {"epochs": epochs, "steps": epochs * len(sampler)} | selection.summary(best)
     model.eval()
     return model
 

@@ -97,6 +97,7 @@ def reid_metrics(
     max_rank: int = 50,
     metric: str = "cosine",
     chunk_size: int | None = None,
+    per_query: bool = False,
 ) -> dict[str, Any]:
     """Re-ID mAP and CMC with the Market-1501 / torchreid protocol.
 
@@ -107,7 +108,8 @@ def reid_metrics(
     dropped by the loader; distractors (pid 0) are ordinary non-matching gallery images.
 
     Returns ``map``, ``cmc`` (``max_rank`` floats, CMC(1..max_rank)), ``rank1``, ``rank5``,
-    ``rank10`` and ``num_valid_queries``.
+    ``rank10`` and ``num_valid_queries``; with ``per_query`` also ``ap``, the AP of each query that
+    has a match, in query order (their mean is ``map``).
     """
     qf, gf = _features(qf, "query features"), _features(gf, "gallery features")
     if qf.shape[1] != gf.shape[1]:
@@ -151,7 +153,7 @@ def reid_metrics(
         "cmc": cmc.tolist(),
         **{f"rank{k}": (first <= k).double().mean().item() for k in (1, 5, 10)},
         "num_valid_queries": len(first),
-    }
+    } | ({"ap": ap.tolist()} if per_query else {})
 
 
 def _first_hit_ranks(emb: Tensor, labels: Tensor, step: int, g_sq: Tensor | None, gallery: Tensor | None = None) -> Tensor:

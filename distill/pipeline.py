@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
-from distill.config import Config, export_precisions, student_specs
+from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config, export_precisions, student_specs
 from distill.data import Sample, Splits, data_fingerprint, hold_out_identities, load_dataset
 from distill.data.inputs import choose_augment, choose_image_size
 from distill.data.importance import ImportanceBatchSampler
@@ -27,6 +27,7 @@ from distill.data.dataset import ImageDataset, make_label_map
 from distill.data.transforms import build_transform
 from distill.engine import BatchSampler, TrainSettings, barrier, distributed, extract, fit, is_main_process, resolve_device
 from distill.errors import DistillError
+from distill.selection import chance_note, random_ranking_ap
 from distill.evaluate import evaluate_model, reid_metrics, retrieval_metrics
 from distill.losses.task import HPARAMS
 from distill.models import NotAModelFile, build_model, model_cfg, parse_spec, read_model_file, save_model
@@ -139,17 +140,6 @@ def prepare_data(cfg: Config, device: torch.device = torch.device("cpu")) -> Pre
     return Prepared(splits, train, plain, val, eval_tf, len(label_map))
 
 
-def validation_score(fn: Callable[[Tensor], Any], data: Prepared, device: torch.device) -> float:
-    """Score on the held-out training identities, every image querying all others: Recall@1 for
-    retrieval, mAP for re-ID (the metric each protocol ranks models by)."""
-    feats = extract(fn, ImageDataset(data.val, data.eval_transform), device)[0]
-    labels = torch.tensor([s.label for s in data.val])
-    if data.splits.protocol == "reid":
-        cams = torch.arange(len(labels))  # a distinct "camera" per image removes only the query itself
-        return float(reid_metrics(feats, feats, labels, labels, cams, cams)["map"])
-    return float(retrieval_metrics(feats, labels, ks=(1,), clustering=False)["recall@1"])
-
-
 DISTRACTOR_METRIC = "map with training distractors"
 
 
@@ -166,22 +156,40 @@ def distractor_map(fn: Callable[[Tensor], Any], data: Prepared, device: torch.de
 
 
 def distractor_maps(
-    fn: Callable[[Tensor], Any], data: Prepared, device: torch.device, max_distractors: int = 1000, count: int | None = None
-) -> list[float]:
+    fn: Callable[[Tensor], Any], data: Prepared, device: torch.device, max_distractors: int = 1000, count: int | None = None,
+    per_query: bool = False,
+) -> list:
     """:func:`distractor_map` of each of the first ``count`` outputs of ``fn`` (all when None): a
-    model's embedding alone (``count=1``, not its logits), or every layer of ``PooledLayers``."""
-    picks = torch.linspace(0, len(data.train_plain) - 1, min(max_distractors, len(data.train_plain))).long().unique()
-    distractors = [data.train_plain.samples[int(i)] for i in picks]
+    model's embedding alone (``count=1``, not its logits), or every layer of ``PooledLayers``.
+    With ``per_query``, each is the list of every validation query's AP instead of their mean."""
+    distractors = _distractors(data, max_distractors)
     val = extract(fn, ImageDataset(data.val, data.eval_transform), device)
     train = extract(fn, ImageDataset(distractors, data.eval_transform), device)
     labels = torch.tensor([s.label for s in data.val])
     gallery_labels = torch.cat([labels, torch.full((len(distractors),), int(labels.min()) - 1)])  # no query's label
     cams = torch.arange(len(labels))  # a distinct "camera" per image removes only the query itself
     gallery_cams = torch.cat([cams, torch.full((len(distractors),), -1)])
-    return [
-        float(reid_metrics(v, torch.cat([v, t]), labels, gallery_labels, cams, gallery_cams)["map"])
+    results = [
+        reid_metrics(v, torch.cat([v, t]), labels, gallery_labels, cams, gallery_cams, per_query=per_query)
         for v, t in list(zip(val, train))[:count]
     ]
+    return [r["ap"] if per_query else float(r["map"]) for r in results]
+
+
+def _distractors(data: Prepared, max_distractors: int) -> list[Sample]:
+    """Up to ``max_distractors`` training images, evenly spread (so over the training identities)."""
+    picks = torch.linspace(0, len(data.train_plain) - 1, min(max_distractors, len(data.train_plain))).long().unique()
+    return [data.train_plain.samples[int(i)] for i in picks]
+
+
+def distractor_chance(data: Prepared, max_distractors: int = 1000) -> float:
+    """:func:`distractor_map` of a random ranking (its expectation): the chance level of the
+    validation score, from how many images each validation identity has and the gallery size."""
+    counts = Counter(s.label for s in data.val)
+    relevant = torch.tensor([counts[s.label] - 1 for s in data.val])
+    relevant = relevant[relevant > 0]  # queries without a match are not scored
+    gallery = len(data.val) - 1 + len(_distractors(data, max_distractors))
+    return float(random_ranking_ap(relevant, gallery).mean())
 
 
 def layer_scores(teacher: Teacher, layers: list[str], data: Prepared, device: torch.device) -> dict[str, float]:
@@ -195,9 +203,11 @@ def layer_scores(teacher: Teacher, layers: list[str], data: Prepared, device: to
     return {name: scores[name] for name in [EMBEDDING, *reversed(layers)]}
 
 
-def validator(data: Prepared, device: torch.device) -> Callable[[nn.Module], float] | None:
-    """The ``fit`` hook that scores a model on the validation identities (None when there are none)."""
-    return (lambda model: validation_score(model, data, device)) if data.val else None
+def validator(data: Prepared, device: torch.device) -> Callable[[nn.Module], list[float]] | None:
+    """The ``fit`` hook that scores a model on the validation identities (None when there are none):
+    every query's AP by the :func:`distractor_map` protocol, the evidence ``distill.selection``
+    weighs to keep an epoch."""
+    return (lambda model: distractor_maps(model, data, device, count=1, per_query=True)[0]) if data.val else None
 
 
 def check_splits(splits: Splits, spec: str) -> None:
@@ -236,10 +246,16 @@ def check_splits(splits: Splits, spec: str) -> None:
 
 
 def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> TrainSettings:
+    """The teacher's or the students' training settings. A length the user gave (epochs or steps)
+    runs as given; only the default length is raised to the minimum number of steps."""
+    epochs, steps, minimum = (
+        (cfg.teacher_epochs, cfg.teacher_steps, cfg.teacher_min_steps) if teacher else (cfg.epochs, cfg.steps, cfg.min_steps)
+    )
+    given = epochs is not None or steps is not None
     return TrainSettings(
-        epochs=cfg.teacher_epochs if teacher else cfg.epochs,
-        steps=cfg.teacher_steps if teacher else cfg.steps,
-        min_steps=cfg.teacher_min_steps if teacher else cfg.min_steps,
+        epochs=epochs if epochs is not None else (DEFAULT_TEACHER_EPOCHS if teacher else DEFAULT_EPOCHS),
+        steps=steps,
+        min_steps=0 if given else minimum,
         lr=cfg.teacher_lr if teacher else cfg.lr,
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,
@@ -372,6 +388,8 @@ def teacher_weights(cfg: Config, data: Prepared, device: torch.device) -> str | 
     diffs = cached_teacher_differences(path, recipe, fingerprint)
     if diffs == []:
         console.print(f"[green]reusing the teacher trained earlier:[/] {path}")
+        if (note := (teacher_fit(cfg) or {}).get("chance_note")) and is_main_process():
+            console.print(f"[yellow]warning:[/] {note}")
         return str(path)
     if diffs:
         console.print(f"[yellow]{path} was trained with other settings ({'; '.join(diffs)}): training a new one")
@@ -381,6 +399,7 @@ def teacher_weights(cfg: Config, data: Prepared, device: torch.device) -> str | 
         cfg.out_dir / "teacher.ckpt",
         penalty=weight_penalty(objective), desc="teacher", validate=validator(data, device),
     )
+    model.fit_summary |= chance_check("the teacher", model.fit_summary, data)
     if is_main_process():
         save_model(
             path, model, arch=cfg.teacher, data=fingerprint, image_size=list(cfg.image_size), recipe=recipe,
@@ -388,6 +407,29 @@ def teacher_weights(cfg: Config, data: Prepared, device: torch.device) -> str | 
         )
     barrier()
     return str(path)
+
+
+def chance_check(name: str, fit_summary: dict, data: Prepared) -> dict:
+    """The chance level of the validation score (``distractor_chance``) and, when ``name``'s kept
+    model is near it, a warning on the console and in the returned ``chance_note`` (empty dict
+    without validation)."""
+    if "best_score" not in fit_summary:
+        return {}
+    chance = distractor_chance(data)
+    note = chance_note(name, fit_summary, chance)
+    if note and is_main_process():
+        console.print(f"[yellow]warning:[/] {note}")
+    return {"metric": DISTRACTOR_METRIC, "chance": chance, "near_chance": note is not None} | ({"chance_note": note} if note else {})
+
+
+def teacher_fit(cfg: Config) -> dict | None:
+    """The training summary of a teacher trained here (``<out>/teacher.pt``; None for a teacher used as given)."""
+    if parse_spec(cfg.teacher).kind == "onnx" or (cfg.teacher_weights and not cfg.teacher_finetune):
+        return None
+    try:
+        return read_model_file(cfg.out_dir / "teacher.pt")[0].get("meta", {}).get("fit")
+    except DistillError:  # none yet, or unreadable
+        return None
 
 
 def weight_penalty(objective: StudentObjective) -> Callable[[nn.Module], Tensor] | None:
@@ -432,6 +474,7 @@ def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=Non
         model, objective, data.train, batch_sampler(cfg, data.train.labels), train_settings(cfg, device), cfg.out_dir / f"{name}.ckpt",
         teacher_fn=teacher_fn, penalty=weight_penalty(objective), desc=name, validate=validator(data, device),
     )
+    model.fit_summary |= chance_check(name, model.fit_summary, data)
     if is_main_process():
         save_model(
             cfg.out_dir / f"{name}.pt", model, arch=cfg.student, width=cfg.student_width,
@@ -508,6 +551,17 @@ def calibration_images(data: Prepared, count: int = 48) -> Tensor:
     return torch.stack([dataset[int(i)][0] for i in picks])
 
 
+def selection_report(cfg: Config, trained: list[tuple[str, str, nn.Module, nn.Module | None]]) -> dict:
+    """``selection``: per model trained with validation, the epoch kept and its score, the highest and
+    the last epoch's score, the chance level; ``warnings``: the sentence of each model near chance."""
+    fits = {"teacher": teacher_fit(cfg)}
+    for _, suffix, student, baseline in trained:
+        fits |= {f"student_baseline{suffix}": baseline.fit_summary if baseline is not None else None,
+                 f"student{suffix}": student.fit_summary}
+    selection = {name: fit for name, fit in fits.items() if fit and "best_epoch" in fit}
+    return {"selection": selection, "warnings": [fit["chance_note"] for fit in selection.values() if fit.get("chance_note")]}
+
+
 def run(cfg: Config) -> dict:
     """The whole job of ``distill run``; returns the report dict (also written to ``cfg.out_dir``).
 
@@ -537,10 +591,11 @@ def run(cfg: Config) -> dict:
     bench_kw = dict(image_size=cfg.image_size, iters=cfg.bench_iters)
     entries = []
 
-    def entry(name: str, role: str, spec: str | None, fn, bench: dict, size: tuple, onnx: dict | None = None) -> None:
+    def entry(name: str, role: str, spec: str | None, fn, bench: dict, size: tuple, onnx: dict | None = None,
+              file: Path | None = None) -> None:
         console.print(f"evaluating {name} ({bench['runtime']}, {onnx['precision'] if onnx else 'fp32'})")
         metrics = evaluate_model(fn, data.splits, data.eval_transform, device, cfg.clustering)
-        entries.append(report_row(name, role, spec, bench, size, metrics, onnx))
+        entries.append(report_row(name, role, spec, bench, size, metrics, onnx, file=file))
 
     def onnx_entry(name: str, role: str, spec: str | None, info: dict, size: tuple) -> None:
         embedder = OnnxEmbedder(info["path"], providers)
@@ -559,19 +614,26 @@ def run(cfg: Config) -> dict:
     for spec, suffix, student, baseline in trained:
         s_size = count_params(student), count_gflops(student, cfg.image_size)
         student_torch = benchmark_torch(student, device=str(device), **bench_kw)
-        if baseline is not None:  # same architecture as the student: same speed, its own accuracy
-            entry(f"student_baseline{suffix}", "student_baseline", spec, baseline, student_torch, s_size)
-        entry(f"student{suffix}", "student", spec, student, student_torch, s_size)
+        # the baseline is exported and scored like the student; same architecture: same speed, its own accuracy
+        models = [(f"student_baseline{suffix}", "student_baseline", baseline), (f"student{suffix}", "student", student)]
+        models = [(name, role, model) for name, role, model in models if model is not None]
+        for name, role, model in models:
+            entry(name, role, spec, model, student_torch, s_size, file=out / f"{name}.pt")
         for precision in precisions:
-            path = out / (f"student{suffix}.onnx" if precision == "fp32" else f"student{suffix}.{precision}.onnx")
-            console.print(f"exporting student{suffix} to ONNX ({precision})")
-            info = export_onnx(student, path, cfg.image_size, precision=precision, calibration=calibration)
-            onnx_infos.append(info)
-            onnx_entry(f"student{suffix}", "student", spec, info, s_size)
+            onnx_bench = None
+            for name, role, model in models:
+                path = out / (f"{name}.onnx" if precision == "fp32" else f"{name}.{precision}.onnx")
+                console.print(f"exporting {name} to ONNX ({precision})")
+                info = export_onnx(model, path, cfg.image_size, precision=precision, calibration=calibration)
+                if role == "student":
+                    onnx_infos.append(info)
+                onnx_bench = onnx_bench or benchmark_onnx(info["path"], providers=providers, **bench_kw)
+                entry(name, role, spec, OnnxEmbedder(info["path"], providers), onnx_bench, s_size, info)
 
     config = cfg.to_dict() | {"device_resolved": str(device), "wall_time_s": round(time.perf_counter() - started, 1)}
     report = build_report(entries, config, onnx_infos[0], protocol=data.splits.protocol,
                           target_accuracy=cfg.target_accuracy, machine=machine_info()) | {"teacher_gate": gate, "teacher_layer": teacher.layer_choice}
+    report |= selection_report(cfg, trained)
     write_report(report, out)
     print_report(report)
     return report

@@ -96,9 +96,36 @@ def _label(row: dict) -> str:
     return f"{row['name']} ({row['runtime']} {row.get('precision') or 'fp32'})"
 
 
+def share_of_lead(distilled: float | None, baseline: float | None, teacher: float | None) -> float | None:
+    """The share of the teacher's lead over the student trained alone that distillation kept:
+    ``(distilled - baseline) / (teacher - baseline)``; None when a value is missing or the teacher
+    does not lead (``teacher <= baseline``: there is no lead to keep)."""
+    if distilled is None or baseline is None or teacher is None or teacher <= baseline:
+        return None
+    return (distilled - baseline) / (teacher - baseline)
+
+
+def _lead_kept(row: dict, base: dict | None, teacher: dict | None, pair: tuple[str, str]) -> dict[str, float | None] | None:
+    if base is None or teacher is None:
+        return None
+    return {m: share_of_lead(row["metrics"].get(m), base["metrics"].get(m), teacher["metrics"].get(m)) for m in pair}
+
+
+def _file(row: dict) -> str:
+    return row.get("onnx_file") or row.get("file") or _label(row)
+
+
+# Shares of the teacher's accuracy this close are equally accurate: an ONNX file's metrics differ from
+# its PyTorch model's in the last digits (float rounding), which must not outweigh a 10x speedup.
+ACCURACY_TIE = 1e-3
+
+
 def _target(rows: list[dict], target: float, pair: tuple[str, str]) -> dict:
-    """Does any student row keep ``target`` of the teacher's accuracy (both metrics of ``pair``)? The
-    fastest that does, else the one that comes closest (highest smaller share)."""
+    """Which file to ship: among the student rows (baselines included) that keep ``target`` of the
+    teacher's accuracy (both metrics of ``pair``), the fastest; of equally fast ones (the same
+    student, runtime and precision: the same graph, baseline or distilled) the most accurate; of
+    equally accurate ones the faster measured. When none keeps ``target``: the most accurate
+    (highest smaller share), of equally accurate ones the fastest."""
     names = "/".join(METRIC_LABELS[m] for m in pair)
     rows = [r for r in rows if r["role"] != "teacher" and all((r.get("kept") or {}).get(m) is not None for m in pair)]
     if not rows:
@@ -107,33 +134,83 @@ def _target(rows: list[dict], target: float, pair: tuple[str, str]) -> dict:
     def share(r: dict) -> float:
         return min(r["kept"][m] for m in pair)
 
+    def latency(r: dict) -> float:
+        return r["latency_ms_p50"] if r["latency_ms_p50"] is not None else math.inf
+
+    graph: dict[tuple, float] = {}  # the same graph runs at the same speed: its rows share the fastest measurement
+    for r in rows:
+        key = (r.get("student"), r["runtime"], r.get("precision"))
+        graph[key] = min(graph.get(key, math.inf), latency(r))
+
+    def speed(r: dict) -> float:
+        return graph[(r.get("student"), r["runtime"], r.get("precision"))]
+
     def kept(r: dict) -> str:
         return "/".join(f"{r['kept'][m]:.0%}" for m in pair)
 
+    def pick(candidates: list[dict]) -> dict:  # the most accurate; of those within ACCURACY_TIE of it, the fastest
+        top = max(share(r) for r in candidates)
+        return min((r for r in candidates if share(r) >= top - ACCURACY_TIE), key=lambda r: (speed(r), latency(r)))
+
     meeting = [r for r in rows if share(r) >= target]
     if meeting:
-        best = min(meeting, key=lambda r: r["latency_ms_p50"] if r["latency_ms_p50"] is not None else math.inf)
+        fastest = min(speed(r) for r in meeting)
+        best = pick([r for r in meeting if speed(r) == fastest])
         message = (f"{len(meeting)} of {len(rows)} student rows keep >= {target:.0%} of the teacher's {names}; "
                    f"fastest: {_label(best)} keeps {kept(best)} at {_fmt(best['latency_ms_p50'], '.3g')} ms, "
                    f"{_fmt(best.get('speedup_like_for_like'), '.2f', 'x')} like-for-like")
     else:
-        best = max(rows, key=share)
+        best = pick(rows)
         message = (f"no student keeps {target:.0%} of the teacher's {names}; closest: {_label(best)} keeps {kept(best)} "
                    f"({_fmt(best.get('speedup_like_for_like'), '.2f', 'x')} like-for-like)")
-    summary = {k: best.get(k) for k in ("name", "runtime", "precision", "kept")}
+    summary = {k: best.get(k) for k in ("name", "role", "student", "runtime", "precision", "kept", "speedup")} | {"file": _file(best)}
     return {"target_accuracy": target, "met": bool(meeting), "best": summary, "message": message}
+
+
+NOISE_NOTE = "one run is noisy: `distill study` gives an interval"
+
+
+def _verdict(rows: list[dict], target: dict, pair: tuple[str, str]) -> dict:
+    """Did distillation help each student (its gain over the student trained alone, PyTorch rows, in
+    both headline metrics), and which file to ship (``target``'s pick): one plain line."""
+    names = [METRIC_LABELS[m] for m in pair]
+    students = []
+    for spec in dict.fromkeys(r.get("student") for r in rows if r["role"] == "student"):
+        row = _find(rows, "student", "torch", spec) or _find(rows, "student", None, spec)
+        gain = row.get("gain")
+        if not gain or any(gain.get(m) is None for m in pair):
+            helped, text = None, f"no baseline was trained for {spec}, so whether distillation helped it is unknown"
+        else:
+            helped = "yes" if all(gain[m] > 0 for m in pair) else "no" if all(gain[m] <= 0 for m in pair) else "mixed"
+            words = {"yes": "helped", "no": "did not help", "mixed": "gave a mixed result for"}[helped]
+            figures = ", ".join(f"{n} {gain[m]:+.3f}" for n, m in zip(names, pair))
+            text = f"distillation {words} {spec} ({figures} over the student trained alone; {NOISE_NOTE})"
+        students.append({"student": spec, "gain": gain, "helped": helped, "message": text})
+    ship = target.get("best")
+    if ship is None:
+        ship_text = "nothing to ship: no student row was scored"
+    else:
+        what = "ship the baseline: " if ship["role"] == "student_baseline" else "ship "
+        detail = (f"{ship['name']}, {ship['runtime']} {ship['precision']}, keeps "
+                  + "/".join(f"{ship['kept'][m]:.0%}" for m in pair) + f" of the teacher's {'/'.join(names)}"
+                  + (f", {ship['speedup']:.1f}x the teacher's speed" if ship.get("speedup") else ""))
+        ship_text = f"{what}{ship['file']} ({detail}" + ("" if target["met"] else f"; the closest to the {target['target_accuracy']:.0%} target") + ")"
+    message = "; ".join([s["message"] for s in students] + [ship_text])
+    return {"students": students, "ship": ship, "message": message}
 
 
 def report_row(
     name: str, role: str, student: str | None, bench: dict, size: tuple[int | None, float | None], metrics: dict,
-    onnx: dict | None = None,
+    onnx: dict | None = None, file: str | os.PathLike | None = None,
 ) -> dict:
     """One model entry for :func:`build_report`: who it is (``name``, ``role``, the ``student`` spec),
     its speed (``bench``: a ``benchmark_torch``/``benchmark_onnx`` result), its size (``(params,
     gflops)``) and test ``metrics``. An ONNX artefact passes ``export_onnx``'s info as ``onnx``: its
-    precision, file and largest difference from PyTorch go into the row; a PyTorch model is fp32."""
+    precision, file and largest difference from PyTorch go into the row; a PyTorch model is fp32
+    and may name its model ``file`` (what the verdict says to ship)."""
     row = {"name": name, "role": role, "student": student, "precision": onnx["precision"] if onnx else "fp32", **bench,
            "params": size[0], "gflops": size[1], "metrics": metrics}
+    row |= {"file": str(file)} if file is not None and not onnx else {}
     return row | ({"onnx_file": onnx["path"], "max_abs_diff": onnx["max_abs_diff"]} if onnx else {})
 
 
@@ -149,8 +226,11 @@ def build_report(
     Missing numbers and metrics become ``None``; extra keys (p99, onnx file, parity, ...) are kept.
     Each row gets ``speedup`` (teacher PyTorch p50 / its p50), ``speedup_like_for_like`` (teacher p50
     in the same runtime, fp32 / its p50), ``kept`` (share of the teacher's accuracy), ``drop``,
-    ``gain`` (vs the PyTorch baseline of the same student) and ``pareto``. The top-level speedups,
-    drop and gain are those of the first distilled student, as with one student.
+    ``gain`` (vs the PyTorch baseline of the same student), ``lead_kept`` (distilled students: the
+    share of the teacher's lead over that baseline kept, :func:`share_of_lead`) and ``pareto``. The
+    top-level speedups, drop, gain and ``share_of_lead_kept`` are those of the first distilled
+    student, as with one student; ``target`` names the file to ship and ``verdict`` says in one line
+    whether distillation helped and what to ship.
     """
     rows = []
     for entry in models:
@@ -179,6 +259,7 @@ def build_report(
         row["drop"] = _metric_diff(teacher, row, pair) if row["role"] != "teacher" else None
         base = _find(rows, "student_baseline", "torch", row["student"]) if row["role"] == "student" else None
         row["gain"] = _metric_diff(row, base, pair)
+        row["lead_kept"] = _lead_kept(row, base, teacher, pair) if row["role"] == "student" else None
     front = pareto_front([(r["latency_ms_p50"], r["metrics"].get(pareto_metric(protocol))) for r in rows])
     for row, on in zip(rows, front):
         row["pareto"] = on
@@ -208,6 +289,8 @@ def build_report(
         report["accuracy_drop"] = drop
     if (gain := _metric_diff(student, _find(rows, "student_baseline", None, lead_spec))) is not None:
         report["distillation_gain"] = gain
+        report["share_of_lead_kept"] = student.get("lead_kept")
+    report["verdict"] = _verdict(rows, report["target"], pair)
     return report
 
 
@@ -223,7 +306,8 @@ def legend(report: dict) -> str:
         "latency at batch 1, throughput at the largest batch; speedup = teacher (PyTorch) p50 / this row's p50; "
         "like-for-like (l-f-l) = teacher p50 in the same runtime (fp32) / this row's p50; "
         f"kept = this row / teacher (PyTorch), drop = teacher - this row, gain = distilled student - its baseline "
-        f"(PyTorch), each for {names}; front = on the Pareto front of latency vs "
+        f"(PyTorch), lead kept = gain / (teacher - baseline), the share of the teacher's lead kept ('-' when the "
+        f"teacher does not lead), each for {names}; front = on the Pareto front of latency vs "
         f"{METRIC_LABELS[report.get('pareto_metric') or 'recall@1']}"
     )
     return text + ("; " + REID_NOTE if report.get("protocol") == "reid" else "")
@@ -233,7 +317,7 @@ def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells of the one table shared by the console and Markdown."""
     names = "/".join(METRIC_LABELS[m] for m in report.get("accuracy_metrics") or ["recall@1", "map"])
     header = ["model", "runtime", "precision", "params M", "GFLOPs", "p50 ms", "p90 ms", "img/s", "speedup", "l-f-l",
-              "R@1", "mAP", "rank-1", "NMI", f"kept {names}", f"drop {names}", f"gain {names}", "front"]  # console headers wrap at spaces
+              "R@1", "mAP", "rank-1", "NMI", f"kept {names}", f"drop {names}", f"gain {names}", f"lead kept {names}", "front"]  # console headers wrap at spaces
 
     def pair(d: dict | None, spec: str, scale: float = 1.0) -> str:
         return "-" if not d else "/".join(_fmt(v * scale if v is not None else None, spec) for v in d.values())
@@ -250,7 +334,7 @@ def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
             _fmt(m.get("speedup"), ".2f", "x"), _fmt(m.get("speedup_like_for_like"), ".2f", "x"),
             *(_fmt(met.get(k), ".3f") for k in ("recall@1", "map", "rank1", "nmi")),
             pair(m.get("kept"), ".0f", 100), pair(m.get("drop"), "+.3f"), pair(m.get("gain"), "+.3f"),
-            "*" if m.get("pareto") else "",
+            pair(m.get("lead_kept"), ".0f", 100), "*" if m.get("pareto") else "",
         ])
     return header, cells
 
@@ -281,13 +365,43 @@ def layer_line(choice: dict) -> str:
     return f"{choice['chosen']}, the best on validation {choice['metric']} ({scores})"
 
 
+def _lead_text(lead: dict) -> str:
+    return "/".join(_fmt(v * 100 if v is not None else None, ".0f", "%") for v in lead.values())
+
+
+def selection_lines(report: dict) -> list[str]:
+    """One line per model trained with validation: the epoch kept and its score, the last epoch's
+    score and the chance level (``report['selection']``)."""
+    lines = []
+    for name, fit in (report.get("selection") or {}).items():
+        chance = f", a random ranking {fit['chance']:.3f}" if fit.get("chance") is not None else ""
+        lines.append(f"{name}: kept epoch {fit['best_epoch']} of {fit.get('epochs', '?')} ({fit['best_score']:.3f}), "
+                     f"last epoch {fit['last_score']:.3f}, highest {fit['top_score']:.3f} at epoch {fit['top_epoch']}{chance}"
+                     + (" [NEAR CHANCE]" if fit.get("near_chance") else ""))
+    return lines
+
+
+def _metric_of_selection(report: dict) -> str:
+    return next((fit.get("metric") for fit in (report.get("selection") or {}).values() if fit.get("metric")), "validation score")
+
+
 def to_markdown(report: dict) -> str:
     header, cells = _rows(report)
-    lines = ["# distill report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["# distill report", ""]
+    if report.get("verdict"):
+        lines += [f"**Verdict**: {report['verdict']['message']}", ""]
+    lines += [f"**Warning**: {w}" for w in report.get("warnings") or []] + ([""] if report.get("warnings") else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     lines += ["", legend(report)]
+    if report.get("share_of_lead_kept"):
+        names = "/".join(METRIC_LABELS[m] for m in report.get("accuracy_metrics") or ["recall@1", "map"])
+        lines += ["", f"**Share of the teacher's lead kept** ({names}): {_lead_text(report['share_of_lead_kept'])}"]
     if report.get("target"):
         lines += ["", f"**Target**: {report['target']['message']}"]
+    if report.get("selection"):
+        lines += ["", f"## Model selection (validation {_metric_of_selection(report)})", ""]
+        lines += [f"- {line}" for line in selection_lines(report)]
     if report.get("teacher_gate"):
         lines += ["", f"**Teacher gate**: {gate_line(report['teacher_gate'])}"]
     if report.get("teacher_layer"):
@@ -407,10 +521,18 @@ def print_report(report: dict, console: Console | None = None) -> None:
             console.print(_table(header, cells, keys + part, title=title if n == 0 else None,
                                  caption=f"ort = ONNX Runtime; {caption}" if last else None))
     lines = speedup_lines(report) + ([report["target"]["message"]] if report.get("target") else [])
+    if report.get("share_of_lead_kept"):
+        names = "/".join(METRIC_LABELS[m] for m in report.get("accuracy_metrics") or ["recall@1", "map"])
+        lines.append(f"share of the teacher's lead kept ({names}): {_lead_text(report['share_of_lead_kept'])}")
     lines += [f"teacher gate: {gate_line(report['teacher_gate'])}"] if report.get("teacher_gate") else []
     lines += [f"teacher embedding: {report['teacher_layer']['chosen']}"] if report.get("teacher_layer") else []
+    lines += [f"model selection: {line}" for line in selection_lines(report)]
     for line in lines:
         console.print(line, highlight=False)
+    for warning in report.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if report.get("verdict"):
+        console.print(f"[bold]verdict:[/] {report['verdict']['message']}", highlight=False)
 
 
 def load_report(path: str | os.PathLike) -> dict:

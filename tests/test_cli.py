@@ -42,9 +42,15 @@ def test_run_writes_report_and_a_matching_onnx_and_reuses_the_teacher(tiny_data,
 
     report = json.loads((out / "report.json").read_text())
     assert {(m["name"], m["runtime"]) for m in report["models"]} == {
-        ("teacher", "torch"), ("teacher", "onnxruntime"), ("student_baseline", "torch"),
+        ("teacher", "torch"), ("teacher", "onnxruntime"), ("student_baseline", "torch"), ("student_baseline", "onnxruntime"),
         ("student", "torch"), ("student", "onnxruntime"),
     }
+    assert (out / "student_baseline.onnx").is_file()  # the baseline is exported and scored like the student
+    assert "".join(f"verdict: {report['verdict']['message']}".split()) in "".join(result.output.split())  # rich wraps it
+    assert report["warnings"] and all("near chance on validation" in w for w in report["warnings"])  # 3 steps of training
+    assert report["verdict"]["ship"]["file"] in {str(out / f) for f in ("student.onnx", "student_baseline.onnx", "student.pt", "student_baseline.pt")}
+    assert set(report["selection"]) == {"teacher", "student_baseline", "student"}
+    assert all(fit["best_epoch"] == fit["last_epoch"] == 1 for fit in report["selection"].values())  # one epoch each
     for m in report["models"]:
         assert set(m["metrics"]) >= {"recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map", "rank1"}
         assert m["latency_ms_p50"] > 0 and m["throughput_ips"] > 0 and m["params"] > 0
@@ -106,9 +112,11 @@ def test_two_students_each_with_and_without_distillation_every_onnx_row_scored_i
     rows = {(m["name"], m["runtime"], m["precision"]): m for m in report["models"]}
     expected = {("teacher", "torch", "fp32"), ("teacher", "onnxruntime", "fp32")}
     for spec in ("nin_bn@0.25", "nin_bn@0.5"):
-        expected |= {(f"student_baseline-{spec}", "torch", "fp32"), (f"student-{spec}", "torch", "fp32"),
-                     (f"student-{spec}", "onnxruntime", "int8"), (f"student-{spec}", "onnxruntime", "int8-static")}
-        for name in (f"student_baseline-{spec}.pt", f"student-{spec}.pt", f"student-{spec}.int8.onnx", f"student-{spec}.int8-static.onnx"):
+        for name in ("student_baseline", "student"):
+            expected |= {(f"{name}-{spec}", "torch", "fp32"), (f"{name}-{spec}", "onnxruntime", "int8"),
+                         (f"{name}-{spec}", "onnxruntime", "int8-static")}
+        for name in (f"student_baseline-{spec}.pt", f"student-{spec}.pt", f"student-{spec}.int8.onnx", f"student-{spec}.int8-static.onnx",
+                     f"student_baseline-{spec}.int8.onnx"):
             assert (out / name).is_file(), name
         assert load_model(out / f"student-{spec}.pt")[1]["width"] == float(spec.split("@")[1])
         base_row = rows[f"student_baseline-{spec}", "torch", "fp32"]

@@ -173,7 +173,8 @@ def test_the_best_validated_epoch_is_kept_and_logged(dataset, tmp_path):
     ckpt = tmp_path / "m.ckpt"
     validate = Scripted([0.2, 0.6, 0.5, 0.6, 0.1])  # up, down, a tie (the later one wins), down
     model = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(5), ckpt, validate=validate)
-    assert model.fit_summary == {"epochs": 5, "steps": 5 * steps_per_epoch(dataset), "best_epoch": 4, "best_score": 0.6}
+    assert model.fit_summary == {"epochs": 5, "steps": 5 * steps_per_epoch(dataset), "best_epoch": 4, "best_score": 0.6,
+                                 "best_score_se": 0.0, "top_epoch": 2, "top_score": 0.6, "last_epoch": 5, "last_score": 0.1}
     for name, value in model.state_dict().items():
         assert torch.equal(value, validate.seen[3][name]), name
     log = [json.loads(line) for line in ckpt.with_suffix(".jsonl").read_text().splitlines()]

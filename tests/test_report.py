@@ -59,7 +59,7 @@ def test_schema_speedups_drop_and_gain(seed):
     models = fake_models(seed)
     report = build_report(models, CONFIG, ONNX)
     assert set(report) == {"models", "speedup", "speedup_like_for_like", "onnx", "config", "accuracy_drop", "distillation_gain",
-                           "protocol", "accuracy_metrics", "pareto_metric", "target"}
+                           "protocol", "accuracy_metrics", "pareto_metric", "target", "share_of_lead_kept", "verdict"}
     for row in report["models"]:
         assert {"name", "runtime", "params", "gflops", "latency_ms_p50", "latency_ms_p90", "throughput_ips", "metrics"} <= set(row)
         assert set(METRICS) <= set(row["metrics"])
@@ -271,3 +271,107 @@ def test_report_row_of_a_torch_model_and_of_an_onnx_file():
                         "onnx_file": "out/student.int8.onnx", "max_abs_diff": 0.01}
     report = build_report([torch_row, onnx_row], {}, info)  # build_report takes the rows as they are
     assert [(m["name"], m["precision"]) for m in report["models"]] == [("student", "fp32"), ("teacher", "int8")]
+
+
+def test_share_of_the_teachers_lead_kept_by_hand():
+    report = build_report(two_student_models(), CONFIG, ONNX, protocol="retrieval")
+    by = {(m["name"], m["runtime"], m["precision"]): m for m in report["models"]}
+    # a: teacher 0.90/0.80, baseline 0.70/0.60; distilled 0.75/0.70 (PyTorch), 0.74/0.68 (int8)
+    assert by["student-a@0.5", "torch", "fp32"]["lead_kept"] == {"recall@1": pytest.approx(0.05 / 0.20), "map": pytest.approx(0.10 / 0.20)}
+    assert by["student-a@0.5", "onnxruntime", "int8"]["lead_kept"] == {"recall@1": pytest.approx(0.04 / 0.20), "map": pytest.approx(0.08 / 0.20)}
+    # b: teacher 0.90/0.80, baseline 0.80/0.70, distilled 0.85/0.75
+    assert by["student-b@1", "torch", "fp32"]["lead_kept"] == {"recall@1": pytest.approx(0.5), "map": pytest.approx(0.5)}
+    assert by["teacher", "torch", "fp32"]["lead_kept"] is None and by["student_baseline-b@1", "torch", "fp32"]["lead_kept"] is None
+    assert report["share_of_lead_kept"] == by["student-a@0.5", "torch", "fp32"]["lead_kept"]
+    assert "**Share of the teacher's lead kept** (R@1/mAP): 25%/50%" in to_markdown(report)
+    console = Console(file=io.StringIO(), width=300, record=True)
+    print_report(report, console)
+    assert "share of the teacher's lead kept (R@1/mAP): 25%/50%" in console.export_text()
+
+
+def test_no_lead_to_keep_when_the_teacher_does_not_lead():
+    models = two_student_models()
+    models[2]["metrics"]["recall@1"] = 0.95  # a's baseline beats the teacher's 0.90 R@1
+    models[2]["metrics"]["map"] = 0.80  # and ties its mAP
+    report = build_report(models, CONFIG, ONNX, protocol="retrieval")
+    assert report["share_of_lead_kept"] == {"recall@1": None, "map": None}
+    assert "**Share of the teacher's lead kept** (R@1/mAP): -/-" in to_markdown(report)
+
+
+def single_student(baseline_r1: float, student_r1: float, onnx_ms: float = 2.0, baseline_onnx_ms: float = 2.1) -> list[dict]:
+    """Teacher, baseline and distilled student, each in PyTorch and ONNX Runtime (same accuracy in both)."""
+
+    def row(name, role, runtime, p50, r1, m, file):
+        return {"name": name, "role": role, "student": "nin_bn@0.5" if role != "teacher" else None, "runtime": runtime,
+                "precision": "fp32", "params": 1, "gflops": 1.0, "latency_ms_p50": p50, "latency_ms_p90": p50,
+                "throughput_ips": 1.0, "metrics": {"recall@1": r1, "map": m}} | (
+                    {"onnx_file": file} if runtime == "onnxruntime" else {"file": file})
+
+    return [
+        row("teacher", "teacher", "torch", 40.0, 0.90, 0.80, "/r/teacher.pt"),
+        row("student_baseline", "student_baseline", "torch", 20.0, baseline_r1, baseline_r1 - 0.1, "/r/student_baseline.pt"),
+        row("student_baseline", "student_baseline", "onnxruntime", baseline_onnx_ms, baseline_r1, baseline_r1 - 0.1, "/r/student_baseline.onnx"),
+        row("student", "student", "torch", 20.0, student_r1, student_r1 - 0.1, "/r/student.pt"),
+        row("student", "student", "onnxruntime", onnx_ms, student_r1, student_r1 - 0.1, "/r/student.onnx"),
+    ]
+
+
+def test_the_baseline_wins_so_the_verdict_says_ship_the_baseline():
+    # the baseline's ONNX file measured a little slower than the student's (the same graph: timing noise)
+    report = build_report(single_student(baseline_r1=0.86, student_r1=0.84), CONFIG, ONNX, target_accuracy=0.9)
+    verdict = report["verdict"]
+    assert verdict["ship"]["role"] == "student_baseline" and verdict["ship"]["file"] == "/r/student_baseline.onnx"
+    assert verdict["students"][0]["helped"] == "no"
+    assert verdict["message"] == (
+        "distillation did not help nin_bn@0.5 (R@1 -0.020, mAP -0.020 over the student trained alone; one run is noisy: "
+        "`distill study` gives an interval); ship the baseline: /r/student_baseline.onnx (student_baseline, onnxruntime fp32, "
+        "keeps 96%/95% of the teacher's R@1/mAP, 19.0x the teacher's speed)"
+    )
+    assert f"**Verdict**: {verdict['message']}" in to_markdown(report)
+    console = Console(file=io.StringIO(), width=400, record=True)
+    print_report(report, console)
+    assert console.export_text().rstrip().splitlines()[-1] == f"verdict: {verdict['message']}"
+
+
+def test_distillation_helps_so_the_distilled_onnx_file_is_shipped():
+    report = build_report(single_student(baseline_r1=0.80, student_r1=0.86, onnx_ms=2.2), CONFIG, ONNX, target_accuracy=0.9)
+    verdict = report["verdict"]
+    assert verdict["students"][0]["helped"] == "yes" and verdict["ship"]["file"] == "/r/student.onnx"
+    assert verdict["message"].startswith("distillation helped nin_bn@0.5 (R@1 +0.060, mAP +0.060 over the student trained alone")
+
+
+def test_an_onnx_row_is_preferred_over_an_equally_accurate_slower_row():
+    models = single_student(baseline_r1=0.50, student_r1=0.60)
+    for target in (0.6, 0.99):  # met (the fastest meeting it) and not met (the closest, then the fastest)
+        report = build_report(models, CONFIG, ONNX, target_accuracy=target)
+        ship = report["verdict"]["ship"]
+        assert (ship["name"], ship["runtime"], ship["file"]) == ("student", "onnxruntime", "/r/student.onnx"), target
+    assert "the closest to the 99% target" in report["verdict"]["message"]
+    # reversed row order: still the ONNX file
+    report = build_report(models[::-1], CONFIG, ONNX, target_accuracy=0.99)
+    assert report["verdict"]["ship"]["runtime"] == "onnxruntime"
+
+
+def test_two_students_never_ship_a_distilled_student_its_baseline_beats():
+    models = two_student_models()
+    for m in models:  # a's distillation lost: -0.039 R@1 / -0.027 mAP
+        if m["name"].startswith("student-a"):
+            m["metrics"] = {"recall@1": 0.70 - 0.039, "map": 0.60 - 0.027, "rank1": 0.6}
+    # the baseline exported like the student: fp32 and int8, timed a little slower (the same graphs: timing noise)
+    models.append(dict(models[2], runtime="onnxruntime", latency_ms_p50=2.05, onnx_file="/r/student_baseline-a@0.5.onnx"))
+    models.append(dict(models[2], runtime="onnxruntime", precision="int8", latency_ms_p50=1.05,
+                       metrics={"recall@1": 0.69, "map": 0.59, "rank1": 0.6}, onnx_file="/r/student_baseline-a@0.5.int8.onnx"))
+    verdict = build_report(models, CONFIG, ONNX, target_accuracy=0.7)["verdict"]
+    assert [s["helped"] for s in verdict["students"]] == ["no", "yes"]
+    assert (verdict["ship"]["name"], verdict["ship"]["precision"]) == ("student_baseline-a@0.5", "int8")  # the fastest graph
+    assert "ship the baseline: /r/student_baseline-a@0.5.int8.onnx" in verdict["message"]
+    verdict = build_report(models, CONFIG, ONNX, target_accuracy=0.74)["verdict"]  # int8 keeps < 74% of the teacher's mAP
+    assert (verdict["ship"]["name"], verdict["ship"]["precision"]) == ("student_baseline-a@0.5", "fp32")
+    assert "ship the baseline: /r/student_baseline-a@0.5.onnx" in verdict["message"]
+
+
+def test_without_a_baseline_the_verdict_says_it_cannot_tell():
+    models = [m for m in single_student(0.8, 0.85) if m["role"] != "student_baseline"]
+    verdict = build_report(models, CONFIG, ONNX, target_accuracy=0.9)["verdict"]
+    assert verdict["students"][0]["helped"] is None
+    assert verdict["message"].startswith("no baseline was trained for nin_bn@0.5, so whether distillation helped it is unknown; ship /r/student.onnx")

@@ -1,0 +1,124 @@
+"""Which validated epoch to keep, and whether a model is no better than chance.
+
+The rule (``fit`` applies it after every validation round): a validator scores every validation
+query (e.g. each image's average precision); a round's score is their mean. The kept epoch is the
+**latest** round whose score is within ``NOISE_SE`` standard errors of the highest score seen, the
+standard error being that of the mean per-query difference between the two rounds (paired: the
+same queries). So an earlier round wins only when it is better by more than the noise of the
+score; a lucky early round of a model that has not learnt yet cannot beat the trained model on a
+handful of queries. A validator that returns a single number has no noise estimate: the highest
+score wins, ties going to the later round.
+
+Chance: the expected average precision of a uniformly random ranking. A query with ``R`` matches
+among ``N`` gallery items has ``E[AP] = (H_N + (R - 1) / (N - 1) * (N - H_N)) / N`` (``H_N`` the
+N-th harmonic number): rank n holds a match with probability R/N, and given that, the ranks above
+it hold (n - 1)(R - 1)/(N - 1) matches on average, so ``E[AP] = (1/R) sum_n (R/N) E[hits@n]/n``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+NOISE_SE = 2.0  # an earlier round must be better by more than this many standard errors to be kept
+CHANCE_FACTOR = 2.0  # a kept score below this many times the chance level is "near chance"
+EULER_GAMMA = 0.5772156649015329
+
+
+def _as_queries(scores: float | Sequence[float] | Tensor) -> list[float]:
+    if isinstance(scores, Tensor):
+        return scores.double().flatten().tolist()
+    return [float(scores)] if isinstance(scores, (int, float)) else [float(s) for s in scores]
+
+
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error ``sd / sqrt(n)`` (0 with fewer than 2 values: no estimate)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    se = float(t.std(correction=1) / math.sqrt(len(t))) if len(t) > 1 else 0.0
+    return float(t.mean()), se
+
+
+def update(record: dict | None, scores: float | Sequence[float] | Tensor, epoch: int) -> tuple[dict, bool]:
+    """Fold one validation round (``scores``: per query, or one number) into the selection ``record``.
+
+    Returns the new record and whether this round's weights are now the kept ones. The record (plain
+    numbers and lists, so it checkpoints with ``weights_only``) holds the kept round (``epoch``,
+    ``score``, ``se``), the highest-scoring round (``top``, with its per-query scores) and the last
+    round (``last_epoch``, ``last_score``).
+    """
+    queries = _as_queries(scores)
+    score, se = mean_and_se(queries)
+    top = record.get("top") if record else None
+    if top is None or score > top["score"]:
+        top = {"epoch": epoch, "score": score, "queries": queries}
+    keep = record is None or top["epoch"] == epoch or not earlier_is_better(top["queries"], queries)
+    kept = {"epoch": epoch, "score": score, "se": se} if keep else {"epoch": record["epoch"], "score": record["score"], "se": record.get("se", 0.0)}
+    return kept | {"top": top, "last_epoch": epoch, "last_score": score}, keep
+
+
+def earlier_is_better(earlier: Sequence[float], later: Sequence[float]) -> bool:
+    """Is ``earlier`` better than ``later`` by more than ``NOISE_SE`` standard errors of the paired
+    per-query difference? With one number each (no noise estimate): simply higher."""
+    if len(earlier) != len(later):
+        raise ValueError(f"validation rounds scored {len(earlier)} and {len(later)} queries: they must be the same queries")
+    diff, se = mean_and_se([a - b for a, b in zip(earlier, later)])
+    return diff > NOISE_SE * se
+
+
+def summary(record: dict | None) -> dict:
+    """The selection as ``fit_summary`` reports it (empty without validation)."""
+    if record is None:
+        return {}
+    return {
+        "best_epoch": record["epoch"], "best_score": record["score"], "best_score_se": record["se"],
+        "top_epoch": record["top"]["epoch"], "top_score": record["top"]["score"],
+        "last_epoch": record["last_epoch"], "last_score": record["last_score"],
+    }
+
+
+def selection_line(desc: str, record: dict) -> str:
+    """One line saying which epoch was kept and why (the highest and the last score beside it)."""
+    s = summary(record)
+    line = f"{desc}: kept epoch {s['best_epoch']} (validation {s['best_score']:.3f}"
+    line += f" ± {s['best_score_se']:.3f})" if s["best_score_se"] else ")"
+    if s["top_epoch"] != s["best_epoch"]:
+        line += (f"; the highest, {s['top_score']:.3f} at epoch {s['top_epoch']}, is not better by more than "
+                 f"{NOISE_SE:g} standard errors, so the later epoch is kept")
+    return line + f"; last epoch {s['last_epoch']}: {s['last_score']:.3f}"
+
+
+def harmonic(n: Tensor) -> Tensor:
+    """H_n = 1 + 1/2 + ... + 1/n (elementwise, float64)."""
+    return torch.special.digamma(n.double() + 1) + EULER_GAMMA
+
+
+def random_ranking_ap(relevant: Tensor | Sequence[int], gallery: Tensor | Sequence[int] | int) -> Tensor:
+    """Expected average precision of a uniformly random ranking, per query: ``relevant`` matches
+    among ``gallery`` ranked items (see the module docstring for the formula)."""
+    r = torch.as_tensor(relevant, dtype=torch.float64)
+    n = torch.as_tensor(gallery, dtype=torch.float64).expand_as(r)
+    if bool(((r < 1) | (r > n)).any()):
+        raise ValueError("every query needs 1 <= matches <= gallery size")
+    h = harmonic(n)
+    spread = torch.where(n > 1, (r - 1) / (n - 1).clamp(min=1), 0.0)
+    return (h + spread * (n - h)) / n
+
+
+def near_chance(score: float, se: float, chance: float) -> bool:
+    """A kept score below ``CHANCE_FACTOR`` x the chance level, or not above it by more than
+    ``NOISE_SE`` standard errors: the model ranks about as well as a random ranking."""
+    return score < CHANCE_FACTOR * chance or score - chance <= NOISE_SE * se
+
+
+def chance_note(name: str, fit: dict, chance: float) -> str | None:
+    """A warning sentence when the kept model of ``name`` is near chance (None otherwise)."""
+    if "best_score" not in fit or not near_chance(fit["best_score"], fit.get("best_score_se", 0.0), chance):
+        return None
+    return (
+        f"{name} is near chance on validation: kept score {fit['best_score']:.3f} (epoch {fit['best_epoch']}) vs "
+        f"{chance:.3f} for a random ranking; it has not learnt to tell these identities apart: train it longer "
+        "or with another learning rate, or check the data"
+    )

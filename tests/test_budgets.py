@@ -1,0 +1,63 @@
+"""Training budgets: a length the user sets (epochs or steps) runs as given; only the default
+length is raised to the minimum number of steps, and then one line says so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, load_config
+from distill.engine import TrainSettings, fit
+from distill.pipeline import train_settings
+from tests.test_engine import CrossEntropy, batches, dataset, steps_per_epoch, tiny_model  # noqa: F401 (fixture)
+
+CPU = torch.device("cpu")
+PER_EPOCH = 3  # steps per epoch in these checks
+
+
+def epochs_run(teacher: bool, **options) -> int:
+    return train_settings(load_config(**options), CPU, teacher=teacher).num_epochs(PER_EPOCH)
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_a_given_length_runs_as_given_even_below_the_minimum(teacher):
+    prefix = "teacher_" if teacher else ""
+    minimum = {f"{prefix}min_steps": 300}
+    # --teacher-steps 60 ran 300 steps when the minimum won silently; now it runs 60 (20 epochs of 3)
+    assert epochs_run(teacher, **{f"{prefix}steps": 60}, **minimum) == 20
+    assert epochs_run(teacher, **{f"{prefix}steps": 61}, **minimum) == 21  # rounded up to whole epochs
+    assert epochs_run(teacher, **{f"{prefix}epochs": 2}, **minimum) == 2
+    assert epochs_run(teacher, **{f"{prefix}epochs": 2, f"{prefix}steps": 9}, **minimum) == 3  # steps override epochs
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_the_default_length_is_raised_to_the_minimum(teacher):
+    prefix = "teacher_" if teacher else ""
+    default = DEFAULT_TEACHER_EPOCHS if teacher else DEFAULT_EPOCHS
+    assert epochs_run(teacher, **{f"{prefix}min_steps": 0}) == default
+    assert epochs_run(teacher, **{f"{prefix}min_steps": 3 * default * PER_EPOCH + 1}) == 3 * default + 1
+    # the other model's settings do not leak in
+    other = "" if teacher else "teacher_"
+    assert epochs_run(teacher, **{f"{prefix}min_steps": 0, f"{other}steps": 999, f"{other}min_steps": 999}) == default
+
+
+def test_the_budget_note_says_when_and_why_the_length_changed():
+    raised = TrainSettings(epochs=4, lr=1.0, min_steps=30)
+    assert raised.budget_note(3) == (
+        "the default 4 epochs (12 steps) raised to 10 to reach the minimum of 30 steps (a length you set runs as given)"
+    )
+    assert TrainSettings(epochs=4, lr=1.0, min_steps=12).budget_note(3) is None
+    assert TrainSettings(epochs=4, lr=1.0, steps=30).budget_note(3) is None
+
+
+def test_fit_prints_one_line_when_the_minimum_raised_the_length(dataset, tmp_path, capsys):  # noqa: F811
+    per_epoch = steps_per_epoch(dataset)
+    settings = TrainSettings(epochs=1, lr=1e-2, min_steps=2 * per_epoch, workers=0, amp=False)
+    model = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings, tmp_path / "a.ckpt", desc="teacher")
+    assert model.fit_summary["steps"] == 2 * per_epoch
+    err = capsys.readouterr().err
+    assert f"teacher: 2 epochs x {per_epoch} steps; the default 1 epochs ({per_epoch} steps) raised to 2" in err
+    fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), TrainSettings(epochs=1, lr=1e-2, workers=0, amp=False),
+        tmp_path / "b.ckpt", desc="student")
+    err = capsys.readouterr().err
+    assert f"student: 1 epochs x {per_epoch} steps" in err and "raised" not in err
