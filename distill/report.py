@@ -132,11 +132,11 @@ def _target(rows: list[dict], target: float, pair: tuple[str, str]) -> dict:
         best = min(meeting, key=lambda r: r["latency_ms_p50"] if r["latency_ms_p50"] is not None else math.inf)
         message = (f"{len(meeting)} of {len(rows)} student rows keep >= {target:.0%} of the teacher's {names}; "
                    f"fastest: {_label(best)} keeps {kept(best)} at {_fmt(best['latency_ms_p50'], '.3g')} ms, "
-                   f"{_timing(best.get('speedup_like_for_like'), '.2f', 'x', best.get('speedup_stable') is False)} like-for-like")
+                   f"{_timing(best.get('speedup_like_for_like'), '.2f', 'x', best.get('speedup_like_for_like_stable') is False)} like-for-like")
     else:
         best = max(rows, key=share)
         message = (f"no student keeps {target:.0%} of the teacher's {names}; closest: {_label(best)} keeps {kept(best)} "
-                   f"({_timing(best.get('speedup_like_for_like'), '.2f', 'x', best.get('speedup_stable') is False)} like-for-like)")
+                   f"({_timing(best.get('speedup_like_for_like'), '.2f', 'x', best.get('speedup_like_for_like_stable') is False)} like-for-like)")
     summary = {k: best.get(k) for k in ("name", "runtime", "precision", "kept")}
     return {"target_accuracy": target, "met": bool(meeting), "best": summary, "message": message}
 
@@ -191,7 +191,8 @@ def build_report(
     for row in rows:
         row["speedup"] = _ratio(t_p50["torch"], row["latency_ms_p50"])
         row["speedup_like_for_like"] = _ratio(t_p50[row["runtime"]], row["latency_ms_p50"])
-        row["speedup_stable"] = not _unstable(row, _find(rows, "teacher", "torch"), _find(rows, "teacher", row["runtime"]))
+        row["speedup_stable"] = not _unstable(row, _find(rows, "teacher", "torch"))  # False: a "?" where it is shown
+        row["speedup_like_for_like_stable"] = not _unstable(row, _find(rows, "teacher", row["runtime"]))
         tm = teacher["metrics"] if teacher else {}
         row["kept"] = {m: _ratio(row["metrics"][m], tm.get(m)) if row["metrics"][m] is not None else None for m in pair}
         row["drop"] = _metric_diff(teacher, row, pair) if row["role"] != "teacher" else None
@@ -266,7 +267,7 @@ def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
         cells.append([
             m["name"], runtime, m.get("precision") or "fp32", _fmt(params, ".3g"), _fmt(m["gflops"], ".3g"),
             *(_timing(m[k], spec, "", _unstable(m)) for k, spec in (("latency_ms_p50", ".3g"), ("latency_ms_p90", ".3g"), ("throughput_ips", ".0f"))),
-            *(_timing(m.get(k), ".2f", "x", _unstable(m) or m.get("speedup_stable") is False) for k in ("speedup", "speedup_like_for_like")),
+            *(_timing(m.get(k), ".2f", "x", _unstable(m) or m.get(f"{k}_stable") is False) for k in ("speedup", "speedup_like_for_like")),
             *(_fmt(met.get(k), ".3f") for k in ("recall@1", "map", "rank1", "nmi")),
             pair(m.get("kept"), ".0f", 100), pair(m.get("drop"), "+.3f"), pair(m.get("gain"), "+.3f"),
             "*" if m.get("pareto") else "",
