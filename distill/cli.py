@@ -164,8 +164,9 @@ def study(
 
     names = [n.strip() for n in recipes.split(",") if n.strip()] if recipes is not None else None
     file_recipes = study_.load_recipes_file(recipes_file) if recipes_file is not None else None
+    recipes_ = study_.recipe_configs(cfg, names, file_recipes)  # a bad recipe is refused before --out is created
     with _locked(cfg):
-        result = study_.run_study(cfg, study_.recipe_configs(cfg, names, file_recipes), seeds=seeds, jobs=jobs, keep_models=keep_models)
+        result = study_.run_study(cfg, recipes_, seeds=seeds, jobs=jobs, keep_models=keep_models)
     study_.print_study(result)
     err_console.print(f"study: {cfg.out_dir / 'study.json'}, study.md, study.png")
 
