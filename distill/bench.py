@@ -45,13 +45,9 @@ def is_stable(previous: Sequence[float], last: Sequence[float], tolerance: float
 
 
 def benchmark_threads() -> int:
-    """CPU threads for benchmarks: ``torch.get_num_threads()``, except under ``torchrun`` with several
-    local processes, which sets ``OMP_NUM_THREADS=1`` for training; there the count a single process
-    takes by default is used, so numbers compare across launches. That default (torch's
-    ``intraop_default_num_threads`` without OMP/MKL_NUM_THREADS: the physical cores, not the
-    logical CPUs) is also the inter-op pool's default size, which ``OMP_NUM_THREADS`` leaves alone."""
-    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        return torch.get_num_interop_threads()
+    """CPU threads for benchmarks: the ones the user set, ``torch.get_num_threads()`` (``OMP_NUM_THREADS``
+    or ``torch.set_num_threads``), under ``torchrun`` too: a benchmark that takes more threads than
+    the process was given competes with the other ranks for the cores and measures that contention."""
     return torch.get_num_threads()
 
 

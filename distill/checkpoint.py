@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.atomic import atomic_torch_save
+from distill.atomic import WriteError, atomic_torch_save
 from distill.errors import DistillError, load_error_reason
 
 KEYS = ("model", "objective", "optimizer", "scheduler", "rng", "epoch")
@@ -26,9 +26,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write ``state`` (tensors and plain types) atomically; a full disk is one ``DistillError`` line."""
     try:
         return atomic_torch_save(state, path)
-    except (OSError, RuntimeError) as err:  # torch reports a failed write as RuntimeError ("unexpected pos")
+    except (WriteError, OSError, RuntimeError) as err:
+        reason = err.reason if isinstance(err, WriteError) else load_error_reason(err)
         raise DistillError(
-            f"cannot write checkpoint {path}: {load_error_reason(err)}; the previous checkpoint is kept "
+            f"cannot write checkpoint {path}: {reason}; the previous checkpoint is kept "
             "(free disk space or choose another --out)",
             exit_code=1,
         ) from None

@@ -157,13 +157,16 @@ def study(
     recipes_file: Optional[Path] = typer.Option(None, help="TOML file of \\[\\[recipe]] tables: name = \"...\" plus Config keys."),
     seeds: int = typer.Option(5, help="Seeds per recipe (base seed, base seed + 1, ...)."),
     jobs: int = typer.Option(1, help="Trainings run in parallel processes (one thread each)."),
+    keep_models: bool = typer.Option(False, "--keep-models/--no-keep-models", help="Keep each training's model file (study/models/RECIPE-seedS.pt; deleted once scored by default)."),
 ) -> None:
     """Recipes x seeds on one teacher: mean ± std per recipe and the paired gain over the baseline (95% CI)."""
     from distill import study as study_
 
     names = [n.strip() for n in recipes.split(",") if n.strip()] if recipes is not None else None
     file_recipes = study_.load_recipes_file(recipes_file) if recipes_file is not None else None
-    result = study_.run_study(cfg, study_.recipe_configs(cfg, names, file_recipes), seeds=seeds, jobs=jobs)
+    recipes_ = study_.recipe_configs(cfg, names, file_recipes)  # a bad recipe is refused before --out is created
+    with _locked(cfg):
+        result = study_.run_study(cfg, recipes_, seeds=seeds, jobs=jobs, keep_models=keep_models)
     study_.print_study(result)
     err_console.print(f"study: {cfg.out_dir / 'study.json'}, study.md, study.png")
 

@@ -80,6 +80,8 @@ class Config:
     compile: bool = False
     workers: int | None = None
     resume: bool = False
+    fresh: bool = False  # start over although an unfinished checkpoint exists (it is kept until the new run passes it)
+    keep_checkpoints: bool = False  # keep *.ckpt after their training finished (deleted by default: they are large)
     gather_embeddings: bool = False  # torchrun: all-gather embeddings so batch-level losses span the global batch
     # outputs
     name: str = "default"
@@ -199,7 +201,9 @@ HELP: dict[str, str] = {
     "amp": "bf16 autocast on GPU.",
     "compile": "torch.compile the models.",
     "workers": "Data-loader worker processes (default: chosen from the device and cores).",
-    "resume": "Continue interrupted training from checkpoints.",
+    "resume": "Continue interrupted training from checkpoints (refused when they were made with other settings or data).",
+    "fresh": "Start training over although an unfinished checkpoint exists (it is kept until the new run passes it).",
+    "keep_checkpoints": "Keep each training's resumable checkpoint (*.ckpt) after its model file is written (deleted by default).",
     "gather_embeddings": "Under torchrun: all-gather embeddings, labels and teacher outputs so triplet/DarkRank/RKD span the global batch.",
     "name": "Run name (output directory runs/<name> unless --out).",
     "out": "Output directory.",
@@ -324,6 +328,8 @@ def validate(cfg: Config) -> Config:
             raise DistillError(f"{name} (--{name.replace('_', '-')}) must be a number, got {value!r}")
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise DistillError(f"{name} (--{name.replace('_', '-')}) must be {'>' if strict else '>='} {low:g}, got {value:g}")
+    if cfg.resume and cfg.fresh:
+        raise DistillError("--resume continues the checkpoints, --fresh starts over without them: give one of them")
     student_specs(cfg)
     export_precisions(cfg)
     if not 0 < cfg.target_accuracy <= 1:

@@ -39,6 +39,10 @@ TeacherFn = Callable[[Tensor, Tensor], Any]
 BatchSampler = Sampler[list[int]]  # yields lists of dataset indices; has set_epoch(epoch)
 Validator = Callable[[nn.Module], "float | Sequence[float] | Tensor"]  # per-query scores, or one
 MAX_VALIDATIONS = 20  # validation rounds per training at most (small data sets run hundreds of epochs)
+# What shapes a training when the caller gives no recipe, and what fit derives from it and the data:
+# a checkpoint records them, and --resume refuses one whose record differs.
+SETTINGS_RECIPE = ("epochs", "steps", "min_steps", "lr", "weight_decay", "seed", "amp", "gather_embeddings")
+DERIVED_RECIPE = ("total_epochs", "steps_per_epoch", "world_size")
 
 
 @dataclass
@@ -57,6 +61,7 @@ class TrainSettings:
     compile: bool = False
     workers: int | None = None
     resume: bool = False
+    fresh: bool = False  # start over although an unfinished checkpoint exists; it is kept until this run passes it
     gather_embeddings: bool = False  # under torchrun: batch-level losses see the global batch
 
     def num_epochs(self, steps_per_epoch: int) -> int:
@@ -143,14 +148,20 @@ def fit(
     penalty: Callable[[nn.Module], Tensor] | None = None,
     desc: str = "train",
     validate: Validator | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Train ``model`` (and the learnable parts of ``objective``) on the batches of ``sampler``
     (a batch sampler over ``dataset`` with ``set_epoch``, e.g. P x K or importance sampling; one
     with ``observe``/``state_dict`` is fed each trained batch's embeddings and checkpointed).
 
-    A checkpoint is written atomically after every epoch; with ``settings.resume`` and an existing
-    checkpoint, training continues from the epoch after the last one saved. Metrics go to
-    ``<checkpoint>.jsonl`` (a fresh run replaces the old log once its first epoch is done).
+    A checkpoint is written atomically after every epoch, with ``recipe`` (JSON values: everything
+    that shapes this training, the data's fingerprint too; default: the settings that do) and the
+    epochs, steps per epoch and processes it resolved to. With ``settings.resume`` and an existing
+    checkpoint, training continues from the epoch after the last one saved; one recorded with another
+    recipe is refused with a ``DistillError`` naming the differences. Without ``resume``, an unfinished
+    checkpoint is refused too (continue it or start over), unless ``settings.fresh``: then it is kept
+    until this run has passed its epoch. Metrics go to ``<checkpoint>.jsonl`` (a fresh run replaces
+    the old log once it writes its first checkpoint).
     ``penalty(model)``, when given, is added to every step's loss (e.g. Deep Ranking's L2 weight
     penalty). A NaN/inf loss stops training with a clear message, keeping the last good checkpoint.
 
@@ -178,8 +189,9 @@ def fit(
         model.to(memory_format=torch.channels_last)
     loader = DataLoader(dataset, batch_sampler=sampler, **loader_settings(device, settings.workers))
     epochs = settings.num_epochs(len(sampler))
+    recipe = training_recipe(settings, recipe, epochs, len(sampler), world)
     optimizer, scheduler = _optimiser(model, objective, settings, epochs * len(sampler))
-    start_epoch, best = _restore(checkpoint, settings.resume, model, objective, optimizer, scheduler, sampler)
+    start_epoch, best, kept_until = _restore(checkpoint, settings, recipe, model, objective, optimizer, scheduler, sampler)
 
     net = torch.compile(model) if settings.compile else model
     use_amp = settings.amp and device.type == "cuda"
@@ -215,9 +227,9 @@ def fit(
             if main and progress.disable:
                 val = f" val {record['val_score']:.3f} (best {best['score']:.3f} @ {best['epoch']})" if "val_score" in record else ""
                 print(f"{desc}: epoch {epoch + 1}/{epochs} loss {record['loss']:.4f}{val} {record['images_per_s']:.0f} img/s", file=sys.stderr)
-            if main:
-                _save(checkpoint, epoch, best, model, objective, optimizer, scheduler, sampler)
-                log += json.dumps(record) + "\n"
+            log += json.dumps(record) + "\n"
+            if main and (epoch > kept_until or epoch + 1 == epochs):  # an older unfinished checkpoint stays until passed
+                _save(checkpoint, epoch, recipe, best, model, objective, optimizer, scheduler, sampler)
                 atomic_write_text(log_path, log)
     if best is not None:
         model.load_state_dict(best["model"])
@@ -239,12 +251,72 @@ def _optimiser(
     return optimizer, scheduler
 
 
-def _restore(checkpoint: Path, resume: bool, model: nn.Module, objective: nn.Module, optimizer, scheduler, sampler) -> tuple[int, dict | None]:
+def training_recipe(
+    settings: TrainSettings, recipe: dict[str, Any] | None, epochs: int, steps_per_epoch: int, world: int
+) -> dict[str, Any]:
+    """What a checkpoint records as its training's recipe (JSON values): the caller's ``recipe`` (or the
+    settings in ``SETTINGS_RECIPE``) plus the epochs, steps per epoch and processes it resolved to."""
+    own = recipe if recipe is not None else {k: getattr(settings, k) for k in SETTINGS_RECIPE}
+    derived = {"total_epochs": epochs, "steps_per_epoch": steps_per_epoch, "world_size": world}
+    return json.loads(json.dumps(own | derived))
+
+
+def recipe_differences(stored: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """``key=stored (now value)`` for each difference; those derived from the options (epochs, steps
+    per epoch, processes) only when nothing else differs, as they follow from the rest."""
+    if not isinstance(stored, dict):
+        return ["it records no settings (written by an older distill)"]
+    missing = object()
+    keys = [k for k in dict.fromkeys([*now, *stored]) if stored.get(k, missing) != now.get(k, missing)]
+    primary = [k for k in keys if k not in DERIVED_RECIPE]
+
+    def show(value: Any) -> str:
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{k}={show(stored.get(k))} (now {show(now.get(k))})" for k in primary or keys]
+
+
+def _unfinished(checkpoint: Path, fresh: bool, recipe: dict[str, Any]) -> int:
+    """For a run without ``resume``: the last epoch of the unfinished training in ``checkpoint``, which
+    a ``fresh`` run keeps until it has passed it (-1: none, or a finished or unreadable checkpoint,
+    which may be replaced); without ``fresh`` an unfinished one is refused, saying how to go on."""
+    try:
+        state = load_checkpoint(checkpoint)
+    except DistillError:
+        return -1
+    done, total = state["epoch"] + 1, state.get("recipe", {}).get("total_epochs")
+    if total is None or done >= total:
+        return -1
+    if fresh:
+        return state["epoch"]
+    diffs = recipe_differences(state.get("recipe"), recipe)
+    how = ("continue it with --resume" if not diffs else
+           f"it was made with other settings or data ({'; '.join(diffs)}): rerun with those and --resume to continue it")
+    raise DistillError(
+        f"{checkpoint} holds an unfinished training ({done} of {total} epochs done): {how}, or start over with --fresh "
+        f"(it is kept until the new run passes epoch {done})"
+    )
+
+
+def _restore(
+    checkpoint: Path, settings: TrainSettings, recipe: dict[str, Any], model: nn.Module, objective: nn.Module, optimizer,
+    scheduler, sampler,
+) -> tuple[int, dict | None, int]:
     """Load the checkpoint's states (with ``resume`` and when it exists): ``(first epoch to train,
-    best validated {"score", "epoch", "model"} or None)``; ``(0, None)`` for a fresh run."""
-    if not (resume and checkpoint.exists()):
-        return 0, None
+    best validated {"score", "epoch", "model"} or None, -1)``; for a fresh run ``(0, None, the last
+    epoch of an unfinished checkpoint to keep until passed, or -1)``."""
+    if not checkpoint.exists():
+        return 0, None, -1
+    if not settings.resume:
+        return 0, None, _unfinished(checkpoint, settings.fresh, recipe)
     state = load_checkpoint(checkpoint)
+    diffs = recipe_differences(state.get("recipe"), recipe)
+    if diffs:
+        raise DistillError(
+            f"cannot resume from {checkpoint}: it was made with other settings or data: {'; '.join(diffs)} "
+            "(rerun with those to continue it, or start over with --fresh)"
+        )
     model.load_state_dict(state["model"])
     objective.load_state_dict(state["objective"])
     optimizer.load_state_dict(state["optimizer"])
@@ -252,7 +324,7 @@ def _restore(checkpoint: Path, resume: bool, model: nn.Module, objective: nn.Mod
     if "sampler" in state:
         sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"])
-    return state["epoch"] + 1, state.get("best")
+    return state["epoch"] + 1, state.get("best"), -1
 
 
 def _train_epoch(
@@ -297,9 +369,13 @@ def _train_epoch(
     return record
 
 
-def _save(checkpoint: Path, epoch: int, best: dict | None, model: nn.Module, objective: nn.Module, optimizer, scheduler, sampler) -> None:
-    """Write every state ``_restore`` needs (the sampler's when it has one) atomically."""
+def _save(
+    checkpoint: Path, epoch: int, recipe: dict[str, Any], best: dict | None, model: nn.Module,
+    objective: nn.Module, optimizer, scheduler, sampler,
+) -> None:
+    """Write every state ``_restore`` needs (the sampler's when it has one) and the recipe atomically."""
     state = {
+        "recipe": recipe,
         "model": model.state_dict(),
         "objective": objective.state_dict(),
         "optimizer": optimizer.state_dict(),

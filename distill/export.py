@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -46,6 +47,33 @@ from distill.errors import DistillError
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 CONVERTED_ATOL = {"fp16": 1e-2, "int8": 5e-2, "int8-static": 5e-2}
 PROTOBUF_LIMIT = 2**31  # an ONNX file holding its own weights must stay under 2 GB
+EXPORT_PREFIX = "distill-export-"  # work folders in $TMPDIR: distill-export-<pid>-XXXX
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_export_dirs() -> list[Path]:
+    """Delete the ``$TMPDIR/distill-export-<pid>-*`` work folders whose process is gone (a SIGKILL
+    during an export leaves one behind; a running export's pid is alive), with a warning naming them."""
+    removed = []
+    for path in sorted(Path(tempfile.gettempdir()).glob(f"{EXPORT_PREFIX}*")):
+        pid = path.name[len(EXPORT_PREFIX):].split("-")[0]
+        if not path.is_dir() or path.is_symlink() or (pid.isdigit() and _alive(int(pid))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    if removed:
+        warnings.warn(f"removed {len(removed)} ONNX export folder(s) left by an interrupted run: {', '.join(p.name for p in removed)}")
+    return removed
 
 
 def check_image_size(image_size) -> tuple[int, int]:
@@ -155,6 +183,7 @@ def export_onnx(
     if precision == "int8-static" and (calibration is None or calibration.dim() != 4 or len(calibration) == 0):
         raise DistillError("int8-static export needs calibration images [N, 3, H, W] (a few dozen training images)")
     path = Path(path)
+    remove_stale_export_dirs()
     net = EmbeddingOnly(copy.deepcopy(model)).cpu().eval()
     n_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
     if n_bytes >= PROTOBUF_LIMIT:
@@ -162,7 +191,7 @@ def export_onnx(
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(b, 3, height, width, generator=gen) for b in (4, 1)]
 
-    with tempfile.TemporaryDirectory(prefix="distill-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{EXPORT_PREFIX}{os.getpid()}-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         try:
             with warnings.catch_warnings():

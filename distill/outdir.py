@@ -3,6 +3,7 @@
 Two runs writing into the same ``--out`` would mix their logs and checkpoints; the second one is
 refused with the first one's pid. The lock goes with the process (a killed run leaves no stale
 lock). Under torchrun only rank 0 takes it: the other ranks of the same run write nothing there.
+Every command that writes into an output directory (run, study, train, train-teacher) takes it.
 Once the lock is held, temp files left by an interrupted run are removed.
 """
 
@@ -46,7 +47,7 @@ def locked_out_dir(out: str | os.PathLike) -> Iterator[Path]:
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
-        for directory in (out, out / "cache"):
+        for directory in (out, out / "cache", *sorted(out.glob("study/**/"))):  # every folder distill writes in
             remove_stale_temp_files(directory)
         try:
             yield out

@@ -264,6 +264,7 @@ def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> 
         compile=cfg.compile,
         workers=cfg.workers,
         resume=cfg.resume,
+        fresh=cfg.fresh,
         gather_embeddings=cfg.gather_embeddings,
     )
 
@@ -394,10 +395,11 @@ def teacher_weights(cfg: Config, data: Prepared, device: torch.device) -> str | 
     if diffs:
         console.print(f"[yellow]{path} was trained with other settings ({'; '.join(diffs)}): training a new one")
     objective = build_objective(cfg, data.num_classes)
+    checkpoint = cfg.out_dir / "teacher.ckpt"
     fit(
         model, objective, data.train, batch_sampler(cfg, data.train.labels), train_settings(cfg, device, teacher=True),
-        cfg.out_dir / "teacher.ckpt",
-        penalty=weight_penalty(objective), desc="teacher", validate=validator(data, device),
+        checkpoint, penalty=weight_penalty(objective), desc="teacher", validate=validator(data, device),
+        recipe=recipe | {"data_fingerprint": fingerprint},
     )
     model.fit_summary |= chance_check("the teacher", model.fit_summary, data)
     if is_main_process():
@@ -405,6 +407,7 @@ def teacher_weights(cfg: Config, data: Prepared, device: torch.device) -> str | 
             path, model, arch=cfg.teacher, data=fingerprint, image_size=list(cfg.image_size), recipe=recipe,
             fit=model.fit_summary,
         )
+        finished_checkpoint(checkpoint, cfg)
     barrier()
     return str(path)
 
@@ -430,6 +433,32 @@ def teacher_fit(cfg: Config) -> dict | None:
         return read_model_file(cfg.out_dir / "teacher.pt")[0].get("meta", {}).get("fit")
     except DistillError:  # none yet, or unreadable
         return None
+
+
+# Config fields that change no trained weight, left out of a student checkpoint's recipe; the
+# teacher's own fields are left out too (its fingerprint stands for them), and for a baseline, which
+# has no teacher, the distillation terms' (DISTILLATION_PREFIXES).
+NOT_TRAINING_FIELDS = (
+    "out", "name", "resume", "fresh", "keep_checkpoints", "baseline", "students", "export_precision", "bench_iters",
+    "target_accuracy", "clustering", "require_better_teacher", "gate_margin", "device", "workers", "compile",
+)
+DISTILLATION_PREFIXES = ("kd_", "darkrank", "rkd_", "pkt_", "regression_", "compat_")
+
+
+def student_recipe(cfg: Config, data: Prepared, teacher: Teacher | None) -> dict[str, Any]:
+    """Everything that shapes a student's training (recorded in its checkpoint; ``--resume`` refuses a
+    checkpoint whose record differs): its options, the teacher's fingerprint, the training data's."""
+    skip = ("teacher",) + (DISTILLATION_PREFIXES if teacher is None else ())
+    options = {k: v for k, v in cfg.to_dict().items() if k not in NOT_TRAINING_FIELDS and not k.startswith(skip)}
+    return options | {"teacher_fingerprint": teacher.fingerprint if teacher else None,
+                      "data_fingerprint": data_fingerprint(data.train.samples)}
+
+
+def finished_checkpoint(checkpoint: Path, cfg: Config) -> None:
+    """Delete a training's checkpoint once its model file is written (unless ``keep_checkpoints``):
+    it is only needed to resume, and holds the optimiser's state too (a few times the model's size)."""
+    if not cfg.keep_checkpoints:
+        checkpoint.unlink(missing_ok=True)
 
 
 def weight_penalty(objective: StudentObjective) -> Callable[[nn.Module], Tensor] | None:
@@ -470,9 +499,11 @@ def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=Non
     model = create_student(cfg.student, cfg.embed_dim, data.num_classes, width=cfg.student_width, multiscale=cfg.multiscale)
     objective = build_objective(cfg, data.num_classes, teacher)
     teacher_fn = teacher_outputs(cfg, teacher, data, device) if teacher is not None else None
+    checkpoint = cfg.out_dir / f"{name}.ckpt"
     fit(
-        model, objective, data.train, batch_sampler(cfg, data.train.labels), train_settings(cfg, device), cfg.out_dir / f"{name}.ckpt",
+        model, objective, data.train, batch_sampler(cfg, data.train.labels), train_settings(cfg, device), checkpoint,
         teacher_fn=teacher_fn, penalty=weight_penalty(objective), desc=name, validate=validator(data, device),
+        recipe=student_recipe(cfg, data, teacher),
     )
     model.fit_summary |= chance_check(name, model.fit_summary, data)
     if is_main_process():
@@ -480,6 +511,7 @@ def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=Non
             cfg.out_dir / f"{name}.pt", model, arch=cfg.student, width=cfg.student_width,
             multiscale=cfg.multiscale, image_size=list(cfg.image_size), fit=model.fit_summary,
         )
+        finished_checkpoint(checkpoint, cfg)
     return model
 
 

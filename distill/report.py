@@ -84,6 +84,23 @@ def _find(models: list[dict], role: str, runtime: str | None = None, student: st
     return min(hits, key=lambda m: m.get("precision", "fp32") != "fp32", default=None)
 
 
+UNSTABLE = "?"  # after a timing whose rounds disagreed (``stable: false``), and after a speedup from one
+UNSTABLE_NOTE = (
+    f"{UNSTABLE} = from a timing that was not stable (the medians of its last two rounds of calls differed by more "
+    "than 5%, e.g. on a busy machine): rerun `distill bench` on a quiet machine before trusting it"
+)
+
+
+def _unstable(*rows: dict | None) -> bool:
+    """True when any of the rows' timings was not stable (``"stable": false``)."""
+    return any(isinstance(r, dict) and r.get("stable") is False for r in rows)
+
+
+def _timing(value, spec: str, suffix: str, unstable: bool) -> str:
+    """A formatted timing or speedup, marked ``?`` when it comes from an unstable timing."""
+    return _fmt(value, spec, suffix) + (UNSTABLE if unstable and value is not None else "")
+
+
 def _metric_diff(a: dict | None, b: dict | None, keys=None) -> dict[str, float] | None:
     """``a - b`` for every metric (or those in ``keys``) both have a number for (``None`` when either model is missing)."""
     if a is None or b is None:
@@ -158,11 +175,11 @@ def _target(rows: list[dict], target: float, pair: tuple[str, str]) -> dict:
         best = pick([r for r in meeting if speed(r) == fastest])
         message = (f"{len(meeting)} of {len(rows)} student rows keep >= {target:.0%} of the teacher's {names}; "
                    f"fastest: {_label(best)} keeps {kept(best)} at {_fmt(best['latency_ms_p50'], '.3g')} ms, "
-                   f"{_fmt(best.get('speedup_like_for_like'), '.2f', 'x')} like-for-like")
+                   f"{_timing(best.get('speedup_like_for_like'), '.2f', 'x', best.get('speedup_like_for_like_stable') is False)} like-for-like")
     else:
         best = pick(rows)
         message = (f"no student keeps {target:.0%} of the teacher's {names}; closest: {_label(best)} keeps {kept(best)} "
-                   f"({_fmt(best.get('speedup_like_for_like'), '.2f', 'x')} like-for-like)")
+                   f"({_timing(best.get('speedup_like_for_like'), '.2f', 'x', best.get('speedup_like_for_like_stable') is False)} like-for-like)")
     summary = {k: best.get(k) for k in ("name", "role", "student", "runtime", "precision", "kept", "speedup")} | {"file": _file(best)}
     return {"target_accuracy": target, "met": bool(meeting), "best": summary, "message": message}
 
@@ -254,6 +271,8 @@ def build_report(
     for row in rows:
         row["speedup"] = _ratio(t_p50["torch"], row["latency_ms_p50"])
         row["speedup_like_for_like"] = _ratio(t_p50[row["runtime"]], row["latency_ms_p50"])
+        row["speedup_stable"] = not _unstable(row, _find(rows, "teacher", "torch"))  # False: a "?" where it is shown
+        row["speedup_like_for_like_stable"] = not _unstable(row, _find(rows, "teacher", row["runtime"]))
         tm = teacher["metrics"] if teacher else {}
         row["kept"] = {m: _ratio(row["metrics"][m], tm.get(m)) if row["metrics"][m] is not None else None for m in pair}
         row["drop"] = _metric_diff(teacher, row, pair) if row["role"] != "teacher" else None
@@ -310,6 +329,7 @@ def legend(report: dict) -> str:
         f"teacher does not lead), each for {names}; front = on the Pareto front of latency vs "
         f"{METRIC_LABELS[report.get('pareto_metric') or 'recall@1']}"
     )
+    text += "; " + UNSTABLE_NOTE if _unstable(*report.get("models") or []) else ""
     return text + ("; " + REID_NOTE if report.get("protocol") == "reid" else "")
 
 
@@ -330,8 +350,8 @@ def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
         runtime = f"{m['runtime']}:{where.removesuffix('ExecutionProvider')}" if where else m["runtime"]
         cells.append([
             m["name"], runtime, m.get("precision") or "fp32", _fmt(params, ".3g"), _fmt(m["gflops"], ".3g"),
-            _fmt(m["latency_ms_p50"], ".3g"), _fmt(m["latency_ms_p90"], ".3g"), _fmt(m["throughput_ips"], ".0f"),
-            _fmt(m.get("speedup"), ".2f", "x"), _fmt(m.get("speedup_like_for_like"), ".2f", "x"),
+            *(_timing(m[k], spec, "", _unstable(m)) for k, spec in (("latency_ms_p50", ".3g"), ("latency_ms_p90", ".3g"), ("throughput_ips", ".0f"))),
+            *(_timing(m.get(k), ".2f", "x", _unstable(m) or m.get(f"{k}_stable") is False) for k in ("speedup", "speedup_like_for_like")),
             *(_fmt(met.get(k), ".3f") for k in ("recall@1", "map", "rank1", "nmi")),
             pair(m.get("kept"), ".0f", 100), pair(m.get("drop"), "+.3f"), pair(m.get("gain"), "+.3f"),
             pair(m.get("lead_kept"), ".0f", 100), "*" if m.get("pareto") else "",
@@ -342,11 +362,21 @@ def _rows(report: dict) -> tuple[list[str], list[list[str]]]:
 def speedup_lines(report: dict) -> list[str]:
     """The two speedups in words: like-for-like per runtime, and deployment (first distilled student)."""
     like = report["speedup_like_for_like"]
-    return [
+    rows = [m for m in report.get("models") or [] if isinstance(m, dict) and "runtime" in m]
+    lead = _find(rows, "student")
+    spec = lead.get("student") if lead else None
+
+    def unstable(teacher_runtime: str, student_runtime: str) -> bool:
+        return _unstable(_find(rows, "teacher", teacher_runtime), _find(rows, "student", student_runtime, spec))
+
+    lines = [
         "like-for-like speedup (same runtime, architecture only): "
-        f"PyTorch {_fmt(like.get('torch'), '.2f', 'x')}, ONNX Runtime {_fmt(like.get('onnxruntime'), '.2f', 'x')}",
-        "deployment speedup (teacher in PyTorch eager -> student in ONNX Runtime): " + _fmt(report["speedup"], ".2f", "x"),
+        f"PyTorch {_timing(like.get('torch'), '.2f', 'x', unstable('torch', 'torch'))}, "
+        f"ONNX Runtime {_timing(like.get('onnxruntime'), '.2f', 'x', unstable('onnxruntime', 'onnxruntime'))}",
+        "deployment speedup (teacher in PyTorch eager -> student in ONNX Runtime): "
+        + _timing(report["speedup"], ".2f", "x", unstable("torch", "onnxruntime")),
     ]
+    return lines + ([UNSTABLE_NOTE] if any(UNSTABLE in line for line in lines) else [])
 
 
 def gate_line(gate: dict) -> str:

@@ -8,6 +8,8 @@ see the same batches (the P x K sampler depends only on ``(seed, epoch)``).
 
 Each (recipe, seed) result is written atomically to ``<out>/study/results/<recipe>/seed-<s>.json``
 as soon as it is finished; a rerun skips the results whose config, teacher and data still match.
+A training's model file (``<out>/study/models/<recipe>-seed<s>.pt``) is deleted once it is scored,
+unless ``keep_models``; its checkpoint once the model file is written, unless ``keep_checkpoints``.
 Every training runs on one thread (in-process or in a worker process), so the numbers do not depend
 on ``jobs`` and the same study run twice gives the same numbers on the CPU.
 
@@ -56,10 +58,10 @@ DEFAULT_RECIPES = (BASELINE, "kd+darkrank")
 # Options every recipe shares: one teacher, one data set, one device; the study sets seed and out.
 SHARED_KEYS = (
     "teacher", "teacher_weights", "teacher_epochs", "teacher_lr", "data", "image_size", "strict", "cuhk03_variant",
-    "bbox_crop", "split_file", "device", "seed", "out", "name", "resume",
+    "bbox_crop", "split_file", "device", "seed", "out", "name", "resume", "fresh", "keep_checkpoints",
 )
 # Config keys that change no trained number: ignored when deciding whether a stored result is reusable.
-NOT_RESULT_KEYS = ("out", "name", "resume", "baseline", "export_precision", "bench_iters")
+NOT_RESULT_KEYS = ("out", "name", "resume", "fresh", "keep_checkpoints", "baseline", "export_precision", "bench_iters")
 TABLE_METRICS = (("recall@1", "R@1"), ("map", "mAP"), ("rank1", "rank-1"), ("nmi", "NMI"))
 GAIN_METRICS = (("recall@1", "R@1"), ("map", "mAP"))
 TIE_TOLERANCE = 1e-9
@@ -238,14 +240,18 @@ class _Context:
     teacher: Any
 
 
-def _train_and_evaluate(ctx: _Context, cfg: Config, recipe: str) -> tuple[dict[str, float], float]:
+def _train_and_evaluate(ctx: _Context, cfg: Config, recipe: str, keep_model: bool = False) -> tuple[dict[str, float], float]:
     """One student for ``(recipe, cfg.seed)`` and its test-set metrics (plus the seconds it took).
-    The baseline has no teacher, exactly as ``distill run`` trains its baseline."""
+    The baseline has no teacher, exactly as ``distill run`` trains its baseline. Its model file is
+    deleted once scored unless ``keep_model``."""
     started = time.perf_counter()
     teacher = None if recipe == BASELINE else ctx.teacher
     name = f"study/models/{recipe}-seed{cfg.seed}"
     model = pipeline.train_student(cfg, ctx.data, ctx.device, teacher=teacher, name=name)
-    return evaluate_model(model, ctx.data.splits, ctx.data.eval_transform, ctx.device, cfg.clustering), time.perf_counter() - started
+    metrics = evaluate_model(model, ctx.data.splits, ctx.data.eval_transform, ctx.device, cfg.clustering)
+    if not keep_model:
+        (cfg.out_dir / f"{name}.pt").unlink(missing_ok=True)
+    return metrics, time.perf_counter() - started
 
 
 _WORKER: dict[str, _Context] = {}
@@ -255,12 +261,12 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _worker_train(base: Config, cfg: Config, recipe: str) -> tuple[dict[str, float], float]:
+def _worker_train(base: Config, cfg: Config, recipe: str, keep_model: bool) -> tuple[dict[str, float], float]:
     """In a worker process: set up data and teacher once (the teacher file the parent wrote), train."""
     if "ctx" not in _WORKER:
         data, device = pipeline.setup(base)
         _WORKER["ctx"] = _Context(data, device, pipeline.get_teacher(base, data, device))
-    return _train_and_evaluate(_WORKER["ctx"], cfg, recipe)
+    return _train_and_evaluate(_WORKER["ctx"], cfg, recipe, keep_model)
 
 
 def result_path(out: Path, recipe: str, seed: int) -> Path:
@@ -286,11 +292,12 @@ def _load_result(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def run_study(
-    base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int = 5, jobs: int = 1
+    base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int = 5, jobs: int = 1,
+    keep_models: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate every recipe x seed (seeds ``base.seed .. base.seed + seeds - 1``) on one
     teacher; reuse stored results that match; write ``study.json``, ``study.md`` and ``study.png``
-    into ``base.out_dir`` and return the study dict."""
+    into ``base.out_dir`` and return the study dict. Per-seed model files stay only with ``keep_models``."""
     if seeds < 1:
         raise DistillError(f"--seeds must be >= 1, got {seeds}")
     if jobs < 1:
@@ -298,12 +305,12 @@ def run_study(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # every training on one thread: numbers independent of --jobs, reproducible
     try:
-        return _run(base, recipes, seeds, jobs)
+        return _run(base, recipes, seeds, jobs, keep_models)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int, jobs: int) -> dict[str, Any]:
+def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int, jobs: int, keep_models: bool) -> dict[str, Any]:
     started = time.perf_counter()
     data, device = pipeline.setup(base)
     teacher = pipeline.get_teacher(base, data, device)
@@ -316,7 +323,9 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
     todo: list[tuple[str, Config, dict[str, Any]]] = []
     for seed in seed_list:  # seed-major: an interrupted study keeps whole pairs
         for name, (_, rcfg) in recipes.items():
-            cfg = replace(rcfg, seed=seed, resume=False)
+            # a training killed with the study is continued with --resume, else started over (its
+            # checkpoint kept until passed): the stored results are what a study resumes from
+            cfg = replace(rcfg, seed=seed, resume=base.resume, fresh=not base.resume)
             pipeline.choose_inputs(cfg, replace(data.splits, train=data.train.samples), device, quiet=True)
             identity = _identity(cfg, None if name == BASELINE else teacher.fingerprint, data_fp, device)
             stored = _load_result(result_path(out, name, seed), identity)
@@ -338,10 +347,10 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
 
     if jobs == 1 or len(todo) <= 1:
         for name, cfg, identity in todo:
-            store(name, cfg, identity, *_train_and_evaluate(ctx, cfg, name))
+            store(name, cfg, identity, *_train_and_evaluate(ctx, cfg, name, keep_models))
     else:
         with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-            futures = {pool.submit(_worker_train, base, cfg, name): (name, cfg, identity) for name, cfg, identity in todo}
+            futures = {pool.submit(_worker_train, base, cfg, name, keep_models): (name, cfg, identity) for name, cfg, identity in todo}
             try:
                 for future in as_completed(futures):
                     store(*futures[future], *future.result())

@@ -160,15 +160,16 @@ def test_zero_budget_stops_after_one_round():
     assert result["iters"] == 3 and result["stable"] is False
 
 
-def test_benchmark_threads_under_torchrun_match_a_single_process(monkeypatch):
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert benchmark_threads() == torch.get_num_threads()
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun with one process leaves the threads alone
-    assert benchmark_threads() == torch.get_num_threads()
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun set OMP_NUM_THREADS=1 for training
-    assert benchmark_threads() == torch.get_num_interop_threads()  # torch's default; see tests/test_ddp.py
-    result = benchmark_torch(tiny_net(), SIZE, batch_sizes=(1,), warmup=0, iters=2, budget_s=0.0)
-    assert result["threads"] == torch.get_num_interop_threads() and torch.get_num_threads() == 1  # restored
+def test_benchmark_threads_are_the_ones_the_user_set_under_torchrun_too(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun with 4 local processes (OMP_NUM_THREADS=1 each)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert benchmark_threads() == 1
+        result = benchmark_torch(tiny_net(), SIZE, batch_sizes=(1,), warmup=0, iters=2, budget_s=0.0)
+        assert result["threads"] == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_onnx_input_size_fixed_and_dynamic(tmp_path):

@@ -273,7 +273,7 @@ def test_parallel_jobs_give_the_numbers_of_one_job(tmp_path):
 def test_recipes_train_at_the_inputs_chosen_for_the_data(tiny_data, tmp_path):
     # no --image-size: the study chooses it from the data once, and every recipe trains at it
     base = load_config(None, out=str(tmp_path / "s"), **{k: v for k, v in TINY.items() if k != "image_size"})
-    result = study.run_study(base, study.recipe_configs(base, ["kd"]), seeds=1, jobs=1)
+    result = study.run_study(base, study.recipe_configs(base, ["kd"]), seeds=1, jobs=1, keep_models=True)
     assert {r["recipe"] for r in result["results"]} == {"baseline", "kd"}
     header = load_model(tmp_path / "s" / "study" / "models" / "kd-seed0.pt")[1]
     assert header["meta"]["image_size"] == [64, 32]

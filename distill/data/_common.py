@@ -134,7 +134,10 @@ def build_cache(final: Path, fill: Callable[[Path], None]) -> Path:
         if isinstance(err, OSError) and final.is_dir():
             return final  # another process renamed its copy first
         if isinstance(err, OSError):
-            raise DistillError(f"cannot write the cache {final}: {err} (choose another place with cache_dir)") from None
+            raise DistillError(
+                f"cannot write the cache {final}: {err.strerror or err} (free disk space, or choose another place "
+                "with cache_dir or DISTILL_CACHE)", exit_code=1,
+            ) from None
         raise
     return final
 

@@ -27,6 +27,7 @@ from PIL import Image
 
 from distill.data._common import cache_root
 from distill.data.base import Sample, Splits, register_dataset
+from distill.errors import DistillError
 
 PALETTE = np.array(
     [
@@ -135,13 +136,24 @@ def _render(person: dict, camera: dict, rng: np.random.Generator, h: int, w: int
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def _cache_error(target: Path, err: OSError) -> DistillError:
+    return DistillError(
+        f"cannot write the embedded data set to {target}: {err.strerror or err} "
+        "(free disk space, or set DISTILL_CACHE to a directory with room)",
+        exit_code=1,
+    )
+
+
 def generate(spec: SyntheticSpec, root: Path | None = None) -> Path:
     """Render the data set into ``root/synthetic-<key>`` once (atomic rename) and return that directory."""
     target = (root or cache_root()) / f"synthetic-{spec.key()}"
     if (target / "index.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    except OSError as err:
+        raise _cache_error(target, err) from None
     try:
         rng = np.random.default_rng(spec.seed)
         cameras = [_camera(rng) for _ in range(NUM_CAMERAS)]
@@ -160,6 +172,8 @@ def generate(spec: SyntheticSpec, root: Path | None = None) -> Path:
         except OSError:  # another process rendered it first
             if not (target / "index.json").exists():
                 raise
+    except OSError as err:  # a full disk: one line naming the cache, not PIL's traceback
+        raise _cache_error(target, err) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
