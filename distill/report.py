@@ -281,11 +281,19 @@ def layer_line(choice: dict) -> str:
     return f"{choice['chosen']}, the best on validation {choice['metric']} ({scores})"
 
 
+NO_TEST_SET = "no test set: the students learnt from unlabeled images alone and nothing measured their accuracy (give --data)"
+
+
+def no_test_set(report: dict) -> bool:
+    """True for a run without a test set (``test_set`` recorded as None): speed and size only."""
+    return "test_set" in report and report["test_set"] is None
+
+
 def to_markdown(report: dict) -> str:
     header, cells = _rows(report)
     lines = ["# distill report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
-    lines += ["", legend(report)]
+    lines += ["", legend(report)] + (["", f"**{NO_TEST_SET}**"] if no_test_set(report) else [])
     if report.get("target"):
         lines += ["", f"**Target**: {report['target']['message']}"]
     if report.get("teacher_gate"):
@@ -406,7 +414,8 @@ def print_report(report: dict, console: Console | None = None) -> None:
             last = n == len(parts) - 1
             console.print(_table(header, cells, keys + part, title=title if n == 0 else None,
                                  caption=f"ort = ONNX Runtime; {caption}" if last else None))
-    lines = speedup_lines(report) + ([report["target"]["message"]] if report.get("target") else [])
+    lines = [NO_TEST_SET] if no_test_set(report) else []
+    lines += speedup_lines(report) + ([report["target"]["message"]] if report.get("target") else [])
     lines += [f"teacher gate: {gate_line(report['teacher_gate'])}"] if report.get("teacher_gate") else []
     lines += [f"teacher embedding: {report['teacher_layer']['chosen']}"] if report.get("teacher_layer") else []
     for line in lines:
