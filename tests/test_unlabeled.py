@@ -265,3 +265,95 @@ def test_torchrun_with_unlabeled_images_matches_one_process(tmp_path):
     for name, value in reference().items():
         torch.testing.assert_close(ranks[0]["model"][name], value.detach(), rtol=1e-7, atol=1e-9)
     assert EXTRA < PER_STEP * 6  # the unlabeled images cycle more than once per epoch
+
+
+def tiny_teacher_and_images(root: Path) -> tuple[Path, Path]:
+    """An (untrained) nin_bn@0.25 teacher model file and a folder of 24 small images in 3 sub-folders."""
+    from distill.models import save_model
+    from distill.students import create_student
+
+    torch.manual_seed(0)
+    teacher = save_model(root / "t.pt", create_student("nin_bn", 16, 5, width=0.25), arch="nin_bn", width=0.25)
+    g = np.random.default_rng(0)
+    for i in range(24):
+        path = root / "unl" / f"d{i % 3}" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(g.integers(0, 255, (32, 16, 3), dtype=np.uint8)).save(path)
+    return teacher, root / "unl"
+
+
+def test_a_run_on_unlabeled_images_alone_needs_no_labels_and_reports_no_test_set(tmp_path):
+    """`distill run --data none --unlabeled DIR --teacher-weights T`: no --teacher (the file names it),
+    no baseline, the student learns the teacher's classes (KD), the report says there is no test set."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+    from distill.models import load_model
+
+    teacher, folder = tiny_teacher_and_images(tmp_path)
+    out = tmp_path / "o"
+    common = ["--data", "none", "--unlabeled", str(folder), "--out", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(app, ["run", *common, "--teacher-weights", str(teacher), "--student", "nin_bn@0.25",
+                                      "--embed-dim", "16", "--steps", "2", "--min-steps", "0", "--unlabeled-batch", "8",
+                                      "--image-size", "32x16", "--bench-iters", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["test_set"] is None and report["config"]["teacher"] == "nin_bn"
+    assert {m["role"] for m in report["models"]} == {"teacher", "student"}
+    assert all(v is None for m in report["models"] for v in m["metrics"].values())
+    assert "no test set" in (out / "report.md").read_text()
+    student, header = load_model(out / "student.pt")
+    assert header["num_classes"] == 5 and header["meta"]["unlabeled"].endswith("x8")  # the teacher's classes, for KD
+    log = [json.loads(line) for line in (out / "student.jsonl").read_text().splitlines()]
+    assert set(log[0]) >= {"kd", "darkrank"} and "softmax" not in log[0] and "triplet" not in log[0]
+    assert not (out / "student_baseline.pt").exists()
+
+    result = CliRunner().invoke(app, ["run", *common])  # a teacher to train needs labels
+    assert result.exit_code == 2 and "a run on unlabeled images alone learns from a finished teacher" in result.output
+    result = CliRunner().invoke(app, ["run", "--data", "none", "--out", str(out)])
+    assert result.exit_code == 2 and "--data none trains on unlabeled images only: give them with --unlabeled DIR" in result.output
+
+
+def test_train_caches_the_teacher_on_labeled_and_unlabeled_images(tmp_path):
+    """Un-augmented training: the cached teacher outputs cover the labeled images and the unlabeled
+    ones, under a key that changes with the unlabeled images."""
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    teacher, folder = tiny_teacher_and_images(tmp_path)
+    out = tmp_path / "o"
+    args = ["train", "--data", "digits", "--teacher-weights", str(teacher), "--student", "nin_bn@0.25", "--embed-dim", "16",
+            "--steps", "1", "--min-steps", "0", "--augment", "none", "--image-size", "32x16", "--device", "cpu", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert CliRunner().invoke(app, [*args, "--unlabeled", str(folder), "--unlabeled-batch", "4"]).exit_code == 0
+    sizes = sorted(len(torch.load(p, weights_only=True)["embeddings"]) for p in (out / "cache").glob("teacher-*.pt"))
+    assert len(sizes) == 2 and sizes[1] == sizes[0] + 24
+
+
+def test_the_low_label_split_is_links_to_the_images_never_copies(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import cuhk03_low_label as split
+    finally:
+        sys.path.pop(0)
+    market, extra = tmp_path / "market", tmp_path / "extra"
+    names = [f"{pid:04d}_c{c}s1_00000{i}_00.jpg" for pid in range(1, 7) for c in (1, 2) for i in range(2)]
+    write_images(market / "bounding_box_train", names)
+    write_images(market / "query", ["0100_c1s1_000000_00.jpg"])
+    write_images(market / "bounding_box_test", ["0100_c2s1_000001_00.jpg", "-1_c1s1_000002_00.jpg"])
+    write_images(extra / "bounding_box_train", ["0301_c1s1_000000_00.jpg", "0302_c1s1_000001_00.jpg"])
+    out = tmp_path / "low"
+    split.main(["--market", str(market), "--extra", str(extra), "--out", str(out), "--labeled-ids", "2"])
+    labeled = sorted(p.name for p in (out / "labeled" / "bounding_box_train").iterdir())
+    assert len({n[:4] for n in labeled}) == 2 and len(labeled) == 8  # 2 people x 2 cameras x 2 images
+    unlabeled = load_unlabeled(str(out / "unlabeled"))
+    assert len(unlabeled) == 16 + 2 and not {Path(s.path).name for s in unlabeled} & set(labeled)
+    every = [p for p in out.rglob("*") if p.is_file() or p.is_symlink()]
+    assert len(every) == 8 + 3 + 18 and all(p.is_symlink() and p.resolve().is_relative_to(tmp_path) for p in every)
+    with pytest.raises(SystemExit, match="exists already"):
+        split.main(["--market", str(market), "--out", str(out)])
+    with pytest.raises(SystemExit, match="is inside the repository"):
+        split.main(["--market", str(market), "--out", str(ROOT / "low")])
