@@ -37,7 +37,7 @@ def write_images(folder: Path, names: list[str]) -> list[str]:
     for i, name in enumerate(names):
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((8, 6, 3), 20 * i, dtype=np.uint8)).save(path)
+        Image.fromarray(np.full((8, 6, 3), (20 * i) % 256, dtype=np.uint8)).save(path)
         paths.append(str(path))
     return paths
 
