@@ -94,9 +94,9 @@ def test_wrong_architecture_width_and_shapes_fail_in_one_message(r18_file, tmp_p
     _, r18 = r18_file
     nin = create_student("nin_bn", 16, 5, width=0.5)
     path = save_model(tmp_path / "nin.pt", nin, arch="nin_bn", width=0.5)
-    with pytest.raises(DistillError, match=r"nin.pt holds a 'nin_bn@0.5' model, not the student 'nin_bn@0.25@?.*': pass --student nin_bn@0.5$"):
+    with pytest.raises(DistillError, match=r"nin.pt holds a 'nin_bn@0.5' model, not the student 'nin_bn@0.25': pass --student nin_bn@0.5$"):
         load_student_weights(create_student("nin_bn", 16, 5, width=0.25), path, "nin_bn", 0.25)
-    with pytest.raises(DistillError, match=r"holds a 'nin_bn@0.5' model, not the student 'timm:resnet18@1'"):
+    with pytest.raises(DistillError, match=r"holds a 'nin_bn@0.5' model, not the student 'timm:resnet18': pass --student nin_bn@0.5"):
         load_student_weights(create_student("timm:resnet18", 16, 5), path, "timm:resnet18")
 
     # a backbone state dict of another width: the table names the keys with another shape

@@ -42,8 +42,8 @@ def load_student_weights(model: nn.Module, path: str | os.PathLike, spec: str, w
     else:
         arch, file_width = header["arch"], float(header.get("width", 1.0))
         if arch != spec or file_width != width:
-            shown = arch if ":" in arch else f"{arch}@{file_width:g}"
-            raise DistillError(f"{path} holds a '{shown}' model, not the student '{spec}@{width:g}': pass --student {shown}")
+            shown, wanted = (a if ":" in a else f"{a}@{w:g}" for a, w in ((arch, file_width), (spec, width)))
+            raise DistillError(f"{path} holds a '{shown}' model, not the student '{wanted}': pass --student {shown}")
         if header.get("multiscale"):
             state = {k[len("base."):]: v for k, v in state.items() if k.startswith("base.")}
     _load_whole(net, state, f"student weights {path}", hint)
