@@ -180,8 +180,8 @@ def train_teacher(cfg: Config) -> None:
     weights = cfg.teacher_weights
     if weights and Path(weights).is_file() and not pipeline.is_distill_model_file(weights):
         cfg.teacher_finetune = True  # this command trains: a plain state dict is backbone weights to fine-tune
-    with _locked(cfg):
-        pipeline.get_teacher(cfg, *pipeline.setup(cfg))
+    with _locked(cfg):  # timm:NAME / torchvision:NAME without weights: trained from scratch
+        pipeline.get_teacher(cfg, *pipeline.setup(cfg, scratch_teacher=True))
     err_console.print(f"teacher: {cfg.out_dir / 'teacher.pt'}")
 
 

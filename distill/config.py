@@ -24,6 +24,8 @@ class Config:
     students: list[str] | None = None  # the same list as a TOML array (give student or students, not both)
     student_width: float = 0.5  # full-width NIN-BN costs only 1.6x fewer FLOPs than BN-Inception
     multiscale: bool = False
+    student_weights: str | None = None  # start the student from these weights (a state dict or a distill model file)
+    student_pretrained: bool = False  # timm students: timm's pretrained weights from the local cache (never downloaded)
     embed_dim: int = 128
     # data
     data: str = "synthetic"
@@ -35,6 +37,9 @@ class Config:
     cuhk03_variant: str | None = None  # cuhk03 only: labeled | detected
     bbox_crop: bool | None = None  # cub200 only: crop to the published bounding boxes
     split_file: str | None = None  # imagefolder only: explicit train/test split file
+    unlabeled: str | None = None  # images without labels the distilled student also learns from (a folder or a data spec)
+    unlabeled_batch: int | None = None  # unlabeled images per step; None: batch_size
+    unlabeled_only: bool = False  # the distilled student learns from the unlabeled images alone (--data none: no test set either)
     # training (students; the teacher uses teacher_epochs and teacher_lr)
     # A length given (epochs or steps) runs as given; left unset, it is DEFAULT_EPOCHS (or
     # DEFAULT_TEACHER_EPOCHS) raised to at least min_steps (teacher_min_steps), so small sets train enough.
@@ -112,7 +117,8 @@ DEFAULT_TEACHER_EPOCHS = 24  # 16 left BN-Inception under-trained: R@1 0.74-0.85
 
 def student_specs(cfg: Config) -> list[tuple[str, float]]:
     """The students of a run as ``(name, width)``: ``cfg.students`` if set, else ``cfg.student`` split at
-    commas; ``NAME@WIDTH`` sets the width multiplier, a bare ``NAME`` takes ``cfg.student_width``."""
+    commas; ``NAME@WIDTH`` sets the width multiplier, a bare builtin ``NAME`` takes ``cfg.student_width``
+    (a bare ``timm:NAME`` 1.0: its name sets its size)."""
     items = cfg.students if cfg.students is not None else cfg.student.split(",")
     if isinstance(items, str) or not items:
         raise DistillError(f"students must be a non-empty list of specs like ['nin_bn@0.5'], got {items!r}")
@@ -120,7 +126,7 @@ def student_specs(cfg: Config) -> list[tuple[str, float]]:
     for item in items:
         name, at, width = str(item).strip().partition("@")
         try:
-            w = float(width) if at else cfg.student_width
+            w = float(width) if at else 1.0 if ":" in name else cfg.student_width  # timm:NAME: its name sets its size
         except ValueError:
             w = -1.0
         if not name or not w > 0:
@@ -153,6 +159,8 @@ HELP: dict[str, str] = {
     "students": "The students as a TOML list (give student or students, not both).",
     "student_width": "Width multiplier of students given without @WIDTH (0.5 = leaner, faster).",
     "multiscale": "Add Deep Ranking's two low-resolution paths to the student.",
+    "student_weights": "Start the student from these weights: a .pth/.pt/.safetensors state dict of the timm/torchvision/builtin model, or a distill model file (its architecture is then the default --student); new heads stay fresh.",
+    "student_pretrained": "timm students: start from timm's pretrained weights, read from the local Hugging Face cache only (nothing is downloaded; the error names the file to fetch).",
     "embed_dim": "Embedding size of the student (and of a teacher trained here); --compat-weight needs the teacher's.",
     "data": "Data set: synthetic (embedded default), digits, or NAME:PATH, e.g. market1501:/data/Market-1501.",
     "image_size": "Input size HxW, e.g. 64x32 or 256x128; auto = chosen from the data set.",
@@ -163,6 +171,9 @@ HELP: dict[str, str] = {
     "cuhk03_variant": "cuhk03 only: labeled or detected boxes.",
     "bbox_crop": "cub200 only: crop to the bounding boxes.",
     "split_file": "imagefolder only: explicit train/test split file.",
+    "unlabeled": "Images without labels the distilled student also learns from, through the teacher's distillation terms only: a folder (searched recursively) or a data spec (its training images, labels ignored).",
+    "unlabeled_batch": "Unlabeled images added to every training batch of the distilled student (default: --batch-size).",
+    "unlabeled_only": "Train the distilled student on the --unlabeled images alone (a finished teacher, no task losses); --data only evaluates (--data none: no test set).",
     "epochs": f"Student epochs, run as given (unset: {DEFAULT_EPOCHS}, raised to --min-steps on small data sets).",
     "teacher_epochs": f"Teacher epochs when it is trained here, run as given (unset: {DEFAULT_TEACHER_EPOCHS}, raised to --teacher-min-steps).",
     "steps": "Student optimiser steps, rounded up to whole epochs, run as given (overrides --epochs).",
@@ -332,11 +343,44 @@ def validate(cfg: Config) -> Config:
         raise DistillError("--resume continues the checkpoints, --fresh starts over without them: give one of them")
     student_specs(cfg)
     export_precisions(cfg)
+    validate_unlabeled(cfg)
     if not 0 < cfg.target_accuracy <= 1:
         raise DistillError(f"target_accuracy is a share of the teacher's accuracy in (0, 1], got {cfg.target_accuracy}")
     if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
         raise DistillError(f"--device must be auto, cpu or cuda[:N], got '{cfg.device}'")
     return cfg
+
+
+def label_free(cfg: Config) -> bool:
+    """True when the distilled student learns from the unlabeled images alone (no labeled training)."""
+    return cfg.unlabeled_only or cfg.data == "none"
+
+
+def validate_unlabeled(cfg: Config) -> None:
+    """The unlabeled-image options and their combinations."""
+    if cfg.unlabeled_batch is not None and cfg.unlabeled_batch < 1:
+        raise DistillError(f"unlabeled_batch must be >= 1, got {cfg.unlabeled_batch}")
+    if label_free(cfg) and not cfg.unlabeled:
+        why = "--data none" if cfg.data == "none" else "--unlabeled-only"
+        raise DistillError(f"{why} trains on unlabeled images only: give them with --unlabeled DIR")
+    if label_free(cfg) and cfg.sampler != "pk":
+        raise DistillError("--sampler importance needs labels: drop it for a run on unlabeled images alone")
+
+
+def _archs_from_weights(values: dict[str, Any]) -> dict[str, Any]:
+    """``teacher``/``student`` (with its width) taken from a distill model file given as their weights
+    when they are not set: the file records its architecture, so it need not be repeated."""
+    from distill.models.file import recorded_arch  # models import torch: only when weights are given
+
+    found: dict[str, Any] = {}
+    for role in ("teacher", "student"):
+        path = values.get(f"{role}_weights")
+        if not path or role in values or (role == "student" and "students" in values):
+            continue
+        arch = recorded_arch(path)
+        if arch is not None:
+            found[role] = arch[0] if role == "teacher" or ":" in arch[0] else f"{arch[0]}@{arch[1]:g}"
+    return found
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
@@ -352,6 +396,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
             raise DistillError(f"config file {path} is not valid TOML: {err}") from None
         values.update(data.get("run", data))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    values |= _archs_from_weights(values)
     if "student" in values and "students" in values:
         raise DistillError("give either student (one spec or a comma-separated list) or students (a list), not both")
     known = {f.name for f in fields(Config)}

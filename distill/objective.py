@@ -4,7 +4,8 @@ embedding-level distillers (RKD distance and angle, PKT, regression, compatibili
 ``StudentObjective`` is an ``nn.Module`` so that the learnable parts of the task losses (a
 verification head, L-Softmax weights, the HDML generator) and the regression's projection are
 optimised and checkpointed with the model. Teacher outputs arrive per batch as
-``(teacher_emb, teacher_logits or None)``. ``build_objective`` is the one place that turns a
+``(teacher_emb, teacher_logits or None)``. Rows labelled -1 are unlabeled images (``--unlabeled``):
+the task losses skip them, the distillation terms use every row. ``build_objective`` is the one place that turns a
 ``Config`` into an objective.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from distill.config import Config
@@ -70,7 +72,7 @@ class StudentObjective(nn.Module):
         self, emb: Tensor, logits: Tensor, labels: Tensor, teacher_out: tuple[Tensor, Tensor | None] | None = None
     ) -> tuple[Tensor, dict[str, float]]:
         t_emb, t_logits = teacher_out if teacher_out is not None else (None, None)
-        loss, parts = self.task(emb, logits, labels, teacher_emb=t_emb)
+        loss, parts = self._task(emb, logits, labels, t_emb)
         if self.kd_weight and t_logits is not None:
             kd = kd_loss(logits, t_logits, self.kd_temperature)
             loss = loss + self.kd_weight * kd
@@ -86,11 +88,22 @@ class StudentObjective(nn.Module):
                 parts[name] = value.item()
         return loss, parts
 
+    def _task(self, emb: Tensor, logits: Tensor, labels: Tensor, t_emb: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        """The task losses of the labeled rows (label >= 0); unlabeled rows (-1) only take part in the
+        distillation terms. A batch without labeled rows has no task loss."""
+        labeled = labels >= 0
+        if bool(labeled.all()):
+            return self.task(emb, logits, labels, teacher_emb=t_emb)
+        if not bool(labeled.any()):
+            return emb.sum() * 0.0, {}
+        return self.task(emb[labeled], logits[labeled], labels[labeled], teacher_emb=None if t_emb is None else t_emb[labeled])
+
     def _embedding_term(self, name: str, emb: Tensor, t_emb: Tensor, labels: Tensor) -> Tensor:
         if name == "regression":
             return self.regression(emb, t_emb)
-        if name == "compat":
-            return compatibility_loss(emb, t_emb, labels)
+        if name == "compat":  # an unlabeled image's one positive is its own teacher embedding
+            own = -1 - torch.arange(len(labels), device=labels.device)
+            return compatibility_loss(emb, t_emb, torch.where(labels >= 0, labels, own))
         return _PAIR_LOSSES[name](emb, t_emb)
 
 

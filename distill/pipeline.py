@@ -10,20 +10,22 @@ import json
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from rich.console import Console
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
-from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config, export_precisions, student_specs
+from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config, export_precisions, label_free, student_specs
 from distill.data import Sample, Splits, data_fingerprint, hold_out_identities, load_dataset
 from distill.data.inputs import choose_augment, choose_image_size
 from distill.data.importance import ImportanceBatchSampler
 from distill.data.samplers import PKSampler
 from distill.data.dataset import ImageDataset, make_label_map
+from distill.data.unlabeled import JointDataset, UnlabeledBatchSampler, load_unlabeled, unlabeled_fingerprint
 from distill.data.transforms import build_transform
 from distill.engine import BatchSampler, TrainSettings, barrier, distributed, extract, fit, is_main_process, resolve_device
 from distill.errors import DistillError
@@ -34,6 +36,7 @@ from distill.models import NotAModelFile, build_model, model_cfg, parse_spec, re
 from distill.models.file import load_backbone_weights
 from distill.objective import StudentObjective, build_objective
 from distill.students import create_student
+from distill.students.weights import load_student_weights, student_weights_file
 from distill.teachers import Teacher, file_fingerprint, load_teacher
 from distill.teachers.cache import cache_key, cached_outputs
 from distill.teachers.layers import EMBEDDING, PooledLayers, choose_layer, feature_layers
@@ -44,7 +47,9 @@ console = Console(stderr=True)
 @dataclass
 class Prepared:
     """The data of a run: splits, the training set (with contiguous labels), the validation images
-    (held-out training identities; empty when validation is off) and the eval transform."""
+    (held-out training identities; empty when validation is off), the eval transform and the
+    unlabeled images (``--unlabeled``, given by ``unlabeled_spec``). A run on unlabeled images alone
+    has no training set and ``num_classes`` 0."""
 
     splits: Splits
     train: ImageDataset
@@ -52,6 +57,8 @@ class Prepared:
     val: list[Sample]
     eval_transform: Callable
     num_classes: int
+    unlabeled: list[Sample] = field(default_factory=list)
+    unlabeled_spec: str | None = None
 
 
 def prepare_out_dir(cfg: Config) -> Path:
@@ -66,10 +73,15 @@ def prepare_out_dir(cfg: Config) -> Path:
     return out
 
 
-def check_models(cfg: Config) -> None:
-    """Fail fast on an unknown teacher/student name or a missing file, before any training starts."""
+def check_models(cfg: Config, scratch_teacher: bool = False) -> None:
+    """Fail fast on an unknown teacher/student name, a missing file or student weights that do not
+    fit, before any training starts. A timm/torchvision teacher needs weights unless
+    ``scratch_teacher`` (``distill train-teacher``: trained here from random weights)."""
     for name, width in student_specs(cfg):
-        create_student(name, cfg.embed_dim, 2, width=width, multiscale=cfg.multiscale)
+        student = create_student(name, cfg.embed_dim, 2, width=width, multiscale=cfg.multiscale)
+        weights = student_weights_file(cfg.student_weights, cfg.student_pretrained, name)
+        if weights:
+            load_student_weights(student, weights, name, width)
     teacher = parse_spec(cfg.teacher)
     if teacher.kind == "onnx":
         if not Path(teacher.name).is_file():
@@ -86,11 +98,17 @@ def check_models(cfg: Config) -> None:
             )
     if cfg.teacher_weights and not Path(cfg.teacher_weights).is_file():
         raise DistillError(f"teacher weights not found: {cfg.teacher_weights}")
-    if teacher.kind in ("timm", "torchvision") and not cfg.teacher_weights:
+    if teacher.kind in ("timm", "torchvision") and not cfg.teacher_weights and not scratch_teacher:
         raise DistillError(
             f"teacher {cfg.teacher} needs local weights (nothing is downloaded): pass --teacher-weights PATH, "
             "a .pth/.safetensors state dict of the library model (used as it is, or fine-tuned here first with "
-            "--teacher-finetune) or a distill model file"
+            f"--teacher-finetune) or a distill model file (e.g. from `distill train-teacher --teacher {cfg.teacher}`, "
+            "which trains it from scratch)"
+        )
+    if label_free(cfg) and teacher.kind != "onnx" and (not cfg.teacher_weights or cfg.teacher_finetune):
+        raise DistillError(
+            "a run on unlabeled images alone learns from a finished teacher: pass --teacher-weights PATH (a distill "
+            "model file or the finished model's state dict, used as it is; no --teacher-finetune)"
         )
     if cfg.teacher_finetune and not cfg.teacher_weights:
         raise DistillError("--teacher-finetune fine-tunes given weights: pass --teacher-weights PATH (a plain state dict)")
@@ -100,6 +118,7 @@ def choose_inputs(cfg: Config, splits: Splits, device: torch.device, quiet: bool
     """Fill in what was left to the data (input size, augmentation preset, batch size) and print it
     (unless ``quiet``). Idempotent: what is set already stays."""
     dataset = cfg.data.partition(":")[0]
+    dataset = "imagefolder" if dataset == "none" else dataset  # unlabeled images alone: images of unknown content
     chosen = []
     if cfg.image_size is None:
         cfg.image_size = choose_image_size(dataset, splits.train, gpu=device.type == "cuda")
@@ -107,8 +126,8 @@ def choose_inputs(cfg: Config, splits: Splits, device: torch.device, quiet: bool
     if cfg.augment is None:
         cfg.augment = choose_augment(dataset)
         chosen.append(f"augmentation '{cfg.augment}'" + ("" if cfg.flip is None else f" (flip {'on' if cfg.flip else 'off'})"))
-    ids = len({s.label for s in splits.train})
-    if ids < cfg.batch_size // cfg.images_per_id:
+    ids = len({s.label for s in splits.train if s.label >= 0})
+    if 0 < ids < cfg.batch_size // cfg.images_per_id:
         cfg.batch_size = max(2, ids) * cfg.images_per_id
         chosen.append(f"batch {cfg.batch_size} ({ids} identities x {cfg.images_per_id})")
         if cfg.darkrank_list_size is not None and cfg.darkrank_list_size >= cfg.batch_size:
@@ -119,12 +138,18 @@ def choose_inputs(cfg: Config, splits: Splits, device: torch.device, quiet: bool
 
 
 def prepare_data(cfg: Config, device: torch.device = torch.device("cpu")) -> Prepared:
-    """Load the data set (its loader skips unreadable images), choose its inputs, hold out
-    validation identities, build train (augmented and plain) datasets."""
-    splits = load_dataset(cfg.data, **cfg.data_options())
-    check_splits(splits, cfg.data)
-    train_samples, val = hold_out_identities(splits.train, cfg.val_fraction)
-    choose_inputs(cfg, replace(splits, train=train_samples), device)
+    """Load the data set (its loader skips unreadable images) and the unlabeled images, choose the
+    inputs, hold out validation identities, build train (augmented and plain) datasets.
+
+    A run on unlabeled images alone (``label_free``) trains on none of ``--data``'s images: its test
+    split only evaluates (``--data none``: there is none)."""
+    free = label_free(cfg)
+    splits = Splits("none", [], [], []) if cfg.data == "none" else load_dataset(cfg.data, **cfg.data_options())
+    if not free or splits.query:
+        check_splits(splits, cfg.data, train=not free)
+    train_samples, val = ([], []) if free else hold_out_identities(splits.train, cfg.val_fraction)
+    unlabeled = load_unlabeled(cfg.unlabeled, cfg.strict, exclude=splits.query + splits.gallery) if cfg.unlabeled else []
+    choose_inputs(cfg, replace(splits, train=train_samples or unlabeled), device)
     label_map = make_label_map(train_samples)
     preload = len(train_samples) <= 20_000 and cfg.image_size[0] * cfg.image_size[1] <= 128 * 64
     kind = splits.protocol
@@ -137,7 +162,7 @@ def prepare_data(cfg: Config, device: torch.device = torch.device("cpu")) -> Pre
     plain = ImageDataset(train_samples, eval_tf, label_map, preload=False) if augment else train
     if plain is not train and preload:
         plain._cache = train._cache
-    return Prepared(splits, train, plain, val, eval_tf, len(label_map))
+    return Prepared(splits, train, plain, val, eval_tf, len(label_map), unlabeled, cfg.unlabeled)
 
 
 DISTRACTOR_METRIC = "map with training distractors"
@@ -210,17 +235,18 @@ def validator(data: Prepared, device: torch.device) -> Callable[[nn.Module], lis
     return (lambda model: distractor_maps(model, data, device, count=1, per_query=True)[0]) if data.val else None
 
 
-def check_splits(splits: Splits, spec: str) -> None:
+def check_splits(splits: Splits, spec: str, train: bool = True) -> None:
     """Fail before any training when the data cannot be trained or evaluated on: P x K batches and
     the triplet/verification losses need 2 training classes with 2+ images; the test protocol needs
     queries that have a match (retrieval: a test class with 2+ images, and 9+ images for Recall@8;
-    re-ID: a query whose person is in the gallery from another camera)."""
-    if not splits.train or not splits.query:
+    re-ID: a query whose person is in the gallery from another camera). ``train=False``: the test
+    split alone (a run that trains on unlabeled images)."""
+    if (train and not splits.train) or not splits.query:
         raise DistillError(f"data set '{spec}' has no training or no test images")
     reid = splits.protocol == "reid"
     word, unit = ("identities", "identity") if reid else ("classes", "class")
     train_counts = Counter(s.label for s in splits.train)
-    if sum(n >= 2 for n in train_counts.values()) < 2:
+    if train and sum(n >= 2 for n in train_counts.values()) < 2:
         raise DistillError(
             f"data set '{spec}': training needs at least 2 {word} with 2 or more images each, got "
             f"{len(train_counts)} {word} and {len(splits.train)} images: add images per {unit}"
@@ -355,8 +381,9 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
 
 
 def task_logits(teacher: Teacher, num_classes: int) -> Teacher:
-    """Turn off the teacher's logits (so KD) when its classes are not the task's, saying so in one line."""
-    if teacher.has_logits and teacher.num_classes != num_classes:
+    """Turn off the teacher's logits (so KD) when its classes are not the task's, saying so in one line.
+    ``num_classes`` 0 (no labeled data): the student takes the teacher's classes, KD stays on."""
+    if num_classes and teacher.has_logits and teacher.num_classes != num_classes:
         teacher.has_logits = False
         console.print(
             f"[yellow]the teacher has {teacher.num_classes} classes, the task {num_classes}: KD is off[/] "
@@ -475,12 +502,15 @@ def is_distill_model_file(path: str) -> bool:
     return True
 
 
-def teacher_outputs(cfg: Config, teacher, data: Prepared, device: torch.device) -> Callable[[Tensor, Tensor], Any]:
-    """Per-batch teacher outputs: looked up in the on-disk cache when training is un-augmented,
-    computed on the fly (no grad) on the augmented batch otherwise."""
-    if data.train is data.train_plain:
-        key = cache_key(teacher.fingerprint, data.splits.train, data.eval_transform)
-        (emb, logits), hit = cached_outputs(key, cfg.out_dir / "cache", lambda: tuple(extract(teacher, data.train_plain, device)))
+def teacher_outputs(
+    cfg: Config, teacher, train: Dataset, plain: Dataset, eval_transform: Callable, device: torch.device
+) -> Callable[[Tensor, Tensor], Any]:
+    """Per-batch teacher outputs: looked up in the on-disk cache when training is un-augmented
+    (``train is plain``; keyed by the teacher and every image, unlabeled ones included), computed on
+    the fly (no grad) on the augmented batch otherwise."""
+    if train is plain:
+        key = cache_key(teacher.fingerprint, plain.samples, eval_transform)
+        (emb, logits), hit = cached_outputs(key, cfg.out_dir / "cache", lambda: tuple(extract(teacher, plain, device)))
         if hit:
             console.print("[green]teacher outputs read from the cache")
         emb, logits = emb.to(device), (logits.to(device) if logits is not None else None)
@@ -494,25 +524,61 @@ def teacher_outputs(cfg: Config, teacher, data: Prepared, device: torch.device) 
 
 
 def train_student(cfg: Config, data: Prepared, device: torch.device, teacher=None, name: str = "student") -> nn.Module:
-    """Train a student; with a teacher, the objective adds the distillation terms to the task losses."""
+    """Train a student (from ``--student-weights`` when given); with a teacher, the objective adds the
+    distillation terms to the task losses, and the unlabeled images (``--unlabeled``) join every batch.
+    Without labeled data the student takes the teacher's classes (for KD)."""
     torch.manual_seed(cfg.seed)
-    model = create_student(cfg.student, cfg.embed_dim, data.num_classes, width=cfg.student_width, multiscale=cfg.multiscale)
-    objective = build_objective(cfg, data.num_classes, teacher)
-    teacher_fn = teacher_outputs(cfg, teacher, data, device) if teacher is not None else None
+    num_classes = data.num_classes or (teacher.num_classes if teacher is not None and teacher.has_logits else 1)
+    model = create_student(cfg.student, cfg.embed_dim, num_classes, width=cfg.student_width, multiscale=cfg.multiscale)
+    weights = student_weights_file(cfg.student_weights, cfg.student_pretrained, cfg.student)
+    if weights:
+        load_student_weights(model, weights, cfg.student, cfg.student_width)
+    objective = build_objective(cfg, num_classes, teacher)
+    unlabeled = unlabeled_images(cfg, data) if teacher is not None else []
+    dataset, plain, sampler = training_set(cfg, data, unlabeled)
+    teacher_fn = teacher_outputs(cfg, teacher, dataset, plain, data.eval_transform, device) if teacher is not None else None
+    origin = {"student_weights": file_fingerprint(weights)} if weights else {}
+    origin |= {"unlabeled": unlabeled_fingerprint(unlabeled, sampler.batch)} if unlabeled else {}
     checkpoint = cfg.out_dir / f"{name}.ckpt"
     fit(
-        model, objective, data.train, batch_sampler(cfg, data.train.labels), train_settings(cfg, device), checkpoint,
+        model, objective, dataset, sampler, train_settings(cfg, device), checkpoint,
         teacher_fn=teacher_fn, penalty=weight_penalty(objective), desc=name, validate=validator(data, device),
-        recipe=student_recipe(cfg, data, teacher),
+        recipe=student_recipe(cfg, data, teacher) | origin,
     )
     model.fit_summary |= chance_check(name, model.fit_summary, data)
     if is_main_process():
         save_model(
             cfg.out_dir / f"{name}.pt", model, arch=cfg.student, width=cfg.student_width,
-            multiscale=cfg.multiscale, image_size=list(cfg.image_size), fit=model.fit_summary,
+            multiscale=cfg.multiscale, image_size=list(cfg.image_size), fit=model.fit_summary, **origin,
         )
         finished_checkpoint(checkpoint, cfg)
     return model
+
+
+def unlabeled_images(cfg: Config, data: Prepared) -> list[Sample]:
+    """The unlabeled images of ``cfg`` (a study recipe may name others than the run's)."""
+    if cfg.unlabeled == data.unlabeled_spec:
+        return data.unlabeled
+    if not cfg.unlabeled:
+        return []
+    return load_unlabeled(cfg.unlabeled, cfg.strict, exclude=data.splits.query + data.splits.gallery)
+
+
+def training_set(cfg: Config, data: Prepared, unlabeled: list[Sample]) -> tuple[Dataset, Dataset, BatchSampler]:
+    """``(training set, its un-augmented twin, batch sampler)``: the labeled images in P x K (or
+    importance-sampled) batches, plus ``unlabeled_batch`` unlabeled images in each when there are any."""
+    labeled = batch_sampler(cfg, data.train.labels) if len(data.train) else None
+    if not unlabeled:
+        return data.train, data.train_plain, labeled
+    rank, world = distributed()
+    batch = cfg.unlabeled_batch or cfg.batch_size
+    joint = JointDataset(data.train, unlabeled, data.train.transform)
+    plain = joint if data.train is data.train_plain else JointDataset(data.train_plain, unlabeled, data.eval_transform)
+    sampler = UnlabeledBatchSampler(
+        labeled, len(data.train), len(unlabeled), batch, seed=cfg.seed, rank=rank, world_size=world,
+        fingerprint=unlabeled_fingerprint(unlabeled, batch),
+    )
+    return joint, plain, sampler
 
 
 def teacher_gate(cfg: Config, teacher, baseline: nn.Module | None, data: Prepared, device: torch.device) -> dict:
@@ -549,13 +615,15 @@ def teacher_gate(cfg: Config, teacher, baseline: nn.Module | None, data: Prepare
     return gate
 
 
-def setup(cfg: Config) -> tuple[Prepared, torch.device]:
-    """What every command that trains needs first: checked names, a writable out dir, the data."""
+def setup(cfg: Config, scratch_teacher: bool = False) -> tuple[Prepared, torch.device]:
+    """What every command that trains needs first: checked names (``check_models``), a writable out
+    dir, the data."""
     device = resolve_device(cfg.device)
-    check_models(cfg)
+    check_models(cfg, scratch_teacher)
     prepare_out_dir(cfg)
     data = prepare_data(cfg, device)
     val = f", {len(data.val)} validation images of held-out identities" if data.val else ""
+    val += f", {len(data.unlabeled)} unlabeled images" if data.unlabeled else ""
     console.print(
         f"data [bold]{data.splits.name}[/]: {len(data.train)} train images of {data.num_classes} identities{val}, "
         f"{len(data.splits.query)} queries, {len(data.splits.gallery)} gallery; device {device}"
@@ -578,7 +646,7 @@ def student_runs(cfg: Config) -> list[tuple[str, str, Config]]:
 def calibration_images(data: Prepared, count: int = 48) -> Tensor:
     """``count`` training images spread evenly over the training set (so over its identities), through
     the eval transform: the calibration set of int8-static quantisation."""
-    dataset = ImageDataset(data.splits.train, data.eval_transform)
+    dataset = ImageDataset(data.splits.train or data.unlabeled, data.eval_transform)
     picks = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).long().unique()
     return torch.stack([dataset[int(i)][0] for i in picks])
 
@@ -610,8 +678,11 @@ def run(cfg: Config) -> dict:
     out = cfg.out_dir
     teacher = get_teacher(cfg, data, device)
     trained, gate = [], None
+    with_baseline = cfg.baseline and data.num_classes > 0
+    if cfg.baseline and not with_baseline:
+        console.print("no labeled training images: no baseline student (it would learn from nothing)")
     for spec, suffix, student_cfg in student_runs(cfg):
-        baseline = train_student(student_cfg, data, device, name=f"student_baseline{suffix}") if cfg.baseline else None
+        baseline = train_student(student_cfg, data, device, name=f"student_baseline{suffix}") if with_baseline else None
         if not trained and is_main_process():  # the gate compares the teacher with the first student alone
             gate = teacher_gate(cfg, teacher, baseline, data, device)
         student = train_student(student_cfg, data, device, teacher=teacher, name=f"student{suffix}")
@@ -623,10 +694,14 @@ def run(cfg: Config) -> dict:
     bench_kw = dict(image_size=cfg.image_size, iters=cfg.bench_iters)
     entries = []
 
+    tested = bool(data.splits.query)
+    if not tested:
+        console.print("[yellow]no test set[/] (--data none): the report has speed and size, no accuracy")
+
     def entry(name: str, role: str, spec: str | None, fn, bench: dict, size: tuple, onnx: dict | None = None,
               file: Path | None = None) -> None:
-        console.print(f"evaluating {name} ({bench['runtime']}, {onnx['precision'] if onnx else 'fp32'})")
-        metrics = evaluate_model(fn, data.splits, data.eval_transform, device, cfg.clustering)
+        console.print(f"{'evaluating' if tested else 'benchmarking'} {name} ({bench['runtime']}, {onnx['precision'] if onnx else 'fp32'})")
+        metrics = evaluate_model(fn, data.splits, data.eval_transform, device, cfg.clustering) if tested else {}
         entries.append(report_row(name, role, spec, bench, size, metrics, onnx, file=file))
 
     def onnx_entry(name: str, role: str, spec: str | None, info: dict, size: tuple) -> None:
@@ -666,6 +741,7 @@ def run(cfg: Config) -> dict:
     report = build_report(entries, config, onnx_infos[0], protocol=data.splits.protocol,
                           target_accuracy=cfg.target_accuracy, machine=machine_info()) | {"teacher_gate": gate, "teacher_layer": teacher.layer_choice}
     report |= selection_report(cfg, trained)
+    report["test_set"] = data.splits.name if tested else None  # None: no test set, no accuracy measured
     write_report(report, out)
     print_report(report)
     return report

@@ -415,6 +415,14 @@ def _metric_of_selection(report: dict) -> str:
     return next((fit.get("metric") for fit in (report.get("selection") or {}).values() if fit.get("metric")), "validation score")
 
 
+NO_TEST_SET = "no test set: the students learnt from unlabeled images alone and nothing measured their accuracy (give --data)"
+
+
+def no_test_set(report: dict) -> bool:
+    """True for a run without a test set (``test_set`` recorded as None): speed and size only."""
+    return "test_set" in report and report["test_set"] is None
+
+
 def to_markdown(report: dict) -> str:
     header, cells = _rows(report)
     lines = ["# distill report", ""]
@@ -423,7 +431,7 @@ def to_markdown(report: dict) -> str:
     lines += [f"**Warning**: {w}" for w in report.get("warnings") or []] + ([""] if report.get("warnings") else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
-    lines += ["", legend(report)]
+    lines += ["", legend(report)] + (["", f"**{NO_TEST_SET}**"] if no_test_set(report) else [])
     if report.get("share_of_lead_kept"):
         names = "/".join(METRIC_LABELS[m] for m in report.get("accuracy_metrics") or ["recall@1", "map"])
         lines += ["", f"**Share of the teacher's lead kept** ({names}): {_lead_text(report['share_of_lead_kept'])}"]
@@ -550,7 +558,8 @@ def print_report(report: dict, console: Console | None = None) -> None:
             last = n == len(parts) - 1
             console.print(_table(header, cells, keys + part, title=title if n == 0 else None,
                                  caption=f"ort = ONNX Runtime; {caption}" if last else None))
-    lines = speedup_lines(report) + ([report["target"]["message"]] if report.get("target") else [])
+    lines = [NO_TEST_SET] if no_test_set(report) else []
+    lines += speedup_lines(report) + ([report["target"]["message"]] if report.get("target") else [])
     if report.get("share_of_lead_kept"):
         names = "/".join(METRIC_LABELS[m] for m in report.get("accuracy_metrics") or ["recall@1", "map"])
         lines.append(f"share of the teacher's lead kept ({names}): {_lead_text(report['share_of_lead_kept'])}")

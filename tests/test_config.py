@@ -149,7 +149,8 @@ def test_student_specs_from_cli_list_and_toml_array(tmp_path):
     # one spec keeps today's meaning: --student nin_bn --student-width 0.25
     assert student_specs(load_config(None, student="nin_bn", student_width=0.25)) == [("nin_bn", 0.25)]
     cfg = load_config(None, student=" nin_bn@0.25, nin_bn@0.5 ,timm:mobilenetv3_small_100", student_width=0.75)
-    assert student_specs(cfg) == [("nin_bn", 0.25), ("nin_bn", 0.5), ("timm:mobilenetv3_small_100", 0.75)]
+    # a bare timm:NAME is 1.0 whatever --student-width says (its name sets its size; build_model refuses others)
+    assert student_specs(cfg) == [("nin_bn", 0.25), ("nin_bn", 0.5), ("timm:mobilenetv3_small_100", 1.0)]
     path = tmp_path / "c.toml"
     path.write_text('students = ["nin_bn@0.25", "nin_bn"]\nexport_precision = ["int8", "fp32"]\n')
     cfg = load_config(path)

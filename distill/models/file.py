@@ -90,6 +90,16 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     return data, state
 
 
+def recorded_arch(path: str | os.PathLike) -> tuple[str, float] | None:
+    """``(architecture spec, width)`` a distill model file records; None for anything else (a plain
+    state dict, a missing or unreadable file: those are reported where the weights are loaded)."""
+    try:
+        header, _ = read_model_file(path)
+    except DistillError:
+        return None
+    return str(header["arch"]), float(header.get("width", 1.0))
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the architecture a model file names, load its weights; returns ``(model in eval mode, header)``."""
     header, state = read_model_file(path)
@@ -143,14 +153,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone_weights(model: nn.Module, path: str | os.PathLike) -> None:
+def load_backbone_weights(model: nn.Module, path: str | os.PathLike, hint: str = "") -> None:
     """Load ImageNet-style weights into ``model.backbone`` (from ``build_model``), ignoring the
-    library's classifier keys; the embedding and classifier heads keep their fresh initialisation."""
+    library's classifier keys; the embedding and classifier heads keep their fresh initialisation.
+    ``hint`` ends the mismatch error."""
     backbone = model.backbone
     target, head = (backbone.body, backbone.head_prefixes) if isinstance(backbone, LibraryBackbone) else (backbone, ())
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(head)}
     expected = target.state_dict()
     # files saved before BatchNorm counted its batches lack these counters; keep ours
     state = {k: v for k, v in expected.items() if k.endswith("num_batches_tracked")} | state
-    check_state_dict(target, state, f"backbone weights {path}")
+    check_state_dict(target, state, f"backbone weights {path}", hint)
     target.load_state_dict(state)
