@@ -265,6 +265,8 @@ def _key_value(item: str) -> tuple[str, Any]:
 
 def validate(cfg: Config) -> Config:
     """Check option values and combinations; raise one clear ``DistillError`` for the first bad one."""
+    for f in fields(cfg):  # a Config built in Python is checked like one read from a file
+        check_type(f.name, getattr(cfg, f.name))
     if cfg.darkrank not in DARKRANK_MODES:
         raise DistillError(f"--darkrank must be one of {', '.join(DARKRANK_MODES)}, got '{cfg.darkrank}'")
     if cfg.sampler not in SAMPLERS:
@@ -312,8 +314,6 @@ def validate(cfg: Config) -> Config:
             )
     for name, low, strict in NUMBER_RANGES:
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DistillError(f"{name} (--{name.replace('_', '-')}) must be a number, got {value!r}")
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise DistillError(f"{name} (--{name.replace('_', '-')}) must be {'>' if strict else '>='} {low:g}, got {value:g}")
     student_specs(cfg)
@@ -325,23 +325,85 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing, unreadable, non-UTF-8 or malformed file is one clear line."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DistillError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise DistillError(f"{what} {path} is a directory, not a TOML file") from None
+    except UnicodeDecodeError as err:
+        raise DistillError(f"{what} {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    except OSError as err:
+        raise DistillError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise DistillError(f"{what} {path} is not valid TOML: {err}") from None
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
-    """Defaults <- TOML file (flat keys, or a ``[run]`` table) <- overrides that are not None."""
+    """Defaults <- TOML file (flat keys, or a ``[run]`` table) <- overrides that are not None.
+
+    Every value, from the file or the command line, is type-checked against its ``Config`` field
+    (``check_type``) before any range or combination is checked (``validate``)."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        data = read_toml(path, "config file")
+        table = data.get("run", data)
+        if not isinstance(table, dict):
+            raise DistillError(f"config file {path}: run must be a table of Config keys ([run]), got {table!r}")
         try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise DistillError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise DistillError(f"config file {path} is not valid TOML: {err}") from None
-        values.update(data.get("run", data))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+            values.update({k: check_type(k, v) for k, v in _known(table).items()})
+        except DistillError as err:
+            raise DistillError(f"config file {path}: {err}") from None
+    values.update({k: check_type(k, v) for k, v in _known(overrides).items() if v is not None})
     if "student" in values and "students" in values:
         raise DistillError("give either student (one spec or a comma-separated list) or students (a list), not both")
+    return validate(Config(**values))
+
+
+def _known(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` when every key is a Config field, else one error naming the unknown ones."""
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise DistillError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return validate(Config(**{k: _coerce(k, v) for k, v in values.items()}))
+    return values
+
+
+def option_name(name: str) -> str:
+    """How errors name a field: ``lr (--lr)``; TOML-only fields (``students``) by their key alone."""
+    if name == "students":
+        return name
+    return f"{name} ({_FLAG_NAMES.get(name, '--' + name.replace('_', '-'))})"
+
+
+_FLAG_NAMES = {"loss_options": "--loss-opt"}
+# what a value of each field type must be, and the Python types that are that
+_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
+    "bool": ("true or false", (bool,)),
+    "int": ("an integer", (int,)),
+    "float": ("a number", (int, float)),
+    "str": ("a string", (str,)),
+    "list[str]": ("a list of strings", (list,)),
+    "dict[str, Any]": ("a table of KEY = VALUE (e.g. triplet_margin = 0.3)", (dict,)),
+    "tuple[int, int]": ("HxW like 64x32", (tuple,)),
+}
+_KIND_NAMES = {"darkrank_list_size": "an integer or 'all'", "export_precision": "a string or a list of strings"}
+
+
+def check_type(name: str, value: Any) -> Any:
+    """``value`` (from TOML, the command line or a recipe) brought to field ``name``'s type by
+    ``_coerce``, or one clear error: ``epochs = "three"``, ``resume = "no"`` or ``darkrank_list_size
+    = 2.5`` are refused here, never taken as true or crashing later."""
+    value = _coerce(name, value)
+    kind = str(next(f.type for f in fields(Config) if f.name == name))
+    base, _, optional = kind.partition(" | ")
+    what, types = _TYPES[base]
+    ok = (value is None and optional == "None") or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types))
+    if ok and base == "list[str]" and value is not None:
+        ok = all(isinstance(item, str) for item in value)
+    if not ok:
+        raise DistillError(f"{option_name(name)} must be {_KIND_NAMES.get(name, what)}, got {value!r}")
+    return float(value) if base == "float" and value is not None else value

@@ -53,7 +53,7 @@ def test_run_table_and_hxw_string(tmp_path):
         ({"student": "nin_bn,,nin_bn@0.25"}, "student spec '' must be NAME or NAME@WIDTH"),
         ({"student": "nin_bn@0.5,nin_bn", "student_width": 0.5}, "the same student is listed twice"),
         ({"students": []}, "students must be a non-empty list of specs"),
-        ({"students": "nin_bn"}, "students must be a non-empty list of specs"),
+        ({"students": "nin_bn"}, r"^students must be a list of strings, got 'nin_bn'$"),
         ({"student": "nin_bn", "students": ["nin_bn@0.25"]}, "give either student .* or students .*, not both"),
         ({"export_precision": "fp32,int4"}, "export_precision must be a comma-separated list of distinct fp32, fp16, int8, int8-static"),
         ({"export_precision": "int8,int8"}, "export_precision must be a comma-separated list of distinct"),
