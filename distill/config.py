@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -106,7 +107,8 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 
 def student_specs(cfg: Config) -> list[tuple[str, float]]:
     """The students of a run as ``(name, width)``: ``cfg.students`` if set, else ``cfg.student`` split at
-    commas; ``NAME@WIDTH`` sets the width multiplier, a bare ``NAME`` takes ``cfg.student_width``."""
+    commas; ``NAME@WIDTH`` sets the width multiplier, a bare builtin ``NAME`` takes ``cfg.student_width``
+    and a bare library model (``timm:NAME``, whose name sets its size) width 1."""
     items = cfg.students if cfg.students is not None else cfg.student.split(",")
     if isinstance(items, str) or not items:
         raise DistillError(f"students must be a non-empty list of specs like ['nin_bn@0.5'], got {items!r}")
@@ -114,11 +116,11 @@ def student_specs(cfg: Config) -> list[tuple[str, float]]:
     for item in items:
         name, at, width = str(item).strip().partition("@")
         try:
-            w = float(width) if at else cfg.student_width
+            w = float(width) if at else (1.0 if ":" in name else cfg.student_width)
         except ValueError:
             w = -1.0
-        if not name or not w > 0:
-            raise DistillError(f"student spec '{item}' must be NAME or NAME@WIDTH with WIDTH > 0, e.g. nin_bn@0.5")
+        if not name or not (w > 0 and math.isfinite(w)):
+            raise DistillError(f"student spec '{item}' must be NAME or NAME@WIDTH with a finite WIDTH > 0, e.g. nin_bn@0.5")
         specs.append((name, w))
     if len(set(specs)) != len(specs):
         raise DistillError(f"the same student is listed twice in {', '.join(map(str, items))}")
@@ -320,8 +322,12 @@ def validate(cfg: Config) -> Config:
     export_precisions(cfg)
     if not 0 < cfg.target_accuracy <= 1:
         raise DistillError(f"target_accuracy is a share of the teacher's accuracy in (0, 1], got {cfg.target_accuracy}")
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
-        raise DistillError(f"--device must be auto, cpu or cuda[:N], got '{cfg.device}'")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise DistillError(f"--device must be auto, cpu, cuda or cuda:N (N a GPU index), got '{cfg.device}'")
+    if not 0 <= cfg.seed < 2**32:
+        raise DistillError(f"--seed must be in [0, 2^32), got {cfg.seed}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise DistillError(f"--workers must be >= 0, got {cfg.workers}")
     return cfg
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import Tensor, nn
 
 from distill.config import Config, export_precisions, student_specs
@@ -114,7 +115,7 @@ def choose_inputs(cfg: Config, splits: Splits, device: torch.device, quiet: bool
             cfg.darkrank_list_size = cfg.batch_size - 1
             chosen.append(f"DarkRank lists of {cfg.darkrank_list_size}")
     if chosen and not quiet:
-        console.print(f"chosen for {splits.name}: " + ", ".join(chosen) + " (set them with --image-size, --augment, --batch-size)")
+        console.print(f"chosen for {escape(splits.name)}: " + ", ".join(chosen) + " (set them with --image-size, --augment, --batch-size)")
 
 
 def prepare_data(cfg: Config, device: torch.device = torch.device("cpu")) -> Prepared:
@@ -294,7 +295,7 @@ def cached_teacher_differences(path: Path, recipe: dict[str, Any], fingerprint: 
     try:
         info, _ = read_model_file(path)
     except DistillError as err:
-        console.print(f"[yellow]the cached teacher is unusable ({err}): training a new one")
+        console.print(f"[yellow]the cached teacher is unusable ({escape(str(err))}): training a new one")
         return None
     meta = info.get("meta", {})
     cached = meta.get("recipe", {})
@@ -330,7 +331,7 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
     chosen = choose_layer(scores)
     teacher = teacher if chosen == EMBEDDING else load(chosen)
     console.print(
-        f"teacher embedding: [bold]{chosen}[/] (validation {DISTRACTOR_METRIC} {scores[chosen]:.3f}; its own "
+        f"teacher embedding: [bold]{escape(chosen)}[/] (validation {DISTRACTOR_METRIC} {scores[chosen]:.3f}; its own "
         f"embedding {scores[EMBEDDING]:.3f}; {len(scores)} layers tried, set one with --teacher-layer)"
     )
     teacher.layer_choice = {"chosen": chosen, "metric": DISTRACTOR_METRIC, "scores": scores}
@@ -371,10 +372,10 @@ def teacher_weights(cfg: Config, data: Prepared, device: torch.device) -> str | 
     recipe = teacher_recipe(cfg)
     diffs = cached_teacher_differences(path, recipe, fingerprint)
     if diffs == []:
-        console.print(f"[green]reusing the teacher trained earlier:[/] {path}")
+        console.print(f"[green]reusing the teacher trained earlier:[/] {escape(str(path))}")
         return str(path)
     if diffs:
-        console.print(f"[yellow]{path} was trained with other settings ({'; '.join(diffs)}): training a new one")
+        console.print(f"[yellow]{escape(str(path))} was trained with other settings ({escape('; '.join(diffs))}): training a new one")
     objective = build_objective(cfg, data.num_classes)
     fit(
         model, objective, data.train, batch_sampler(cfg, data.train.labels), train_settings(cfg, device, teacher=True),
@@ -482,7 +483,7 @@ def setup(cfg: Config) -> tuple[Prepared, torch.device]:
     data = prepare_data(cfg, device)
     val = f", {len(data.val)} validation images of held-out identities" if data.val else ""
     console.print(
-        f"data [bold]{data.splits.name}[/]: {len(data.train)} train images of {data.num_classes} identities{val}, "
+        f"data [bold]{escape(data.splits.name)}[/]: {len(data.train)} train images of {data.num_classes} identities{val}, "
         f"{len(data.splits.query)} queries, {len(data.splits.gallery)} gallery; device {device}"
     )
     return data, device
@@ -538,7 +539,7 @@ def run(cfg: Config) -> dict:
     entries = []
 
     def entry(name: str, role: str, spec: str | None, fn, bench: dict, size: tuple, onnx: dict | None = None) -> None:
-        console.print(f"evaluating {name} ({bench['runtime']}, {onnx['precision'] if onnx else 'fp32'})")
+        console.print(f"evaluating {escape(name)} ({bench['runtime']}, {onnx['precision'] if onnx else 'fp32'})")
         metrics = evaluate_model(fn, data.splits, data.eval_transform, device, cfg.clustering)
         entries.append(report_row(name, role, spec, bench, size, metrics, onnx))
 
@@ -564,7 +565,7 @@ def run(cfg: Config) -> dict:
         entry(f"student{suffix}", "student", spec, student, student_torch, s_size)
         for precision in precisions:
             path = out / (f"student{suffix}.onnx" if precision == "fp32" else f"student{suffix}.{precision}.onnx")
-            console.print(f"exporting student{suffix} to ONNX ({precision})")
+            console.print(f"exporting student{escape(suffix)} to ONNX ({precision})")
             info = export_onnx(student, path, cfg.image_size, precision=precision, calibration=calibration)
             onnx_infos.append(info)
             onnx_entry(f"student{suffix}", "student", spec, info, s_size)

@@ -18,6 +18,7 @@ from pathlib import Path
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from distill.atomic import atomic_write_bytes, atomic_write_text
 from distill.errors import DistillError
@@ -378,7 +379,7 @@ def _table(header: list[str], cells: list[list[str]], columns: list[int], **kwar
     for i in columns:
         table.add_column(header[i].replace(" ", "\n"), no_wrap=True, justify="left" if i < 3 else "right")
     for row in cells:
-        table.add_row(*(row[i] for i in columns))
+        table.add_row(*(Text(row[i]) for i in columns))  # plain text: a model name is never markup
     return table
 
 
@@ -394,7 +395,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
         return [max(*(len(w) for w in h.split()), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
 
     if sum(widths()) + len(header) + 1 <= console.width:
-        console.print(_table(header, cells, list(range(len(header))), title=title, caption=caption))
+        console.print(_table(header, cells, list(range(len(header))), title=title, caption=Text(caption)))
     else:
         cells = [[r[0], r[1].replace("onnxruntime", "ort"), *r[2:]] for r in cells]
         w, keys, parts = widths(), [0, 1, 2], [[]]
@@ -405,12 +406,12 @@ def print_report(report: dict, console: Console | None = None) -> None:
         for n, part in enumerate(parts):
             last = n == len(parts) - 1
             console.print(_table(header, cells, keys + part, title=title if n == 0 else None,
-                                 caption=f"ort = ONNX Runtime; {caption}" if last else None))
+                                 caption=Text(f"ort = ONNX Runtime; {caption}") if last else None))
     lines = speedup_lines(report) + ([report["target"]["message"]] if report.get("target") else [])
     lines += [f"teacher gate: {gate_line(report['teacher_gate'])}"] if report.get("teacher_gate") else []
     lines += [f"teacher embedding: {report['teacher_layer']['chosen']}"] if report.get("teacher_layer") else []
     for line in lines:
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
 
 
 def load_report(path: str | os.PathLike) -> dict:

@@ -48,7 +48,7 @@ def test_run_table_and_hxw_string(tmp_path):
         ({"darkrank_alpha": 0}, r"^darkrank_alpha \(--darkrank-alpha\) must be > 0"),
         ({"darkrank_beta": -2}, r"^darkrank_beta \(--darkrank-beta\) must be > 0"),
         ({"student_width": 0}, r"^student_width \(--student-width\) must be > 0"),
-        ({"student": "nin_bn@wide"}, "student spec 'nin_bn@wide' must be NAME or NAME@WIDTH with WIDTH > 0"),
+        ({"student": "nin_bn@wide"}, "student spec 'nin_bn@wide' must be NAME or NAME@WIDTH with a finite WIDTH > 0"),
         ({"student": "nin_bn@0"}, "student spec 'nin_bn@0' must be NAME or NAME@WIDTH"),
         ({"student": "nin_bn,,nin_bn@0.25"}, "student spec '' must be NAME or NAME@WIDTH"),
         ({"student": "nin_bn@0.5,nin_bn", "student_width": 0.5}, "the same student is listed twice"),

@@ -1,0 +1,120 @@
+"""Issue 20, items 5-12: every bad input is one exact line (exit 2), never a traceback, a hang or a
+wrong result. Each case fails before any training, so these tests take seconds."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from distill.cli import app
+
+runner = CliRunner()
+
+
+def one_line_error(args: list[str], code: int = 2) -> str:
+    """Run the CLI; assert it failed with ``code`` in exactly one line; return that line."""
+    result = runner.invoke(app, args)
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == code, result.output
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+# ---------------------------------------------------------------- item 5: one type check everywhere
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("student = 5", "student (--student) must be a string, got 5"),
+        ("device = 0", "device (--device) must be a string, got 0"),
+        ("teacher = 1", "teacher (--teacher) must be a string, got 1"),
+        ('data = ["x"]', "data (--data) must be a string, got ['x']"),
+        ("export_precision = 32", "export_precision (--export-precision) must be a string or a list of strings, got 32"),
+        ('epochs = "three"', "epochs (--epochs) must be an integer, got 'three'"),
+        ('target_accuracy = "high"', "target_accuracy (--target-accuracy) must be a number, got 'high'"),
+        ('seed = "x"', "seed (--seed) must be an integer, got 'x'"),
+        ('resume = "no"', "resume (--resume) must be true or false, got 'no'"),
+        ('amp = "no"', "amp (--amp) must be true or false, got 'no'"),
+        ("darkrank_list_size = 2.5", "darkrank_list_size (--darkrank-list-size) must be an integer or 'all', got 2.5"),
+        ("loss_options = 5", "loss_options (--loss-opt) must be a table of KEY = VALUE (e.g. triplet_margin = 0.3), got 5"),
+        ("students = [1, 2]", "students must be a list of strings, got [1, 2]"),
+    ],
+)
+def test_config_file_values_are_type_checked(tmp_path, toml, message):
+    path = tmp_path / "c.toml"
+    path.write_text(toml + "\n")
+    line = one_line_error(["run", "--config", str(path), "--out", str(tmp_path / "o")])
+    assert line == f"error: config file {path}: {message}"
+
+
+def test_run_key_that_is_not_a_table(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("run = 5\n")
+    line = one_line_error(["run", "--config", str(path), "--out", str(tmp_path / "o")])
+    assert line == f"error: config file {path}: run must be a table of Config keys ([run]), got 5"
+
+
+def test_non_utf8_and_directory_config_files(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_bytes(b'data = "caf\xe9"\n')
+    assert one_line_error(["run", "--config", str(path)]) == f"error: config file {path} is not UTF-8 text (byte 0xe9 at offset 11)"
+    # item 12: a directory is named as such, not as a disk or permission problem
+    assert one_line_error(["run", "--config", str(tmp_path)]) == f"error: config file {tmp_path} is a directory, not a TOML file"
+
+
+def test_recipes_file_errors_through_the_cli(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text("recipe = [1, 2]\n")
+    line = one_line_error(["study", "--recipes-file", str(path), "--out", str(tmp_path / "o")])
+    # the tool's own hint [[recipe]] prints literally (it is not rich markup)
+    assert line == f'error: recipes file {path}: recipe #1 must be a [[recipe]] table (name = "..." plus Config keys), got 1'
+    path.write_text('[[recipe]]\nname = "x"\nloss_options = 5\n')
+    line = one_line_error(["study", "--recipes-file", str(path), "--out", str(tmp_path / "o")])
+    assert line == "error: recipe 'x': loss_options (--loss-opt) must be a table of KEY = VALUE (e.g. triplet_margin = 0.3), got 5"
+
+
+# ---------------------------------------------------------------- item 6: values that passed, then crashed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "-1"], "--seed must be in [0, 2^32), got -1"),
+        (["--seed", "4294967296"], "--seed must be in [0, 2^32), got 4294967296"),
+        (["--device", "cudax"], "--device must be auto, cpu, cuda or cuda:N (N a GPU index), got 'cudax'"),
+        (["--device", "cuda:abc"], "--device must be auto, cpu, cuda or cuda:N (N a GPU index), got 'cuda:abc'"),
+        (["--student", "nin_bn@inf"], "student spec 'nin_bn@inf' must be NAME or NAME@WIDTH with a finite WIDTH > 0, e.g. nin_bn@0.5"),
+        (["--student", "nin_bn@nan"], "student spec 'nin_bn@nan' must be NAME or NAME@WIDTH with a finite WIDTH > 0, e.g. nin_bn@0.5"),
+        (["--workers", "-1"], "--workers must be >= 0, got -1"),
+    ],
+)
+def test_values_that_used_to_crash_later(tmp_path, args, message):
+    assert one_line_error(["run", "--out", str(tmp_path / "o"), *args]) == f"error: {message}"
+
+
+@pytest.mark.parametrize("spec", ["cudax", "cuda:abc", "gpu", ""])
+def test_resolve_device_checks_what_bench_and_eval_pass(spec):
+    from distill.engine import resolve_device
+    from distill.errors import DistillError
+
+    with pytest.raises(DistillError) as err:
+        resolve_device(spec)
+    assert str(err.value) == f"--device must be auto, cpu, cuda or cuda:N (N a GPU index), got '{spec}'"
+
+
+# ---------------------------------------------------------------- item 7: user text is never rich markup
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--teacher", "[/x]"], "unknown teacher '[/x]'; known: inception_bn, timm:<name>, torchvision:<name>, onnx:<path>"),
+        (["--student", "nin_bn,[bold]x"], "unknown student '[bold]x'; known: nin_bn, timm:<name>"),
+        (["--data", "imagefolder:/nonexistent/a[/b]"], "imagefolder: directory not found: /nonexistent/a[/b] (it should hold one sub-directory of images per class)"),
+        (["--config", "cfg/[/nope].toml"], "config file not found: cfg/[/nope].toml"),
+    ],
+)
+def test_user_text_is_printed_literally(tmp_path, args, message):
+    assert one_line_error(["run", "--out", str(tmp_path / "o"), *args]) == f"error: {message}"
