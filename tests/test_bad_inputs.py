@@ -118,3 +118,73 @@ def test_resolve_device_checks_what_bench_and_eval_pass(spec):
 )
 def test_user_text_is_printed_literally(tmp_path, args, message):
     assert one_line_error(["run", "--out", str(tmp_path / "o"), *args]) == f"error: {message}"
+
+
+# ---------------------------------------------------------------- item 8: hostile image files
+
+
+def bomb_png(path) -> None:
+    """A PNG whose header claims 30000 x 30000 pixels (PIL refuses it as a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def hostile_folder(tmp_path):
+    """An ImageFolder (4 classes x 3 images) with a decompression bomb and a FIFO among the images."""
+    import os
+    import signal
+
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    for c in range(4):
+        (root / f"c{c:02d}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 32), (60 * c, 20 * i, 90)).save(root / f"c{c:02d}" / f"{i}.png")
+    bomb_png(root / "c00" / "bomb.png")
+    os.mkfifo(root / "c00" / "pipe.png")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading the image folder hung"))
+    signal.alarm(60)  # a FIFO read blocks forever: fail instead of hanging the test session
+    yield root
+    signal.alarm(0)
+
+
+def test_bomb_and_fifo_are_skipped_with_a_warning(hostile_folder):
+    from distill.data import load_dataset
+
+    with pytest.warns(UserWarning) as caught:
+        splits = load_dataset(f"imagefolder:{hostile_folder}")
+    messages = [str(w.message) for w in caught]
+    c00 = hostile_folder / "c00"
+    assert messages == [f"skipping 2 unreadable image(s): {c00 / 'bomb.png'}, {c00 / 'pipe.png'}"]
+    assert sorted(s.path for s in splits.train) == sorted(str(c00 / f"{i}.png") for i in range(3)) + sorted(
+        str(hostile_folder / "c01" / f"{i}.png") for i in range(3)
+    )
+
+
+def test_bomb_and_fifo_fail_with_strict(hostile_folder):
+    from distill.data import load_dataset
+    from distill.errors import DistillError
+
+    c00 = hostile_folder / "c00"
+    with pytest.raises(DistillError) as err:
+        load_dataset(f"imagefolder:{hostile_folder}", strict=True)
+    assert str(err.value) == f"2 unreadable image(s): {c00 / 'bomb.png'}, {c00 / 'pipe.png'} (drop --strict to skip them)"
+
+
+def test_read_image_refuses_a_bomb_and_a_fifo(hostile_folder):
+    from distill.data.dataset import read_image
+    from distill.errors import DistillError
+
+    with pytest.raises(DistillError, match=r"^corrupt or unreadable image: .*bomb.png \(Image size \(900000000 pixels\) exceeds limit"):
+        read_image(str(hostile_folder / "c00" / "bomb.png"))
+    with pytest.raises(DistillError) as err:
+        read_image(str(hostile_folder / "c00" / "pipe.png"))
+    assert str(err.value) == f"corrupt or unreadable image: {hostile_folder / 'c00' / 'pipe.png'} (not a regular file)"
