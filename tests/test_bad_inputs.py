@@ -188,3 +188,50 @@ def test_read_image_refuses_a_bomb_and_a_fifo(hostile_folder):
     with pytest.raises(DistillError) as err:
         read_image(str(hostile_folder / "c00" / "pipe.png"))
     assert str(err.value) == f"corrupt or unreadable image: {hostile_folder / 'c00' / 'pipe.png'} (not a regular file)"
+
+
+# ---------------------------------------------------------------- item 9: a malformed report.json
+
+
+@pytest.fixture(scope="module")
+def good_report() -> dict:
+    from distill.report import build_report
+
+    bench = {"latency_ms_p50": 2.0, "latency_ms_p90": 2.5, "throughput_ips": 500.0}
+    metrics = {"recall@1": 0.8, "map": 0.6}
+    models = [
+        {"name": "teacher", "runtime": "torch", "params": 1e6, "gflops": 1.0, "metrics": metrics, **bench, "latency_ms_p50": 8.0},
+        {"name": "student", "runtime": "torch", "params": 1e5, "gflops": 0.1, "metrics": metrics, **bench},
+    ]
+    return build_report(models, {}, {})
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda r: r.update(models=[]), "'models' is empty (a report has at least the teacher's row)"),
+        (lambda r: r["models"][1].update(metrics=5), "models[1].metrics must be an object of numbers, got 5"),
+        (lambda r: r["models"][0].update(latency_ms_p50="fast"), "models[0].latency_ms_p50 must be a number or null, got 'fast'"),
+        (lambda r: r.update(speedup_like_for_like=None), "'speedup_like_for_like' must be an object of numbers per runtime, got None"),
+        (lambda r: r["models"][0].update(name=7), "models[0].name must be a string, got 7"),
+        (lambda r: r.update(teacher_gate={"verdict": "better"}), "'teacher_gate' must be an object with metric, teacher, baseline, margin and verdict, got {'verdict': 'better'}"),
+        (lambda r: r.update(accuracy_metrics=["speed"]), "accuracy_metrics and pareto_metric must name metrics of recall@1, map, rank1"),
+    ],
+)
+def test_malformed_report_is_one_line(tmp_path, good_report, edit, problem):
+    import copy
+    import json
+
+    report = copy.deepcopy(good_report)
+    edit(report)
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert one_line_error(["report", str(tmp_path)]) == f"error: malformed report {path}: {problem}"
+
+
+def test_a_good_report_prints(tmp_path, good_report):
+    import json
+
+    (tmp_path / "report.json").write_text(json.dumps(good_report))
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 0 and "like-for-like speedup" in result.output
