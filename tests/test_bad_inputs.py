@@ -235,3 +235,20 @@ def test_a_good_report_prints(tmp_path, good_report):
     (tmp_path / "report.json").write_text(json.dumps(good_report))
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 0 and "like-for-like speedup" in result.output
+
+
+# ---------------------------------------------------------------- item 10: the README's student lists
+
+
+def test_a_width_default_applies_to_builtin_students_only():
+    from distill.config import load_config, student_specs
+    from distill.pipeline import check_models
+
+    cfg = load_config(None, student="nin_bn@0.25,nin_bn,timm:mobilenetv3_small_050", student_width=0.5)
+    assert student_specs(cfg) == [("nin_bn", 0.25), ("nin_bn", 0.5), ("timm:mobilenetv3_small_050", 1.0)]
+    check_models(cfg)  # builds each student: the timm one at its own size
+
+
+def test_an_explicit_width_on_a_library_student_is_still_refused(tmp_path):
+    line = one_line_error(["run", "--out", str(tmp_path / "o"), "--student", "timm:mobilenetv3_small_050@0.5"])
+    assert line == "error: a width multiplier applies to builtin models only, not 'timm:mobilenetv3_small_050' (its name sets its size)"
