@@ -318,6 +318,7 @@ def validate(cfg: Config) -> Config:
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise DistillError(f"{name} (--{name.replace('_', '-')}) must be {'>' if strict else '>='} {low:g}, got {value:g}")
+    _check_losses(cfg)
     student_specs(cfg)
     export_precisions(cfg)
     if not 0 < cfg.target_accuracy <= 1:
@@ -346,6 +347,20 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         raise DistillError(f"cannot read {what} {path}: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise DistillError(f"{what} {path} is not valid TOML: {err}") from None
+
+
+def _check_losses(cfg: Config) -> None:
+    """``--loss`` and ``--loss-opt`` checked now, not when the first student starts training; a loss
+    that compares images of one identity needs at least two per identity in a P x K batch."""
+    from distill.losses.task import NEEDS_POSITIVES, check_task_loss
+
+    terms, _ = check_task_loss(cfg.loss, cfg.loss_options)
+    blind = [name for name, weight in terms if weight and name in NEEDS_POSITIVES]
+    if blind and cfg.sampler == "pk" and cfg.images_per_id < 2:
+        raise DistillError(
+            f"--images-per-id {cfg.images_per_id} puts one image of each identity in a batch, so {', '.join(blind)} "
+            f"never sees a positive pair and is always 0: use --images-per-id 2 or more, or a --loss without it"
+        )
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:

@@ -321,8 +321,9 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
     def load(layer: str) -> Teacher:
         return load_teacher(cfg.teacher, weights=weights, device=str(device), layer=None if layer == EMBEDDING else layer)
 
-    if cfg.teacher_layer != "auto":
-        return task_logits(load(cfg.teacher_layer), data.num_classes)
+    layer = EMBEDDING if cfg.teacher_layer == "auto" and cfg.compat_weight else cfg.teacher_layer
+    if layer != "auto":  # the compat loss needs the teacher's own embedding space: no layer is searched
+        return check_compat(cfg, task_logits(load(layer), data.num_classes), layer)
     teacher = load(EMBEDDING)
     layers = feature_layers(cfg.teacher, teacher.module)
     if not layers or not data.val:
@@ -336,6 +337,18 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
     )
     teacher.layer_choice = {"chosen": chosen, "metric": DISTRACTOR_METRIC, "scores": scores}
     return task_logits(teacher, data.num_classes)
+
+
+def check_compat(cfg: Config, teacher: Teacher, layer: str) -> Teacher:
+    """Fail before any student trains when ``--compat-weight`` cannot work: the student's embedding
+    must live in the teacher's space, so the sizes must match."""
+    if cfg.compat_weight and teacher.embed_dim != cfg.embed_dim:
+        raise DistillError(
+            f"--compat-weight puts the student in the teacher's embedding space, so --embed-dim must be its size: "
+            f"got --embed-dim {cfg.embed_dim}, the teacher's {layer} layer gives {teacher.embed_dim} "
+            f"(set --embed-dim {teacher.embed_dim}, or --compat-weight 0)"
+        )
+    return teacher
 
 
 def task_logits(teacher: Teacher, num_classes: int) -> Teacher:

@@ -252,3 +252,61 @@ def test_a_width_default_applies_to_builtin_students_only():
 def test_an_explicit_width_on_a_library_student_is_still_refused(tmp_path):
     line = one_line_error(["run", "--out", str(tmp_path / "o"), "--student", "timm:mobilenetv3_small_050@0.5"])
     assert line == "error: a width multiplier applies to builtin models only, not 'timm:mobilenetv3_small_050' (its name sets its size)"
+
+
+# ---------------------------------------------------------------- item 11: checked before training
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--images-per-id", "1"], "--images-per-id 1 puts one image of each identity in a batch, so triplet never sees a "
+                                   "positive pair and is always 0: use --images-per-id 2 or more, or a --loss without it"),
+        (["--images-per-id", "1", "--loss", "softmax,lifted=0.5,verification"], "--images-per-id 1 puts one image of each identity "
+         "in a batch, so lifted, verification never sees a positive pair and is always 0: use --images-per-id 2 or more, or a --loss without it"),
+        (["--loss-opt", "triplet_margin=-1"], "triplet_margin must be > 0, got -1"),
+        (["--loss-opt", "hdml_decay=1"], "hdml_decay must be >= 0 and < 1, got 1"),
+        (["--loss-opt", "lifted_margin=nan"], "lifted_margin must be a finite number, got nan"),
+        (["--loss-opt", "verification_balanced=2"], "verification_balanced must be true or false, got 2"),
+        (["--split-file", "split.txt"], "synthetic does not take the option(s) split_file; it takes: strict"),
+        (["--cuhk03-variant", "detected"], "synthetic does not take the option(s) cuhk03_variant; it takes: strict"),
+    ],
+)
+def test_refused_before_training(tmp_path, args, message):
+    assert one_line_error(["run", "--out", str(tmp_path / "o"), *args]) == f"error: {message}"
+
+
+def test_softmax_alone_takes_one_image_per_identity():
+    from distill.config import load_config
+
+    assert load_config(None, images_per_id=1, loss="softmax").images_per_id == 1
+
+
+def test_compat_with_another_embedding_size_fails_before_any_student_trains():
+    from types import SimpleNamespace
+
+    from distill.config import load_config
+    from distill.errors import DistillError
+    from distill.pipeline import check_compat
+
+    cfg = load_config(None, compat_weight=1.0, embed_dim=64)
+    with pytest.raises(DistillError) as err:
+        check_compat(cfg, SimpleNamespace(embed_dim=1024), "backbone.blocks.5b")
+    assert str(err.value) == (
+        "--compat-weight puts the student in the teacher's embedding space, so --embed-dim must be its size: got "
+        "--embed-dim 64, the teacher's backbone.blocks.5b layer gives 1024 (set --embed-dim 1024, or --compat-weight 0)"
+    )
+
+
+def test_compat_uses_the_teachers_own_embedding_not_a_searched_layer(tmp_path, monkeypatch):
+    from distill import pipeline
+    from distill.config import load_config
+    from distill.data import base
+    from distill.data.synthetic import load_synthetic
+
+    small = dict(train_ids=8, test_ids=4, images_per_id=8, height=32, width=16)
+    monkeypatch.setitem(base._LOADERS, "synthetic", lambda path=None, **o: load_synthetic(path, **small))
+    cfg = load_config(None, compat_weight=1.0, embed_dim=64, image_size="32x16", teacher_epochs=1, teacher_min_steps=0,
+                      batch_size=16, out=str(tmp_path / "o"), device="cpu")
+    teacher = pipeline.get_teacher(cfg, *pipeline.setup(cfg))
+    assert teacher.embed_dim == 64 and teacher.layer_choice is None  # no layer search: the student joins this space

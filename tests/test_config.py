@@ -34,7 +34,7 @@ def test_run_table_and_hxw_string(tmp_path):
         ({"batch_size": 30, "images_per_id": 4}, "must be a multiple of images_per_id"),
         ({"epochs": 0}, "epochs must be >= 1"),
         ({"darkrank_list_size": 64}, r"darkrank_list_size must be in \[2, batch_size\)"),
-        ({"device": "tpu"}, "--device must be auto, cpu or cuda"),
+        ({"device": "tpu"}, r"^--device must be auto, cpu, cuda or cuda:N \(N a GPU index\), got 'tpu'$"),
         ({"bogus": 1}, "unknown config key"),
         ({"lr": -1}, r"^lr \(--lr\) must be > 0, got -1$"),
         ({"lr": 0}, r"^lr \(--lr\) must be > 0, got 0$"),
@@ -149,7 +149,7 @@ def test_student_specs_from_cli_list_and_toml_array(tmp_path):
     # one spec keeps today's meaning: --student nin_bn --student-width 0.25
     assert student_specs(load_config(None, student="nin_bn", student_width=0.25)) == [("nin_bn", 0.25)]
     cfg = load_config(None, student=" nin_bn@0.25, nin_bn@0.5 ,timm:mobilenetv3_small_100", student_width=0.75)
-    assert student_specs(cfg) == [("nin_bn", 0.25), ("nin_bn", 0.5), ("timm:mobilenetv3_small_100", 0.75)]
+    assert student_specs(cfg) == [("nin_bn", 0.25), ("nin_bn", 0.5), ("timm:mobilenetv3_small_100", 1.0)]  # its name sets its size
     path = tmp_path / "c.toml"
     path.write_text('students = ["nin_bn@0.25", "nin_bn"]\nexport_precision = ["int8", "fp32"]\n')
     cfg = load_config(path)
