@@ -278,7 +278,10 @@ def bench(
         table.add_row(k, Text(f"{v:.3f}" if isinstance(v, float) else str(v)))
     Console().print(table)
     if json_out is not None:
-        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+        try:
+            atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+        except OSError as err:
+            raise DistillError(f"cannot write the JSON file {json_out}: {err.strerror} (choose another --json path)") from None
 
 
 @app.command()

@@ -310,3 +310,47 @@ def test_compat_uses_the_teachers_own_embedding_not_a_searched_layer(tmp_path, m
                       batch_size=16, out=str(tmp_path / "o"), device="cpu")
     teacher = pipeline.get_teacher(cfg, *pipeline.setup(cfg))
     assert teacher.embed_dim == 64 and teacher.layer_choice is None  # no layer search: the student joins this space
+
+
+# ---------------------------------------------------------------- item 12: messages say what is wrong
+
+
+@pytest.fixture
+def student_file(tmp_path, monkeypatch):
+    from distill import bench
+    from distill.models.file import save_model
+    from distill.students import create_student
+
+    monkeypatch.setattr(bench, "BUDGET_S", 0.0)  # one round of timed calls
+    path = tmp_path / "student.pt"
+    save_model(path, create_student("nin_bn", 8, 4, width=0.25), arch="nin_bn", width=0.25, image_size=[32, 16])
+    return path
+
+
+def test_export_under_a_file_says_not_a_directory(student_file):
+    target = student_file / "x.onnx"
+    line = one_line_error(["export", "--checkpoint", str(student_file), "-o", str(target)])
+    assert line == f"error: cannot write the ONNX file {target}: Not a directory (choose another output path)"
+
+
+@pytest.mark.parametrize("where", ["under_file", "proc"])
+def test_bench_json_names_the_file_asked_for(student_file, where):
+    target = student_file / "x.json" if where == "under_file" else "/proc/x.json"
+    result = runner.invoke(app, ["bench", "--checkpoint", str(student_file), "--iters", "2", "--json", str(target)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    reason = "Not a directory" if where == "under_file" else "No such file or directory"
+    assert result.output.strip().splitlines()[-1] == f"error: cannot write the JSON file {target}: {reason} (choose another --json path)"
+
+
+def test_atomic_write_names_the_target_not_its_temp_file(tmp_path):
+    import errno
+
+    from distill.atomic import atomic_write_text
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(NotADirectoryError) as err:
+        atomic_write_text(tmp_path / "f" / "x.json", "{}")
+    assert (err.value.errno, err.value.filename) == (errno.ENOTDIR, str(tmp_path / "f" / "x.json"))
+    with pytest.raises(OSError) as err:
+        atomic_write_text("/proc/x.json", "{}")
+    assert err.value.filename == "/proc/x.json"
