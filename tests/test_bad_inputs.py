@@ -14,11 +14,24 @@ runner = CliRunner()
 def one_line_error(args: list[str], code: int = 2) -> str:
     """Run the CLI; assert it failed with ``code`` in exactly one line; return that line."""
     result = runner.invoke(app, args)
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     lines = result.output.strip().splitlines()
     assert result.exit_code == code, result.output
     assert len(lines) == 1, result.output
     return lines[0]
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """A bad input must be refused before training: reaching training fails the test at once (on code
+    that accepts the input, instead of a full run)."""
+    from distill import pipeline
+
+    def fit(*args, **kwargs):
+        raise AssertionError("training started: the input was not refused")
+
+    monkeypatch.setattr(pipeline, "fit", fit)
 
 
 # ---------------------------------------------------------------- item 5: one type check everywhere
@@ -42,7 +55,7 @@ def one_line_error(args: list[str], code: int = 2) -> str:
         ("students = [1, 2]", "students must be a list of strings, got [1, 2]"),
     ],
 )
-def test_config_file_values_are_type_checked(tmp_path, toml, message):
+def test_config_file_values_are_type_checked(tmp_path, no_training, toml, message):
     path = tmp_path / "c.toml"
     path.write_text(toml + "\n")
     line = one_line_error(["run", "--config", str(path), "--out", str(tmp_path / "o")])
@@ -90,7 +103,7 @@ def test_recipes_file_errors_through_the_cli(tmp_path):
         (["--workers", "-1"], "--workers must be >= 0, got -1"),
     ],
 )
-def test_values_that_used_to_crash_later(tmp_path, args, message):
+def test_values_that_used_to_crash_later(tmp_path, no_training, args, message):
     assert one_line_error(["run", "--out", str(tmp_path / "o"), *args]) == f"error: {message}"
 
 
@@ -102,6 +115,20 @@ def test_resolve_device_checks_what_bench_and_eval_pass(spec):
     with pytest.raises(DistillError) as err:
         resolve_device(spec)
     assert str(err.value) == f"--device must be auto, cpu, cuda or cuda:N (N a GPU index), got '{spec}'"
+
+
+def test_a_gpu_index_beyond_the_machine_is_one_line(monkeypatch):
+    import torch
+
+    from distill.engine import resolve_device
+    from distill.errors import DistillError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(DistillError) as err:
+        resolve_device("cuda:3")
+    assert str(err.value) == "--device cuda:3: there are only 1 CUDA device(s), numbered from 0"
 
 
 # ---------------------------------------------------------------- item 7: user text is never rich markup
@@ -116,7 +143,7 @@ def test_resolve_device_checks_what_bench_and_eval_pass(spec):
         (["--config", "cfg/[/nope].toml"], "config file not found: cfg/[/nope].toml"),
     ],
 )
-def test_user_text_is_printed_literally(tmp_path, args, message):
+def test_user_text_is_printed_literally(tmp_path, no_training, args, message):
     assert one_line_error(["run", "--out", str(tmp_path / "o"), *args]) == f"error: {message}"
 
 
@@ -272,7 +299,7 @@ def test_an_explicit_width_on_a_library_student_is_still_refused(tmp_path):
         (["--cuhk03-variant", "detected"], "synthetic does not take the option(s) cuhk03_variant; it takes: strict"),
     ],
 )
-def test_refused_before_training(tmp_path, args, message):
+def test_refused_before_training(tmp_path, no_training, args, message):
     assert one_line_error(["run", "--out", str(tmp_path / "o"), *args]) == f"error: {message}"
 
 
