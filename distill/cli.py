@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from distill.config import HELP, Config
 from distill.errors import DistillError
@@ -36,7 +37,7 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one line ``warning: ...`` (the source line only with --debug)."""
     where = f" ({filename}:{lineno})" if DEBUG["on"] else ""
-    err_console.print(f"[yellow]warning:[/] {escape(str(message))}{where}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}{escape(where)}", highlight=False, soft_wrap=True)
 
 
 def friendly(fn: Callable) -> Callable:
@@ -49,7 +50,7 @@ def friendly(fn: Callable) -> Callable:
         except DistillError as err:
             if DEBUG["on"]:
                 raise
-            err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: finished files are intact; continue with --resume")
@@ -59,7 +60,7 @@ def friendly(fn: Callable) -> Callable:
                 raise
             where = f" {err.filename}" if err.filename else ""
             err_console.print(
-                f"[red]error:[/] cannot read or write{where}: {err.strerror or err} (finished files are intact; "
+                f"[red]error:[/] cannot read or write{escape(where)}: {escape(str(err.strerror or err))} (finished files are intact; "
                 "free disk space or fix permissions, then run again)",
                 highlight=False, soft_wrap=True,
             )
@@ -168,7 +169,7 @@ def study(
     with _locked(cfg):
         result = study_.run_study(cfg, recipes_, seeds=seeds, jobs=jobs, keep_models=keep_models)
     study_.print_study(result)
-    err_console.print(f"study: {cfg.out_dir / 'study.json'}, study.md, study.png")
+    err_console.print(f"study: {escape(str(cfg.out_dir / 'study.json'))}, study.md, study.png")
 
 
 @app.command("train-teacher")
@@ -182,7 +183,7 @@ def train_teacher(cfg: Config) -> None:
         cfg.teacher_finetune = True  # this command trains: a plain state dict is backbone weights to fine-tune
     with _locked(cfg):  # timm:NAME / torchvision:NAME without weights: trained from scratch
         pipeline.get_teacher(cfg, *pipeline.setup(cfg, scratch_teacher=True))
-    err_console.print(f"teacher: {cfg.out_dir / 'teacher.pt'}")
+    err_console.print(f"teacher: {escape(str(cfg.out_dir / 'teacher.pt'))}")
 
 
 @app.command()
@@ -198,7 +199,7 @@ def train(cfg: Config) -> None:
     with _locked(cfg):
         data_, device_ = pipeline.setup(cfg)
         pipeline.train_student(cfg, data_, device_, teacher=pipeline.get_teacher(cfg, data_, device_))
-    err_console.print(f"student: {cfg.out_dir / 'student.pt'}")
+    err_console.print(f"student: {escape(str(cfg.out_dir / 'student.pt'))}")
 
 
 @app.command("eval")
@@ -220,7 +221,7 @@ def eval_(
     device_ = pipeline.resolve_device(cfg.device)
     data_ = pipeline.prepare_data(cfg)
     metrics = evaluate_model(model.to(device_), data_.splits, data_.eval_transform, device_, clustering)
-    table = Table("metric", "value", title=str(checkpoint))
+    table = Table("metric", "value", title=Text(str(checkpoint)))
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")
     Console().print(table)
@@ -241,7 +242,7 @@ def export(
 
     model, header = load_model(checkpoint)
     info = export_onnx(model, output, _coerce("image_size", image_size or _trained_size(header)), precision=precision)
-    Console().print(f"wrote {info['path']} (max abs diff vs PyTorch {info['max_abs_diff']:.2e})")
+    Console().print(f"wrote {escape(info['path'])} (max abs diff vs PyTorch {info['max_abs_diff']:.2e})")
 
 
 @app.command()
@@ -277,10 +278,13 @@ def bench(
     result = {"image_size": list(size)} | result | {"machine": machine_info()}
     table = Table("field", "value")
     for k, v in result.items():
-        table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+        table.add_row(k, Text(f"{v:.3f}" if isinstance(v, float) else str(v)))
     Console().print(table)
     if json_out is not None:
-        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+        try:
+            atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
+        except OSError as err:
+            raise DistillError(f"cannot write the JSON file {json_out}: {err.strerror} (choose another --json path)") from None
 
 
 @app.command()

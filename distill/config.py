@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -118,7 +119,7 @@ DEFAULT_TEACHER_EPOCHS = 24  # 16 left BN-Inception under-trained: R@1 0.74-0.85
 def student_specs(cfg: Config) -> list[tuple[str, float]]:
     """The students of a run as ``(name, width)``: ``cfg.students`` if set, else ``cfg.student`` split at
     commas; ``NAME@WIDTH`` sets the width multiplier, a bare builtin ``NAME`` takes ``cfg.student_width``
-    (a bare ``timm:NAME`` 1.0: its name sets its size)."""
+    and a bare library model (``timm:NAME``, whose name sets its size) width 1."""
     items = cfg.students if cfg.students is not None else cfg.student.split(",")
     if isinstance(items, str) or not items:
         raise DistillError(f"students must be a non-empty list of specs like ['nin_bn@0.5'], got {items!r}")
@@ -126,11 +127,11 @@ def student_specs(cfg: Config) -> list[tuple[str, float]]:
     for item in items:
         name, at, width = str(item).strip().partition("@")
         try:
-            w = float(width) if at else 1.0 if ":" in name else cfg.student_width  # timm:NAME: its name sets its size
+            w = float(width) if at else (1.0 if ":" in name else cfg.student_width)
         except ValueError:
             w = -1.0
-        if not name or not w > 0:
-            raise DistillError(f"student spec '{item}' must be NAME or NAME@WIDTH with WIDTH > 0, e.g. nin_bn@0.5")
+        if not name or not (w > 0 and math.isfinite(w)):
+            raise DistillError(f"student spec '{item}' must be NAME or NAME@WIDTH with a finite WIDTH > 0, e.g. nin_bn@0.5")
         specs.append((name, w))
     if len(set(specs)) != len(specs):
         raise DistillError(f"the same student is listed twice in {', '.join(map(str, items))}")
@@ -284,6 +285,8 @@ def _key_value(item: str) -> tuple[str, Any]:
 
 def validate(cfg: Config) -> Config:
     """Check option values and combinations; raise one clear ``DistillError`` for the first bad one."""
+    for f in fields(cfg):  # a Config built in Python is checked like one read from a file
+        check_type(f.name, getattr(cfg, f.name))
     if cfg.darkrank not in DARKRANK_MODES:
         raise DistillError(f"--darkrank must be one of {', '.join(DARKRANK_MODES)}, got '{cfg.darkrank}'")
     if cfg.sampler not in SAMPLERS:
@@ -335,19 +338,22 @@ def validate(cfg: Config) -> Config:
             )
     for name, low, strict in NUMBER_RANGES:
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DistillError(f"{name} (--{name.replace('_', '-')}) must be a number, got {value!r}")
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise DistillError(f"{name} (--{name.replace('_', '-')}) must be {'>' if strict else '>='} {low:g}, got {value:g}")
     if cfg.resume and cfg.fresh:
         raise DistillError("--resume continues the checkpoints, --fresh starts over without them: give one of them")
+    _check_losses(cfg)
     student_specs(cfg)
     export_precisions(cfg)
     validate_unlabeled(cfg)
     if not 0 < cfg.target_accuracy <= 1:
         raise DistillError(f"target_accuracy is a share of the teacher's accuracy in (0, 1], got {cfg.target_accuracy}")
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
-        raise DistillError(f"--device must be auto, cpu or cuda[:N], got '{cfg.device}'")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise DistillError(f"--device must be auto, cpu, cuda or cuda:N (N a GPU index), got '{cfg.device}'")
+    if not 0 <= cfg.seed < 2**32:
+        raise DistillError(f"--seed must be in [0, 2^32), got {cfg.seed}")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise DistillError(f"--workers must be >= 0, got {cfg.workers}")
     return cfg
 
 
@@ -383,24 +389,100 @@ def _archs_from_weights(values: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing, unreadable, non-UTF-8 or malformed file is one clear line."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DistillError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise DistillError(f"{what} {path} is a directory, not a TOML file") from None
+    except UnicodeDecodeError as err:
+        raise DistillError(f"{what} {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    except OSError as err:
+        raise DistillError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise DistillError(f"{what} {path} is not valid TOML: {err}") from None
+
+
+def _check_losses(cfg: Config) -> None:
+    """``--loss`` and ``--loss-opt`` checked now, not when the first student starts training; a loss
+    that compares images of one identity needs at least two per identity in a P x K batch."""
+    from distill.losses.task import NEEDS_POSITIVES, check_task_loss
+
+    terms, _ = check_task_loss(cfg.loss, cfg.loss_options)
+    blind = [name for name, weight in terms if weight and name in NEEDS_POSITIVES]
+    if blind and cfg.sampler == "pk" and cfg.images_per_id < 2:
+        raise DistillError(
+            f"--images-per-id {cfg.images_per_id} puts one image of each identity in a batch, so {', '.join(blind)} "
+            f"never sees a positive pair and is always 0: use --images-per-id 2 or more, or a --loss without it"
+        )
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
-    """Defaults <- TOML file (flat keys, or a ``[run]`` table) <- overrides that are not None."""
+    """Defaults <- TOML file (flat keys, or a ``[run]`` table) <- overrides that are not None.
+
+    Every value, from the file or the command line, is type-checked against its ``Config`` field
+    (``check_type``) before any range or combination is checked (``validate``)."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        data = read_toml(path, "config file")
+        table = data.get("run", data)
+        if not isinstance(table, dict):
+            raise DistillError(f"config file {path}: run must be a table of Config keys ([run]), got {table!r}")
         try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise DistillError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as err:
-            raise DistillError(f"config file {path} is not valid TOML: {err}") from None
-        values.update(data.get("run", data))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+            values.update({k: check_type(k, v) for k, v in _known(table).items()})
+        except DistillError as err:
+            raise DistillError(f"config file {path}: {err}") from None
+    values.update({k: check_type(k, v) for k, v in _known(overrides).items() if v is not None})
     values |= _archs_from_weights(values)
     if "student" in values and "students" in values:
         raise DistillError("give either student (one spec or a comma-separated list) or students (a list), not both")
+    return validate(Config(**values))
+
+
+def _known(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` when every key is a Config field, else one error naming the unknown ones."""
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise DistillError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return validate(Config(**{k: _coerce(k, v) for k, v in values.items()}))
+    return values
+
+
+def option_name(name: str) -> str:
+    """How errors name a field: ``lr (--lr)``; TOML-only fields (``students``) by their key alone."""
+    if name == "students":
+        return name
+    return f"{name} ({_FLAG_NAMES.get(name, '--' + name.replace('_', '-'))})"
+
+
+_FLAG_NAMES = {"loss_options": "--loss-opt"}
+# what a value of each field type must be, and the Python types that are that
+_TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
+    "bool": ("true or false", (bool,)),
+    "int": ("an integer", (int,)),
+    "float": ("a number", (int, float)),
+    "str": ("a string", (str,)),
+    "list[str]": ("a list of strings", (list,)),
+    "dict[str, Any]": ("a table of KEY = VALUE (e.g. triplet_margin = 0.3)", (dict,)),
+    "tuple[int, int]": ("HxW like 64x32", (tuple,)),
+}
+_KIND_NAMES = {"darkrank_list_size": "an integer or 'all'", "export_precision": "a string or a list of strings"}
+
+
+def check_type(name: str, value: Any) -> Any:
+    """``value`` (from TOML, the command line or a recipe) brought to field ``name``'s type by
+    ``_coerce``, or one clear error: ``epochs = "three"``, ``resume = "no"`` or ``darkrank_list_size
+    = 2.5`` are refused here, never taken as true or crashing later."""
+    value = _coerce(name, value)
+    kind = str(next(f.type for f in fields(Config) if f.name == name))
+    base, _, optional = kind.partition(" | ")
+    what, types = _TYPES[base]
+    ok = (value is None and optional == "None") or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types))
+    if ok and base == "list[str]" and value is not None:
+        ok = all(isinstance(item, str) for item in value)
+    if not ok:
+        raise DistillError(f"{option_name(name)} must be {_KIND_NAMES.get(name, what)}, got {value!r}")
+    return float(value) if base == "float" and value is not None else value

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -89,9 +90,13 @@ def resolve_device(spec: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", spec):
+        raise DistillError(f"--device must be auto, cpu, cuda or cuda:N (N a GPU index), got '{spec}'")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DistillError(f"--device {spec} asked for CUDA but no CUDA device is available (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DistillError(f"--device {spec}: there are only {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     return device
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -134,7 +135,7 @@ def choose_inputs(cfg: Config, splits: Splits, device: torch.device, quiet: bool
             cfg.darkrank_list_size = cfg.batch_size - 1
             chosen.append(f"DarkRank lists of {cfg.darkrank_list_size}")
     if chosen and not quiet:
-        console.print(f"chosen for {splits.name}: " + ", ".join(chosen) + " (set them with --image-size, --augment, --batch-size)")
+        console.print(f"chosen for {escape(splits.name)}: " + ", ".join(chosen) + " (set them with --image-size, --augment, --batch-size)")
 
 
 def prepare_data(cfg: Config, device: torch.device = torch.device("cpu")) -> Prepared:
@@ -337,7 +338,7 @@ def cached_teacher_differences(path: Path, recipe: dict[str, Any], fingerprint: 
     try:
         info, _ = read_model_file(path)
     except DistillError as err:
-        console.print(f"[yellow]the cached teacher is unusable ({err}): training a new one")
+        console.print(f"[yellow]the cached teacher is unusable ({escape(str(err))}): training a new one")
         return None
     meta = info.get("meta", {})
     cached = meta.get("recipe", {})
@@ -363,8 +364,9 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
     def load(layer: str) -> Teacher:
         return load_teacher(cfg.teacher, weights=weights, device=str(device), layer=None if layer == EMBEDDING else layer)
 
-    if cfg.teacher_layer != "auto":
-        return task_logits(load(cfg.teacher_layer), data.num_classes)
+    layer = EMBEDDING if cfg.teacher_layer == "auto" and cfg.compat_weight else cfg.teacher_layer
+    if layer != "auto":  # the compat loss needs the teacher's own embedding space: no layer is searched
+        return check_compat(cfg, task_logits(load(layer), data.num_classes), layer)
     teacher = load(EMBEDDING)
     layers = feature_layers(cfg.teacher, teacher.module)
     if not layers or not data.val:
@@ -373,11 +375,23 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
     chosen = choose_layer(scores)
     teacher = teacher if chosen == EMBEDDING else load(chosen)
     console.print(
-        f"teacher embedding: [bold]{chosen}[/] (validation {DISTRACTOR_METRIC} {scores[chosen]:.3f}; its own "
+        f"teacher embedding: [bold]{escape(chosen)}[/] (validation {DISTRACTOR_METRIC} {scores[chosen]:.3f}; its own "
         f"embedding {scores[EMBEDDING]:.3f}; {len(scores)} layers tried, set one with --teacher-layer)"
     )
     teacher.layer_choice = {"chosen": chosen, "metric": DISTRACTOR_METRIC, "scores": scores}
     return task_logits(teacher, data.num_classes)
+
+
+def check_compat(cfg: Config, teacher: Teacher, layer: str) -> Teacher:
+    """Fail before any student trains when ``--compat-weight`` cannot work: the student's embedding
+    must live in the teacher's space, so the sizes must match."""
+    if cfg.compat_weight and teacher.embed_dim != cfg.embed_dim:
+        raise DistillError(
+            f"--compat-weight puts the student in the teacher's embedding space, so --embed-dim must be its size: "
+            f"got --embed-dim {cfg.embed_dim}, the teacher's {layer} layer gives {teacher.embed_dim} "
+            f"(set --embed-dim {teacher.embed_dim}, or --compat-weight 0)"
+        )
+    return teacher
 
 
 def task_logits(teacher: Teacher, num_classes: int) -> Teacher:
@@ -415,12 +429,12 @@ def teacher_weights(cfg: Config, data: Prepared, device: torch.device) -> str | 
     recipe = teacher_recipe(cfg)
     diffs = cached_teacher_differences(path, recipe, fingerprint)
     if diffs == []:
-        console.print(f"[green]reusing the teacher trained earlier:[/] {path}")
+        console.print(f"[green]reusing the teacher trained earlier:[/] {escape(str(path))}")
         if (note := (teacher_fit(cfg) or {}).get("chance_note")) and is_main_process():
             console.print(f"[yellow]warning:[/] {note}")
         return str(path)
     if diffs:
-        console.print(f"[yellow]{path} was trained with other settings ({'; '.join(diffs)}): training a new one")
+        console.print(f"[yellow]{escape(str(path))} was trained with other settings ({escape('; '.join(diffs))}): training a new one")
     objective = build_objective(cfg, data.num_classes)
     checkpoint = cfg.out_dir / "teacher.ckpt"
     fit(
@@ -625,7 +639,7 @@ def setup(cfg: Config, scratch_teacher: bool = False) -> tuple[Prepared, torch.d
     val = f", {len(data.val)} validation images of held-out identities" if data.val else ""
     val += f", {len(data.unlabeled)} unlabeled images" if data.unlabeled else ""
     console.print(
-        f"data [bold]{data.splits.name}[/]: {len(data.train)} train images of {data.num_classes} identities{val}, "
+        f"data [bold]{escape(data.splits.name)}[/]: {len(data.train)} train images of {data.num_classes} identities{val}, "
         f"{len(data.splits.query)} queries, {len(data.splits.gallery)} gallery; device {device}"
     )
     return data, device
@@ -700,7 +714,7 @@ def run(cfg: Config) -> dict:
 
     def entry(name: str, role: str, spec: str | None, fn, bench: dict, size: tuple, onnx: dict | None = None,
               file: Path | None = None) -> None:
-        console.print(f"{'evaluating' if tested else 'benchmarking'} {name} ({bench['runtime']}, {onnx['precision'] if onnx else 'fp32'})")
+        console.print(f"{'evaluating' if tested else 'benchmarking'} {escape(name)} ({bench['runtime']}, {onnx['precision'] if onnx else 'fp32'})")
         metrics = evaluate_model(fn, data.splits, data.eval_transform, device, cfg.clustering) if tested else {}
         entries.append(report_row(name, role, spec, bench, size, metrics, onnx, file=file))
 
@@ -730,7 +744,7 @@ def run(cfg: Config) -> dict:
             onnx_bench = None
             for name, role, model in models:
                 path = out / (f"{name}.onnx" if precision == "fp32" else f"{name}.{precision}.onnx")
-                console.print(f"exporting {name} to ONNX ({precision})")
+                console.print(f"exporting {escape(name)} to ONNX ({precision})")
                 info = export_onnx(model, path, cfg.image_size, precision=precision, calibration=calibration)
                 if role == "student":
                     onnx_infos.append(info)

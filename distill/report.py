@@ -14,10 +14,12 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from distill.atomic import atomic_write_bytes, atomic_write_text
 from distill.errors import DistillError
@@ -530,7 +532,7 @@ def _table(header: list[str], cells: list[list[str]], columns: list[int], **kwar
     for i in columns:
         table.add_column(header[i].replace(" ", "\n"), no_wrap=True, justify="left" if i < 3 else "right")
     for row in cells:
-        table.add_row(*(row[i] for i in columns))
+        table.add_row(*(Text(row[i]) for i in columns))  # plain text: a model name is never markup
     return table
 
 
@@ -546,7 +548,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
         return [max(*(len(w) for w in h.split()), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
 
     if sum(widths()) + len(header) + 1 <= console.width:
-        console.print(_table(header, cells, list(range(len(header))), title=title, caption=caption))
+        console.print(_table(header, cells, list(range(len(header))), title=title, caption=Text(caption)))
     else:
         cells = [[r[0], r[1].replace("onnxruntime", "ort"), *r[2:]] for r in cells]
         w, keys, parts = widths(), [0, 1, 2], [[]]
@@ -557,7 +559,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
         for n, part in enumerate(parts):
             last = n == len(parts) - 1
             console.print(_table(header, cells, keys + part, title=title if n == 0 else None,
-                                 caption=f"ort = ONNX Runtime; {caption}" if last else None))
+                                 caption=Text(f"ort = ONNX Runtime; {caption}") if last else None))
     lines = [NO_TEST_SET] if no_test_set(report) else []
     lines += speedup_lines(report) + ([report["target"]["message"]] if report.get("target") else [])
     if report.get("share_of_lead_kept"):
@@ -567,11 +569,11 @@ def print_report(report: dict, console: Console | None = None) -> None:
     lines += [f"teacher embedding: {report['teacher_layer']['chosen']}"] if report.get("teacher_layer") else []
     lines += [f"model selection: {line}" for line in selection_lines(report)]
     for line in lines:
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
     for warning in report.get("warnings") or []:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(Text.assemble(("warning: ", "yellow"), warning))
     if report.get("verdict"):
-        console.print(f"[bold]verdict:[/] {report['verdict']['message']}", highlight=False)
+        console.print(Text.assemble(("verdict: ", "bold"), report["verdict"]["message"]))
 
 
 def load_report(path: str | os.PathLike) -> dict:
@@ -588,4 +590,50 @@ def load_report(path: str | os.PathLike) -> dict:
     for m in report["models"]:
         if not isinstance(m, dict) or not all(k in m for k in (*MODEL_KEYS, "metrics")):
             raise DistillError(f"malformed report {path}: every model needs {', '.join((*MODEL_KEYS, 'metrics'))}")
+    problem = report_problem(report)
+    if problem:
+        raise DistillError(f"malformed report {path}: {problem}")
     return report
+
+
+def _numbers(value: Any) -> bool:
+    """A number or null (how a report stores a value it could not measure)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def report_problem(report: dict) -> str | None:
+    """What in a report read from disk (``models`` rows with ``MODEL_KEYS`` and ``metrics``) ``print_report``
+    could not show, in words, or None: a hand-edited or foreign ``report.json`` is one clear line."""
+    if not report["models"]:
+        return "'models' is empty (a report has at least the teacher's row)"
+    for i, m in enumerate(report["models"]):
+        for key in ("name", "runtime"):
+            if not isinstance(m[key], str):
+                return f"models[{i}].{key} must be a string, got {m[key]!r}"
+        for key in ("precision", "provider", "device"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                return f"models[{i}].{key} must be a string or null, got {m[key]!r}"
+        for key in (*MODEL_KEYS[2:], "speedup", "speedup_like_for_like"):
+            if not _numbers(m.get(key)):
+                return f"models[{i}].{key} must be a number or null, got {m[key]!r}"
+        for key in ("metrics", "kept", "drop", "gain"):
+            value = m.get(key)
+            if (key == "metrics" or value is not None) and not (isinstance(value, dict) and all(map(_numbers, value.values()))):
+                return f"models[{i}].{key} must be an object of numbers, got {value!r}"
+    like = report["speedup_like_for_like"]
+    if not isinstance(like, dict) or not all(map(_numbers, like.values())):
+        return f"'speedup_like_for_like' must be an object of numbers per runtime, got {like!r}"
+    if not _numbers(report.get("speedup")):
+        return f"'speedup' must be a number or null, got {report['speedup']!r}"
+    metrics = report.get("accuracy_metrics") or []
+    if not isinstance(metrics, list) or not all(m in METRIC_LABELS for m in metrics + [report.get("pareto_metric") or "map"]):
+        return f"accuracy_metrics and pareto_metric must name metrics of {', '.join(METRIC_LABELS)}"
+    target, gate, layer = report.get("target"), report.get("teacher_gate"), report.get("teacher_layer")
+    if target is not None and not (isinstance(target, dict) and isinstance(target.get("message"), str)):
+        return f"'target' must be an object with a message, got {target!r}"
+    if gate is not None and not (isinstance(gate, dict) and (gate.get("verdict") == "skipped" or (
+            isinstance(gate.get("metric"), str) and all(_numbers(gate.get(k)) and gate.get(k) is not None for k in ("teacher", "baseline", "margin"))))):
+        return f"'teacher_gate' must be an object with metric, teacher, baseline, margin and verdict, got {gate!r}"
+    if layer is not None and not (isinstance(layer, dict) and isinstance(layer.get("chosen"), str)):
+        return f"'teacher_layer' must be an object with the chosen layer, got {layer!r}"
+    return None

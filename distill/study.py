@@ -25,7 +25,6 @@ import json
 import math
 import re
 import time
-import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
@@ -40,7 +39,7 @@ from scipy import stats
 
 from distill import pipeline
 from distill.atomic import atomic_write_bytes, atomic_write_text
-from distill.config import Config, _coerce, load_config
+from distill.config import Config, load_config, read_toml
 from distill.errors import DistillError
 from distill.evaluate import evaluate_model
 from distill.data import data_fingerprint
@@ -142,12 +141,7 @@ def load_recipes_file(path: str | Path) -> dict[str, dict[str, Any]]:
     The values are checked against ``Config`` by ``recipe_configs``; here only the file's shape.
     """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DistillError(f"recipes file not found: {path}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise DistillError(f"recipes file {path} is not valid TOML: {err}") from None
+    data = read_toml(path, "recipes file")
     extra = sorted(set(data) - {"recipe"})
     tables = data.get("recipe")
     if extra or not isinstance(tables, list) or not tables:
@@ -157,6 +151,8 @@ def load_recipes_file(path: str | Path) -> dict[str, dict[str, Any]]:
         )
     recipes: dict[str, dict[str, Any]] = {}
     for i, table in enumerate(tables, 1):
+        if not isinstance(table, dict):
+            raise DistillError(f"recipes file {path}: recipe #{i} must be a [[recipe]] table (name = \"...\" plus Config keys), got {table!r}")
         name = table.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
             raise DistillError(
@@ -170,24 +166,6 @@ def load_recipes_file(path: str | Path) -> dict[str, dict[str, Any]]:
     return recipes
 
 
-def _check_types(name: str, overrides: dict[str, Any], base: Config) -> None:
-    """Reject a value whose type cannot be the field's (the one of the base config's value)."""
-    for key, value in overrides.items():
-        current = getattr(base, key, None)
-        if current is None or value is None or isinstance(current, (tuple, dict)):  # load_config checks None
-            continue
-        if isinstance(current, bool):
-            ok, kind = isinstance(value, bool), "true or false"
-        elif isinstance(current, int):
-            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        elif isinstance(current, float):
-            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        else:
-            ok, kind = isinstance(value, type(current)), f"a {type(current).__name__}"
-        if not ok:
-            raise DistillError(f"recipe '{name}': {key} must be {kind}, got {value!r}")
-
-
 def recipe_config(base: Config, name: str, overrides: dict[str, Any]) -> Config:
     """The base config with the recipe's overrides, validated like a run's config (``load_config``)."""
     shared = sorted(set(overrides) & set(SHARED_KEYS))
@@ -196,10 +174,6 @@ def recipe_config(base: Config, name: str, overrides: dict[str, Any]) -> Config:
             f"recipe '{name}' sets {', '.join(shared)}: a study shares one teacher, data set, device and output "
             "directory across recipes and chooses the seeds; give these as options of `distill study` instead"
         )
-    try:  # type-check the values as the run will read them ("all", "HxW"); load_config coerces again
-        _check_types(name, {key: _coerce(key, value) for key, value in overrides.items()}, base)
-    except DistillError as err:
-        raise DistillError(err if str(err).startswith("recipe ") else f"recipe '{name}': {err}") from None
     try:
         return load_config(None, **(base.to_dict() | overrides))
     except DistillError as err:

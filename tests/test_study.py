@@ -138,8 +138,11 @@ def test_example_recipes_file_is_valid():
     "text, message",
     [
         ('[[recipe]]\nname = "x"\nkd_wieght = 1\n', "recipe 'x': unknown config key(s): kd_wieght; known: "),
-        ('[[recipe]]\nname = "x"\nkd_weight = "high"\n', "recipe 'x': kd_weight must be a number, got 'high'"),
-        ('[[recipe]]\nname = "x"\nepochs = 2.5\n', "recipe 'x': epochs must be an integer, got 2.5"),
+        ('[[recipe]]\nname = "x"\nkd_weight = "high"\n', "recipe 'x': kd_weight (--kd-weight) must be a number, got 'high'"),
+        ('[[recipe]]\nname = "x"\nepochs = 2.5\n', "recipe 'x': epochs (--epochs) must be an integer, got 2.5"),
+        ('[[recipe]]\nname = "x"\nloss_options = 5\n', "recipe 'x': loss_options (--loss-opt) must be a table of KEY = VALUE (e.g. triplet_margin = 0.3), got 5"),
+        ('[[recipe]]\nname = "x"\nbaseline = "no"\n', "recipe 'x': baseline (--baseline) must be true or false, got 'no'"),
+        ('recipe = [1, 2]\n', "recipe #1 must be a [[recipe]] table (name = \"...\" plus Config keys), got 1"),
         ('[[recipe]]\nname = "x"\nepochs = 0\n', "recipe 'x': epochs must be >= 1, got 0"),
         ('[[recipe]]\nname = "x"\nteacher = "big"\nseed = 3\n', "recipe 'x' sets seed, teacher: a study shares one teacher"),
         ('[[recipe]]\nkd_weight = 1\n', "recipe #1 needs name = \"...\" (letters, digits, . _ + -), got None"),
@@ -148,11 +151,12 @@ def test_example_recipes_file_is_valid():
         ('[[recipe]]\nname = "kd"\n', "recipe 'kd' is a built-in recipe; give yours another name"),
         ('kd_weight = 1\n', "expected only [[recipe]] tables (name = \"...\" plus Config keys), found top-level key(s) kd_weight"),
         ('[[recipe]\nname = "x"\n', "is not valid TOML"),
+        (b'[[recipe]]\nname = "caf\xe9"\n', "is not UTF-8 text (byte 0xe9 at offset 22)"),
     ],
 )
 def test_bad_recipes_file_gives_one_clear_error(tmp_path, text, message):
     path = tmp_path / "recipes.toml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(DistillError) as err:
         study.recipe_configs(load_config(None), None, study.load_recipes_file(path))
     assert message in str(err.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable, Sequence
 
@@ -38,31 +39,43 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# what PIL raises on a file it cannot decode; a header claiming more than twice
+# Image.MAX_IMAGE_PIXELS (a decompression bomb) is refused like a corrupt file
+UNREADABLE = (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError)
+
+
 def read_image(path: str) -> Image.Image:
-    """Open an image as RGB (``to_rgb``); raise ``DistillError`` naming the file when it is missing or corrupt."""
+    """Open an image as RGB (``to_rgb``); raise ``DistillError`` naming the file when it is missing or corrupt.
+
+    Only regular files are opened: a FIFO or device named like an image would block forever."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise DistillError(f"corrupt or unreadable image: {path} (not a regular file)")
     try:
         with Image.open(path) as img:
             return to_rgb(img)
     except FileNotFoundError:
         raise DistillError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except UNREADABLE as err:
         raise DistillError(f"corrupt or unreadable image: {path} ({err})") from None
 
 
 def check_images(samples: Sequence[Sample], strict: bool = False) -> list[Sample]:
     """Return the samples whose image decodes; warn about (or with ``strict``, fail on) the rest.
 
-    Each image is fully decoded (JPEGs at reduced scale via ``draft``, which is fast but still reads
+    Each image (a regular file; anything else is unreadable) is fully decoded (JPEGs at reduced scale via ``draft``, which is fast but still reads
     every block), so truncated files are caught here rather than in the middle of training.
     """
     good, bad = [], []
     for s in samples:
+        if not os.path.isfile(s.path):  # a FIFO named x.png would block the read forever
+            bad.append(s.path)
+            continue
         try:
             with Image.open(s.path) as img:
                 img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))
                 img.load()
             good.append(s)
-        except (OSError, UnidentifiedImageError, SyntaxError):
+        except UNREADABLE:
             bad.append(s.path)
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

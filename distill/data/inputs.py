@@ -48,7 +48,7 @@ def median_shape(samples: Sequence[Sample], limit: int = 200) -> tuple[float, fl
             with Image.open(s.path) as img:
                 ratios.append(img.height / img.width)
                 areas.append(img.height * img.width)
-        except OSError:
+        except (OSError, Image.DecompressionBombError):
             continue  # unreadable images are reported by the loader's check
     return (statistics.median(ratios), statistics.median(areas)) if ratios else (1.0, float("inf"))
 

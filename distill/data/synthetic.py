@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from distill.data._common import cache_root
+from distill.data._common import cache_root, reject_options
 from distill.data.base import Sample, Splits, register_dataset
 from distill.errors import DistillError
 
@@ -200,6 +200,11 @@ def split(spec: SyntheticSpec, directory: Path) -> Splits:
 
 @register_dataset("synthetic")
 def load_synthetic(path: str | None = None, **options) -> Splits:
-    """``synthetic`` (the default) or ``synthetic:DIR`` to render into DIR; options override ``SyntheticSpec``."""
-    spec = SyntheticSpec(**{k: v for k, v in options.items() if k in SyntheticSpec.__dataclass_fields__})
+    """``synthetic`` (the default) or ``synthetic:DIR`` to render into DIR; options override ``SyntheticSpec``.
+
+    ``strict`` is accepted (every image is rendered here, so none is unreadable); an option of another
+    loader (``split_file``, ``cuhk03_variant``, ``bbox_crop``) is refused, never silently ignored."""
+    fields = SyntheticSpec.__dataclass_fields__
+    reject_options("synthetic", {k: v for k, v in options.items() if k not in fields and k != "strict"}, ["strict"])
+    spec = SyntheticSpec(**{k: v for k, v in options.items() if k in fields})
     return split(spec, generate(spec, Path(path) if path else None))

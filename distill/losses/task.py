@@ -199,8 +199,26 @@ class TaskLoss(nn.Module):
         return l2_weight_penalty([*model.parameters(), *self.parameters()], self.hparams["weight_l2"]) / terms
 
 
-def build_task_loss(spec: str, embed_dim: int, num_classes: int, **hparams: Any) -> TaskLoss:
-    """Parse ``spec`` (``--loss``), check ``hparams`` against ``HPARAMS`` and build the ``TaskLoss``."""
+# losses that compare images of one identity within a batch: nothing to compare with one image per identity
+NEEDS_POSITIVES = ("verification", "triplet", "lifted", "npair", "hdml-triplet", "hdml-npair")
+# range of each numeric hyper-parameter: (lower bound, lower bound excluded, upper bound excluded or None)
+HPARAM_RANGES: dict[str, tuple[float, bool, float | None]] = {
+    "triplet_margin": (0.0, True, None),
+    "lsoftmax_lambda": (0.0, False, None),
+    "lifted_margin": (0.0, True, None),
+    "npair_scale": (0.0, True, None),
+    "logratio_eps": (0.0, True, None),
+    "hdml_alpha": (0.0, True, None),
+    "hdml_beta": (0.0, True, None),
+    "hdml_soft_weight": (0.0, False, None),
+    "hdml_decay": (0.0, False, 1.0),
+    "weight_l2": (0.0, False, None),
+}
+
+
+def check_task_loss(spec: str, hparams: dict[str, Any]) -> tuple[list[tuple[str, float]], dict[str, Any]]:
+    """``(terms, hyper-parameters with defaults)`` of a ``--loss`` spec and ``--loss-opt`` values, each
+    checked: called when the config is read, so a bad value fails before any training."""
     terms = parse_loss_spec(spec)
     unknown = sorted(set(hparams) - set(HPARAMS))
     if unknown:
@@ -211,8 +229,23 @@ def build_task_loss(spec: str, embed_dim: int, num_classes: int, **hparams: Any)
     m = hp["lsoftmax_margin"]
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise DistillError(f"lsoftmax_margin must be an integer >= 1, got {m!r}")
-    if not hp["npair_scale"] > 0:
-        raise DistillError(f"npair_scale must be > 0, got {hp['npair_scale']!r}")
+    if not isinstance(hp["verification_balanced"], bool):
+        raise DistillError(f"verification_balanced must be true or false, got {hp['verification_balanced']!r}")
+    for key, (low, strict, high) in HPARAM_RANGES.items():
+        value = hp[key]
+        if value is None and HPARAMS[key] is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DistillError(f"{key} must be a finite number, got {value!r}")
+        if value < low or (strict and value == low) or (high is not None and value >= high):
+            bound = f"{'>' if strict else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
+            raise DistillError(f"{key} must be {bound}, got {value:g}")
+    return terms, hp
+
+
+def build_task_loss(spec: str, embed_dim: int, num_classes: int, **hparams: Any) -> TaskLoss:
+    """Parse ``spec`` (``--loss``), check ``hparams`` against ``HPARAMS`` and build the ``TaskLoss``."""
+    terms, hp = check_task_loss(spec, hparams)
     if embed_dim < 1 or num_classes < 1:
         raise DistillError(f"embed_dim and num_classes must be positive, got {embed_dim} and {num_classes}")
     return TaskLoss(terms, embed_dim, num_classes, hp)
