@@ -125,8 +125,8 @@ def _layer_plan(m: int, device: torch.device, dtype: torch.dtype) -> tuple[tuple
     (by size, then bitmask; the empty set would be position 0 and is left out):
 
     - ``starts[k]``: position of the first subset of size k (layer k is ``starts[k]:starts[k + 1]``);
-    - ``parents[k]`` for 1 <= k < m: per subset S of size k and per j not in S (S-major, j
-      ascending), the position of S + {j}, and ``outside[k]`` that j, stacked as [2, C(m,k) * (m-k)];
+    - ``pairs[k]`` for 1 <= k < m: [2, C(m,k) * (m-k)], per subset S of size k and per j not in S
+      (S-major, j ascending) the position of S + {j} (row 0) and j (row 1);
     - ``members``: [2^m - 1, m] 0/1 matrix, subset x candidate (sums over subsets are matmuls).
     """
     masks = torch.arange(2**m)
