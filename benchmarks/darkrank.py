@@ -1,4 +1,6 @@
-"""Speed and memory of soft DarkRank: enumeration vs the exact subset DP vs the sampled estimator.
+"""Speed and memory of soft DarkRank: enumeration vs the exact subset DP (in probabilities, and the
+log-space DP it falls back to for rows with a very wide score spread, which was the only DP before)
+vs the sampled estimator.
 
     python benchmarks/darkrank.py --out benchmarks/results/darkrank.json
 
@@ -26,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.atomic import atomic_write_text
+from distill.losses import darkrank
 from distill.losses.darkrank import soft_darkrank
 
 SAMPLE_COUNTS = (16, 64, 256, 1024, 4096)
@@ -42,14 +45,19 @@ def _scores(q: int, m: int, device: torch.device, seed: int = 0) -> tuple[torch.
     return s.requires_grad_(True), t
 
 
-def time_step(s: torch.Tensor, t: torch.Tensor, repeats: int, **kw) -> float:
-    """Best seconds of one forward + backward after a warm-up call: over ``repeats`` runs, and
-    for fast calls more runs until 0.5 s were spent (at most 200)."""
+def log_space_dp(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Exact soft DarkRank by the log-space subset DP alone (what ``exact`` uses for wide rows)."""
+    return darkrank._RowwiseKL.apply(s, t.detach(), darkrank._soft_exact_log, s.shape[0]).mean()
+
+
+def time_step(s: torch.Tensor, t: torch.Tensor, repeats: int, fn=soft_darkrank, **kw) -> float:
+    """Best seconds of one forward + backward of ``fn`` after a warm-up call: over ``repeats`` runs,
+    and for fast calls more runs until 0.5 s were spent (at most 200)."""
     times: list[float] = []
     for _ in range(201):
         _sync(s.device)
         start = time.perf_counter()
-        soft_darkrank(s, t, **kw).backward()
+        fn(s, t, **kw).backward()
         _sync(s.device)
         times.append(time.perf_counter() - start)
         s.grad = None
@@ -111,8 +119,12 @@ def run_device(device: torch.device, args: argparse.Namespace, console: Console)
         console.log(f"{device.type} M={m}: bruteforce {brute_s:.4f}s exact {exact_s:.5f}s")
     for m in range(10, args.max_m + 1):
         s, t = _scores(q, m, device)
-        exact.append({"M": m, "exact_s": time_step(s, t, repeats if m <= 17 else 1, method="exact")})
-        console.log(f"{device.type} M={m}: exact {exact[-1]['exact_s']:.4f}s")
+        row = {"M": m, "exact_s": time_step(s, t, repeats if m <= 17 else 1, method="exact")}
+        if m <= args.max_log_m:  # side by side: the log-space DP on the same scores
+            row["log_dp_s"] = time_step(s, t, repeats if m <= 17 else 1, fn=log_space_dp)
+            row["log_dp_ratio"] = row["log_dp_s"] / row["exact_s"]
+        exact.append(row)
+        console.log(f"{device.type} M={m}: exact {row['exact_s']:.4f}s" + (f" log-space DP {row['log_dp_s']:.4f}s" if "log_dp_s" in row else ""))
     m = min(args.sampled_m, args.max_m)
     s, t = _scores(q, m, device)
     kl = soft_darkrank(s, t).item()
@@ -122,20 +134,25 @@ def run_device(device: torch.device, args: argparse.Namespace, console: Console)
         sampled.append({"M": m, "num_samples": n, "sampled_s": seconds, "rel_std": estimates.std().item() / kl})
     for row, peak in zip(exact, peak_memory_mib(device, q, [row["M"] for row in exact])):
         row["peak_mib"] = peak
-    return {"ratio": ratio, "exact": exact, "sampled": sampled, "sampled_exact_kl": kl}
+    under_1s = [row["M"] for row in exact if row["exact_s"] < 1.0]
+    return {"ratio": ratio, "exact": exact, "largest_m_under_1s": max(under_1s, default=None),
+            "sampled": sampled, "sampled_exact_kl": kl}
 
 
 def render(device: str, res: dict, q: int, console: Console) -> None:
     table = Table(title=f"soft DarkRank, forward+backward, Q={q}, {device}")
-    for col in ("M", "bruteforce", "exact DP", "speedup", "exact peak MiB"):
+    for col in ("M", "bruteforce", "exact DP", "speedup", "log-space DP", "exact peak MiB"):
         table.add_column(col, justify="right")
     for row in res["ratio"]:
         table.add_row(str(row["M"]), f"{row['bruteforce_s'] * 1e3:.2f} ms", f"{row['exact_s'] * 1e3:.2f} ms",
-                      f"{row['ratio']:.0f}x", "")
+                      f"{row['ratio']:.0f}x", "", "")
     for row in res["exact"]:
         peak = "n/a" if row["peak_mib"] is None else "<1" if row["peak_mib"] < 1 else f"{row['peak_mib']:.0f}"
-        table.add_row(str(row["M"]), f"~{math.factorial(row['M']):.1e} perms", f"{row['exact_s'] * 1e3:.1f} ms", "", peak)
+        log_dp = f"{row['log_dp_s'] * 1e3:.1f} ms ({row['log_dp_ratio']:.1f}x slower)" if "log_dp_s" in row else ""
+        table.add_row(str(row["M"]), f"~{math.factorial(row['M']):.1e} perms", f"{row['exact_s'] * 1e3:.1f} ms", "",
+                      log_dp, peak)
     console.print(table)
+    console.print(f"largest M with exact forward + backward under 1 s: {res['largest_m_under_1s']}")
     table = Table(title=f"sampled soft DarkRank, M={res['sampled'][0]['M']}, Q={q}, {device}")
     for col in ("samples/query", "time", "std / exact KL"):
         table.add_column(col, justify="right")
@@ -149,8 +166,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/darkrank.json"))
     parser.add_argument("--queries", type=int, default=32, help="queries per batch (Q)")
     parser.add_argument("--max-m", type=int, default=20, help="longest list for the exact DP (<= 20)")
+    parser.add_argument("--max-log-m", type=int, default=16, help="longest list timed with the log-space DP too")
     parser.add_argument("--sampled-m", type=int, default=16, help="list length for the sampled estimator")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per point (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per point (the best is kept)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is steadiest on a loaded machine)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

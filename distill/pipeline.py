@@ -41,6 +41,7 @@ from distill.students.weights import load_student_weights, student_weights_file
 from distill.teachers import Teacher, file_fingerprint, load_teacher
 from distill.teachers.cache import cache_key, cached_outputs
 from distill.teachers.layers import EMBEDDING, PooledLayers, choose_layer, feature_layers
+from distill.timing import StageClock, summary_line
 
 console = Console(stderr=True)
 
@@ -349,6 +350,11 @@ def cached_teacher_differences(path: Path, recipe: dict[str, Any], fingerprint: 
 
 
 def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
+    """:func:`acquire_teacher` without its timings."""
+    return acquire_teacher(cfg, data, device)[0]
+
+
+def acquire_teacher(cfg: Config, data: Prepared, device: torch.device) -> tuple[Teacher, dict[str, float]]:
     """A frozen teacher whose logits are used only when its classes are the task's (``task_logits``).
 
     With ``--teacher-layer auto`` its embedding comes from the layer that scores best on validation
@@ -358,7 +364,10 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
     they are; otherwise the teacher is trained here once (from scratch, or fine-tuned from the given
     backbone weights) and cached in the run dir. Given weights are always read and checked first; the
     cache is reused only when every field in ``TEACHER_FIELDS`` and the training data match.
+    Also returns the seconds of its stages: ``teacher`` (training it, or reading its weights) and,
+    when a layer was chosen, ``teacher layer choice``.
     """
+    started = time.perf_counter()
     weights = teacher_weights(cfg, data, device)
 
     def load(layer: str) -> Teacher:
@@ -366,11 +375,14 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
 
     layer = EMBEDDING if cfg.teacher_layer == "auto" and cfg.compat_weight else cfg.teacher_layer
     if layer != "auto":  # the compat loss needs the teacher's own embedding space: no layer is searched
-        return check_compat(cfg, task_logits(load(layer), data.num_classes), layer)
+        teacher = check_compat(cfg, task_logits(load(layer), data.num_classes), layer)
+        return teacher, {"teacher": time.perf_counter() - started}
     teacher = load(EMBEDDING)
+    timings = {"teacher": time.perf_counter() - started}
     layers = feature_layers(cfg.teacher, teacher.module)
     if not layers or not data.val:
-        return task_logits(teacher, data.num_classes)
+        return task_logits(teacher, data.num_classes), timings
+    started = time.perf_counter()
     scores = layer_scores(teacher, layers, data, device)
     chosen = choose_layer(scores)
     teacher = teacher if chosen == EMBEDDING else load(chosen)
@@ -379,7 +391,8 @@ def get_teacher(cfg: Config, data: Prepared, device: torch.device) -> Teacher:
         f"embedding {scores[EMBEDDING]:.3f}; {len(scores)} layers tried, set one with --teacher-layer)"
     )
     teacher.layer_choice = {"chosen": chosen, "metric": DISTRACTOR_METRIC, "scores": scores}
-    return task_logits(teacher, data.num_classes)
+    timings["teacher layer choice"] = time.perf_counter() - started
+    return task_logits(teacher, data.num_classes), timings
 
 
 def check_compat(cfg: Config, teacher: Teacher, layer: str) -> Teacher:
@@ -688,18 +701,27 @@ def run(cfg: Config) -> dict:
     from distill.report import build_report, print_report, report_row, write_report
 
     started = time.perf_counter()
-    data, device = setup(cfg)
+    clock = StageClock()
+    with clock.stage("data"):
+        data, device = setup(cfg)
     out = cfg.out_dir
-    teacher = get_teacher(cfg, data, device)
+    teacher, teacher_timings = acquire_teacher(cfg, data, device)
+    for name, seconds in teacher_timings.items():
+        clock.add(name, seconds)
     trained, gate = [], None
     with_baseline = cfg.baseline and data.num_classes > 0
     if cfg.baseline and not with_baseline:
         console.print("no labeled training images: no baseline student (it would learn from nothing)")
     for spec, suffix, student_cfg in student_runs(cfg):
-        baseline = train_student(student_cfg, data, device, name=f"student_baseline{suffix}") if with_baseline else None
+        baseline = None
+        if with_baseline:
+            with clock.stage(f"student_baseline{suffix}"):
+                baseline = train_student(student_cfg, data, device, name=f"student_baseline{suffix}")
         if not trained and is_main_process():  # the gate compares the teacher with the first student alone
-            gate = teacher_gate(cfg, teacher, baseline, data, device)
-        student = train_student(student_cfg, data, device, teacher=teacher, name=f"student{suffix}")
+            with clock.stage("teacher gate"):
+                gate = teacher_gate(cfg, teacher, baseline, data, device)
+        with clock.stage(f"student{suffix}"):
+            student = train_student(student_cfg, data, device, teacher=teacher, name=f"student{suffix}")
         trained.append((spec, suffix, student, baseline))
     if not is_main_process():
         return {}
@@ -712,29 +734,43 @@ def run(cfg: Config) -> dict:
     if not tested:
         console.print("[yellow]no test set[/] (--data none): the report has speed and size, no accuracy")
 
+    def timed(what: str, name: str, runtime: str, precision: str = "fp32"):
+        return clock.stage(f"{what} {name} ({runtime} {precision})")
+
     def entry(name: str, role: str, spec: str | None, fn, bench: dict, size: tuple, onnx: dict | None = None,
               file: Path | None = None) -> None:
-        console.print(f"{'evaluating' if tested else 'benchmarking'} {escape(name)} ({bench['runtime']}, {onnx['precision'] if onnx else 'fp32'})")
-        metrics = evaluate_model(fn, data.splits, data.eval_transform, device, cfg.clustering) if tested else {}
+        precision = onnx["precision"] if onnx else "fp32"
+        console.print(f"{'evaluating' if tested else 'benchmarking'} {escape(name)} ({bench['runtime']}, {precision})")
+        with timed("evaluate", name, bench["runtime"], precision):
+            metrics = evaluate_model(fn, data.splits, data.eval_transform, device, cfg.clustering) if tested else {}
         entries.append(report_row(name, role, spec, bench, size, metrics, onnx, file=file))
 
     def onnx_entry(name: str, role: str, spec: str | None, info: dict, size: tuple) -> None:
         embedder = OnnxEmbedder(info["path"], providers)
-        entry(name, role, spec, embedder, benchmark_onnx(info["path"], providers=providers, **bench_kw), size, info)
+        with timed("benchmark", name, "onnxruntime", info["precision"]):
+            bench = benchmark_onnx(info["path"], providers=providers, **bench_kw)
+        entry(name, role, spec, embedder, bench, size, info)
 
     if teacher.module is not None:
         t_size = count_params(teacher.module), count_gflops(teacher.module, cfg.image_size)
-        entry("teacher", "teacher", None, teacher, benchmark_torch(teacher.module, device=str(device), **bench_kw), t_size)
-        onnx_entry("teacher", "teacher", None, export_onnx(teacher.module, out / "teacher.onnx", cfg.image_size), t_size)
+        with timed("benchmark", "teacher", "torch"):
+            bench = benchmark_torch(teacher.module, device=str(device), **bench_kw)
+        entry("teacher", "teacher", None, teacher, bench, t_size)
+        with timed("export", "teacher", "onnx"):
+            info = export_onnx(teacher.module, out / "teacher.onnx", cfg.image_size)
+        onnx_entry("teacher", "teacher", None, info, t_size)
     else:
-        entry("teacher", "teacher", None, teacher, benchmark_onnx(parse_spec(cfg.teacher).name, **bench_kw), (None, None))
+        with timed("benchmark", "teacher", "onnxruntime"):
+            bench = benchmark_onnx(parse_spec(cfg.teacher).name, **bench_kw)
+        entry("teacher", "teacher", None, teacher, bench, (None, None))
 
     precisions = export_precisions(cfg)
     calibration = calibration_images(data) if "int8-static" in precisions else None
     onnx_infos = []
     for spec, suffix, student, baseline in trained:
         s_size = count_params(student), count_gflops(student, cfg.image_size)
-        student_torch = benchmark_torch(student, device=str(device), **bench_kw)
+        with timed("benchmark", f"student{suffix}", "torch"):
+            student_torch = benchmark_torch(student, device=str(device), **bench_kw)
         # the baseline is exported and scored like the student; same architecture: same speed, its own accuracy
         models = [(f"student_baseline{suffix}", "student_baseline", baseline), (f"student{suffix}", "student", student)]
         models = [(name, role, model) for name, role, model in models if model is not None]
@@ -745,17 +781,23 @@ def run(cfg: Config) -> dict:
             for name, role, model in models:
                 path = out / (f"{name}.onnx" if precision == "fp32" else f"{name}.{precision}.onnx")
                 console.print(f"exporting {escape(name)} to ONNX ({precision})")
-                info = export_onnx(model, path, cfg.image_size, precision=precision, calibration=calibration)
+                with timed("export", name, "onnx", precision):
+                    info = export_onnx(model, path, cfg.image_size, precision=precision, calibration=calibration)
                 if role == "student":
                     onnx_infos.append(info)
-                onnx_bench = onnx_bench or benchmark_onnx(info["path"], providers=providers, **bench_kw)
+                if onnx_bench is None:  # one graph for baseline and student: benchmarked once
+                    with timed("benchmark", f"student{suffix}", "onnxruntime", precision):
+                        onnx_bench = benchmark_onnx(info["path"], providers=providers, **bench_kw)
                 entry(name, role, spec, OnnxEmbedder(info["path"], providers), onnx_bench, s_size, info)
 
-    config = cfg.to_dict() | {"device_resolved": str(device), "wall_time_s": round(time.perf_counter() - started, 1)}
-    report = build_report(entries, config, onnx_infos[0], protocol=data.splits.protocol,
-                          target_accuracy=cfg.target_accuracy, machine=machine_info()) | {"teacher_gate": gate, "teacher_layer": teacher.layer_choice}
-    report |= selection_report(cfg, trained)
-    report["test_set"] = data.splits.name if tested else None  # None: no test set, no accuracy measured
+    with clock.stage("report"):
+        config = cfg.to_dict() | {"device_resolved": str(device), "wall_time_s": round(time.perf_counter() - started, 1)}
+        report = build_report(entries, config, onnx_infos[0], protocol=data.splits.protocol,
+                              target_accuracy=cfg.target_accuracy, machine=machine_info()) | {"teacher_gate": gate, "teacher_layer": teacher.layer_choice}
+        report |= selection_report(cfg, trained)
+        report["test_set"] = data.splits.name if tested else None  # None: no test set, no accuracy measured
+        print_report(report)
+    report["timings"] = clock.timings()  # written with the report: what is left is writing the files
     write_report(report, out)
-    print_report(report)
+    console.print(summary_line(clock.timings()), highlight=False)
     return report

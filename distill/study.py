@@ -214,18 +214,19 @@ class _Context:
     teacher: Any
 
 
-def _train_and_evaluate(ctx: _Context, cfg: Config, recipe: str, keep_model: bool = False) -> tuple[dict[str, float], float]:
-    """One student for ``(recipe, cfg.seed)`` and its test-set metrics (plus the seconds it took).
-    The baseline has no teacher, exactly as ``distill run`` trains its baseline. Its model file is
-    deleted once scored unless ``keep_model``."""
+def _train_and_evaluate(ctx: _Context, cfg: Config, recipe: str, keep_model: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+    """One student for ``(recipe, cfg.seed)``, its test-set metrics and the seconds it took
+    (``{"train_s", "evaluate_s"}``). The baseline has no teacher, exactly as ``distill run`` trains it.
+    Its model file is deleted once scored unless ``keep_model``."""
     started = time.perf_counter()
     teacher = None if recipe == BASELINE else ctx.teacher
     name = f"study/models/{recipe}-seed{cfg.seed}"
     model = pipeline.train_student(cfg, ctx.data, ctx.device, teacher=teacher, name=name)
+    trained = time.perf_counter()
     metrics = evaluate_model(model, ctx.data.splits, ctx.data.eval_transform, ctx.device, cfg.clustering)
     if not keep_model:
         (cfg.out_dir / f"{name}.pt").unlink(missing_ok=True)
-    return metrics, time.perf_counter() - started
+    return metrics, {"train_s": round(trained - started, 3), "evaluate_s": round(time.perf_counter() - trained, 3)}
 
 
 _WORKER: dict[str, _Context] = {}
@@ -235,7 +236,7 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _worker_train(base: Config, cfg: Config, recipe: str, keep_model: bool) -> tuple[dict[str, float], float]:
+def _worker_train(base: Config, cfg: Config, recipe: str, keep_model: bool) -> tuple[dict[str, float], dict[str, float]]:
     """In a worker process: set up data and teacher once (the teacher file the parent wrote), train."""
     if "ctx" not in _WORKER:
         data, device = pipeline.setup(base)
@@ -287,7 +288,7 @@ def run_study(
 def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int, jobs: int, keep_models: bool) -> dict[str, Any]:
     started = time.perf_counter()
     data, device = pipeline.setup(base)
-    teacher = pipeline.get_teacher(base, data, device)
+    teacher, teacher_timings = pipeline.acquire_teacher(base, data, device)
     ctx = _Context(data, device, teacher)
     out = base.out_dir
     data_fp = data_fingerprint([*data.splits.train, *data.splits.query, *data.splits.gallery])
@@ -310,10 +311,10 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
     total = len(recipes) * len(seed_list)
     console.print(f"study: {total - len(todo)} of {total} results stored already, {len(todo)} to train ({jobs} job(s))")
 
-    def store(name: str, cfg: Config, identity: dict[str, Any], metrics: dict[str, float], seconds: float) -> None:
+    def store(name: str, cfg: Config, identity: dict[str, Any], metrics: dict[str, float], timings: dict[str, float]) -> None:
         result = {
             "recipe": name, "seed": cfg.seed, "overrides": recipes[name][0], "metrics": metrics,
-            "wall_time_s": round(seconds, 1), "identity": identity,
+            "wall_time_s": round(sum(timings.values()), 1), "timings": timings, "identity": identity,
         }
         atomic_write_text(result_path(out, name, cfg.seed), json.dumps(result, indent=2) + "\n")
         results[name, cfg.seed] = result
@@ -339,9 +340,11 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
         "recipes": {name: overrides for name, (overrides, _) in recipes.items()},
         "seeds": seed_list,
         "ci": "95% paired t: mean(d) +- t.ppf(0.975, n-1) * sd(d) / sqrt(n), d = recipe - baseline on the same seed",
-        "teacher": {"spec": base.teacher, "fingerprint": teacher.fingerprint, "metrics": teacher_metrics},
+        "teacher": {"spec": base.teacher, "fingerprint": teacher.fingerprint, "metrics": teacher_metrics,
+                    "timings": {name: round(seconds, 3) for name, seconds in teacher_timings.items()}},
         "summary": summarize(ordered),
         "results": [{k: r[k] for k in ("recipe", "seed", "metrics")} for r in ordered],
+        "timings": [{"recipe": r["recipe"], "seed": r["seed"]} | (r.get("timings") or {}) for r in ordered],
         "config": base.to_dict(),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }

@@ -213,3 +213,24 @@ def test_cli_bench_onnx_with_a_dynamic_input_size_needs_image_size(tmp_path):
                       dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}}, dynamo=False)
     result = CliRunner().invoke(app, ["bench", "--onnx", str(tmp_path / "d.onnx"), "--iters", "2"])
     assert result.exit_code == 2 and "has no fixed input size in its graph: give --image-size HxW" in result.output
+
+
+def test_throughput_rounds_are_a_quarter_of_the_latency_rounds(monkeypatch):
+    """Counted calls: latency at batch 1 gets warm-up + rounds of ``iters``; the throughput batch gets
+    at most 3 warm-up calls and rounds of ``iters // 4`` (at least 3)."""
+    from distill import bench
+
+    calls = {1: 0, 8: 0}
+
+    def make_call(batch):
+        def call():
+            calls[batch] += 1
+        return call
+
+    monkeypatch.setattr(bench, "is_stable", lambda a, b: True)  # two rounds each
+    result = bench._measure(make_call, (1, 8), warmup=10, iters=20, budget_s=60.0)
+    assert calls == {1: 10 + 2 * 20, 8: 3 + 2 * 5}
+    assert result["iters"] == 40 and result["throughput_iters"] == 10
+    calls.update({1: 0, 8: 0})
+    bench._measure(make_call, (1, 8), warmup=1, iters=4, budget_s=60.0)
+    assert calls == {1: 1 + 2 * 4, 8: 1 + 2 * 3}

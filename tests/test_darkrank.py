@@ -68,6 +68,44 @@ def test_exact_equals_bruteforce(kind: str, m: int) -> None:
         torch.testing.assert_close(g_exact, g_brute, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("path", ["log", "float32"])
+@pytest.mark.parametrize("m", [2, 5, 8])
+def test_each_exact_path_equals_bruteforce(monkeypatch: pytest.MonkeyPatch, path: str, m: int) -> None:
+    """Rows too wide for probabilities take the log-space DP; narrow float32 rows run in float32."""
+    if path == "log":
+        monkeypatch.setattr(darkrank, "F64_SPREAD", -1.0)
+        s, t = make_scores("large", 5, m, m)
+        tol = {"rtol": 1e-10, "atol": 1e-10}
+    else:
+        s, t = (x.float() for x in make_scores("normal", 5, m, m))
+        tol = {"rtol": 2e-5, "atol": 2e-5}
+    exact, g_exact = value_and_grad(soft_darkrank, s, t, method="exact")
+    brute, g_brute = value_and_grad(soft_darkrank, s.double(), t.double(), method="bruteforce")
+    torch.testing.assert_close(exact.double(), brute, **tol)
+    torch.testing.assert_close(g_exact.double(), g_brute, **tol)
+
+
+def test_rows_of_both_paths_in_one_batch_equal_each_row_alone() -> None:
+    s, t = make_scores("normal", 6, 7, 3)
+    s[::2] *= 1e3  # spread far beyond F64_SPREAD: the log-space DP
+    both, g_both = value_and_grad(soft_darkrank, s, t)
+    for i in range(len(s)):
+        one, g_one = value_and_grad(soft_darkrank, s[i : i + 1], t[i : i + 1])
+        torch.testing.assert_close(g_both[i] * len(s), g_one[0], rtol=1e-12, atol=1e-12)
+    alone = torch.stack([soft_darkrank(s[i : i + 1], t[i : i + 1]) for i in range(len(s))]).mean()
+    torch.testing.assert_close(both, alone, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [10, 14])
+def test_probability_dp_equals_log_space_dp_beyond_enumeration(m: int) -> None:
+    """At M where enumeration is impossible, the two DPs (independent code) agree to 1e-10."""
+    s, t = (x * 3 for x in make_scores("normal", 2, m, m))
+    kl_p, g_p = darkrank._soft_exact_probs(s, t, True)
+    kl_l, g_l = darkrank._soft_exact_log(s, t, True)
+    torch.testing.assert_close(kl_p, kl_l, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g_p, g_l, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("kind", ["normal", "ties", "large"])
 def test_bruteforce_equals_python_loop(kind: str) -> None:
     for seed in range(3):
@@ -139,6 +177,15 @@ def test_exact_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPat
     s, t = make_scores("normal", 7, 9, 9)
     whole, g_whole = value_and_grad(soft_darkrank, s, t)
     monkeypatch.setattr(darkrank, "_CHUNK_BYTES", 1)  # one query per chunk
+    chunked, g_chunked = value_and_grad(soft_darkrank, s, t)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_chunked, g_whole, rtol=1e-12, atol=1e-12)
+
+
+def test_exact_inner_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    s, t = make_scores("normal", 7, 9, 19)
+    whole, g_whole = value_and_grad(soft_darkrank, s, t)
+    monkeypatch.setattr(darkrank, "_EXACT_CHUNK_BYTES", 1)  # one row per chunk of the probability DP
     chunked, g_chunked = value_and_grad(soft_darkrank, s, t)
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_chunked, g_whole, rtol=1e-12, atol=1e-12)
@@ -438,12 +485,13 @@ def test_darkrank_gradient_is_the_same_every_time_on_a_multithreaded_cpu():
     try:
         gen = torch.Generator().manual_seed(0)
         student, teacher = torch.randn(64, 128, generator=gen), torch.randn(64, 256, generator=gen)
-        loss = DarkRankLoss(mode="hard", list_size=None)
         grads = []
-        for _ in range(10):
-            x = student.clone().requires_grad_(True)
-            loss(x, teacher).backward()
-            grads.append(x.grad)
+        for loss in (DarkRankLoss(mode="hard", list_size=None), DarkRankLoss(mode="soft", list_size=12)):
+            for _ in range(5):
+                x = student.clone().requires_grad_(True)
+                loss(x, teacher).backward()
+                grads.append(x.grad)
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(grads[0], g) for g in grads[1:])
+    assert all(torch.equal(grads[0], g) for g in grads[1:5])
+    assert all(torch.equal(grads[5], g) for g in grads[6:])

@@ -242,6 +242,9 @@ def test_cli_study_writes_its_files_and_repeats_its_numbers(tiny_data, tmp_path)
     a, b = outputs
     assert a["results"] == b["results"] and a["summary"] == b["summary"]  # a fresh teacher and students: same numbers
     assert a["teacher"]["metrics"] == b["teacher"]["metrics"]
+    assert [(t["recipe"], t["seed"]) for t in a["timings"]] == [(r["recipe"], r["seed"]) for r in a["results"]]
+    assert all(t["train_s"] >= 0 and t["evaluate_s"] >= 0 for t in a["timings"])  # the time of each training
+    assert set(a["teacher"]["timings"]) == {"teacher", "teacher layer choice"}
     assert set(a["summary"]["kd"]["gain"]) >= {"recall@1", "map", "rank1", "nmi"}
     assert a["summary"]["kd"]["gain"]["recall@1"]["ci"] is None
 

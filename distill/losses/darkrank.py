@@ -111,6 +111,97 @@ def hard_darkrank(s_scores: Tensor, t_scores: Tensor, topk: int | None = None) -
         return -steps.sum(-1).mean()
 
 
+# Exact soft DarkRank runs in plain probabilities (no logs or exps per subset) when each row's
+# score spread (max - min) keeps every ``exp(score - max)`` and ``1 / sum`` in range: in float32
+# up to F32_SPREAD, in float64 up to F64_SPREAD; wider rows use the log-space DP.
+F32_SPREAD = 60.0
+F64_SPREAD = 600.0
+_EXACT_CHUNK_BYTES = 8 * 2**20  # working set of one chunk of rows in the probability DP (stays in cache)
+
+
+@lru_cache(maxsize=16)
+def _layer_plan(m: int, device: torch.device, dtype: torch.dtype) -> tuple[tuple[int, ...], tuple[Tensor, ...], Tensor]:
+    """Index tensors of the probability DP, with the non-empty subsets of range(m) in *layer order*
+    (by size, then bitmask; the empty set would be position 0 and is left out):
+
+    - ``starts[k]``: position of the first subset of size k (layer k is ``starts[k]:starts[k + 1]``);
+    - ``pairs[k]`` for 1 <= k < m: [2, C(m,k) * (m-k)], per subset S of size k and per j not in S
+      (S-major, j ascending) the position of S + {j} (row 0) and j (row 1);
+    - ``members``: [2^m - 1, m] 0/1 matrix, subset x candidate (sums over subsets are matmuls).
+    """
+    masks = torch.arange(2**m)
+    ids = torch.arange(m)
+    size = ((masks[:, None] >> ids) & 1).sum(1)
+    order = torch.argsort(size * 2**m + masks)  # layer position -> bitmask
+    position = torch.empty_like(order)
+    position[order] = torch.arange(2**m) - 1  # bitmask -> position without the empty set
+    starts = tuple(itertools.accumulate((math.comb(m, k) for k in range(m + 1)), initial=-1))
+    bit = 1 << ids
+    pairs = [torch.empty(0)]
+    for k in range(1, m):
+        layer = order[starts[k] + 1 : starts[k + 1] + 1]
+        outside = (layer[:, None] & bit) == 0
+        parent = position[(layer[:, None] | bit)[outside]]
+        pairs.append(torch.stack([parent, ids.expand_as(outside)[outside]]).to(device))
+    members = ((order[1:, None] >> ids) & 1).to(device=device, dtype=dtype)
+    return starts, tuple(pairs), members
+
+
+def _soft_exact_rows(s: Tensor, t: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Exact KL(P_t || P_s) per row by the subset DP (module docstring); also its student gradient.
+
+    Rows whose scores fit the probability DP (:data:`F32_SPREAD`, :data:`F64_SPREAD`) go through
+    :func:`_soft_exact_probs` in chunks that stay in cache; the others through the log-space DP.
+    """
+    spread = torch.maximum(s.amax(1) - s.amin(1), t.amax(1) - t.amin(1))
+    fast = spread <= F64_SPREAD
+    if not bool(fast.all()):
+        kl, grad = s.new_empty(s.shape[0]), s.new_empty(s.shape) if need_grad else None
+        for rows, fn in ((fast, _soft_exact_probs), (~fast, _soft_exact_log)):
+            if bool(rows.any()):
+                kl[rows], g = fn(s[rows], t[rows], need_grad)
+                if grad is not None:
+                    grad[rows] = g
+        return kl, grad
+    dtype = torch.float32 if s.dtype == torch.float32 and float(spread.max()) <= F32_SPREAD else torch.float64
+    return _soft_exact_probs(s, t, need_grad, dtype)
+
+
+def _soft_exact_probs(s: Tensor, t: Tensor, need_grad: bool, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor | None]:
+    """The subset DP in probabilities (computed in ``dtype``, returned in ``s``'s dtype).
+
+    With ``e = exp(score - max)`` and ``Z(S) = sum_{j in S} e_j`` (one matmul over all subsets),
+    ``q(S) = sum_{j not in S} r(S + j) * e_j`` where ``r = q / Z_t``: per layer of subset size
+    one gather of r, one of e, a product and a sum. Then, over the non-empty subsets,
+    ``KL = sum_j (t_j - s_j) + sum_S q(S) log(Z_s(S) / Z_t(S))`` and
+    ``dKL/ds_j = e^s_j * sum_{S containing j} q(S) / Z_s(S) - 1`` (one matmul).
+    """
+    m = s.shape[1]
+    starts, pairs, members = _layer_plan(m, s.device, dtype)
+    chunk = max(1, _EXACT_CHUNK_BYTES // (math.comb(m, m // 2) * (m - m // 2) * members.element_size()))
+    kls, grads = [], []
+    for i in range(0, s.shape[0], chunk):
+        sc, tc = s[i : i + chunk].to(dtype), t[i : i + chunk].to(dtype)
+        sc, tc = sc - sc.amax(1, keepdim=True), tc - tc.amax(1, keepdim=True)
+        es, et = sc.exp().T.contiguous(), tc.exp().T.contiguous()  # [m, rows]
+        zs, zt = members @ es, members @ et  # [2^m - 1, rows]
+        q, r = torch.empty_like(zt), torch.empty_like(zt)
+        q[-1] = 1.0
+        r[-1] = 1.0 / zt[-1]
+        for k in range(m - 1, 0, -1):
+            a, b = starts[k], starts[k + 1]
+            parent, outside = pairs[k]
+            terms = r.index_select(0, parent)
+            terms *= et.index_select(0, outside)
+            torch.sum(terms.view(b - a, m - k, -1), 1, out=q[a:b])
+            torch.div(q[a:b], zt[a:b], out=r[a:b])
+        kls.append((tc - sc).sum(1) + (q * (zs / zt).log_()).sum(0))
+        if need_grad:
+            grads.append((es * (members.T @ (q / zs))).T - 1.0)
+    kl = torch.cat(kls).to(s.dtype)
+    return kl, torch.cat(grads).to(s.dtype) if need_grad else None
+
+
 @lru_cache(maxsize=8)
 def _subset_layers(m: int, device: torch.device) -> tuple[Tensor, ...]:
     """Bitmasks of the subsets of range(m), one tensor per subset size 0..m (ascending masks)."""
@@ -132,8 +223,8 @@ def _subset_logsumexp(scores: Tensor) -> Tensor:
     return table
 
 
-def _soft_exact_rows(s: Tensor, t: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """Exact KL(P_t || P_s) per row by the subset DP (module docstring); also its student gradient.
+def _soft_exact_log(s: Tensor, t: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """The subset DP in log space, for rows whose score spread is too wide for probabilities.
 
     Subsets are processed layer by layer from size M down to 2 (a singleton's step is certain and
     adds nothing). Tables are [2^M, rows], indexed by bitmask, rows last so that every gather is
