@@ -202,7 +202,8 @@ def catalogue(w: Path) -> list[Case]:
              before=interrupt_long_run, check=checkpoints_kept, timeout=60),
         Case("resume-other-seed", 1, [*run, "--teacher-epochs", "400", "--out", str(w / "L"), "--resume", "--seed", "1"],
              check=checkpoints_kept, timeout=60),
-        Case("resume-other-width", 1, [*run, "--teacher-epochs", "400", "--out", str(w / "L"), "--resume", "--student-width", "0.5"],
+        # (the interrupted run is in its teacher: --student-width would rightly let the teacher go on)
+        Case("resume-other-teacher-lr", 1, [*run, "--teacher-epochs", "400", "--out", str(w / "L"), "--resume", "--teacher-lr", "0.01"],
              check=checkpoints_kept, timeout=60),
         Case("resume-other-data", 1, ["run", "--data", f"imagefolder:{w / 'folder2'}", *LONG, "--out", str(w / "L"), "--resume"],
              check=checkpoints_kept, timeout=60),
