@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -65,6 +66,17 @@ class TinyNet(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z = self.bn(self.proj(x.flatten(1)))
         return F.normalize(z, dim=1), self.classifier(z)
+
+
+def run_under_torchrun(worker: Path, out: Path, world: int = 2) -> None:
+    """Run ``worker`` (a script under tests/) with ``torchrun --standalone`` in ``world`` CPU processes,
+    writing into ``out``; the test fails with the workers' output when they do."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", str(worker), str(out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def build(bn: bool = False, loss: str = LOSS) -> tuple[nn.Module, StudentObjective]:

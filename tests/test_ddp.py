@@ -6,16 +6,13 @@ losses logged as means over ranks; the benchmark's thread count matches a single
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from distill.engine import seed_everything
-from tests.ddp_worker import CASES, TinyData, build, gather_input, pk_sampler, settings
+from tests.ddp_worker import CASES, TinyData, build, gather_input, pk_sampler, run_under_torchrun, settings
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def ranks(tmp_path_factory) -> Path:
     """Run the worker once under torchrun; its output folder."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-           str(ROOT / "tests" / "ddp_worker.py"), str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_under_torchrun(ROOT / "tests" / "ddp_worker.py", out, WORLD)
     return out
 
 

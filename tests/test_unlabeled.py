@@ -5,7 +5,6 @@ composition, the objective (task losses on labeled rows only, distillation on al
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from distill.losses.kd import kd_loss
 from distill.losses.relational import pkt_loss, rkd_distance_loss
 from distill.objective import StudentObjective
 from tests.ddp_unlabeled_worker import EXTRA, PER_STEP, WithUnlabeled, sampler
-from tests.ddp_worker import build, settings
+from tests.ddp_worker import build, run_under_torchrun, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -253,12 +252,7 @@ def reference() -> dict:
 
 
 def test_torchrun_with_unlabeled_images_matches_one_process(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-           str(ROOT / "tests" / "ddp_unlabeled_worker.py"), str(tmp_path)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_under_torchrun(ROOT / "tests" / "ddp_unlabeled_worker.py", tmp_path, WORLD)
     ranks = [torch.load(tmp_path / f"unlabeled-rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for name in ranks[0]["model"]:
         assert torch.equal(ranks[0]["model"][name], ranks[1]["model"][name]), name
