@@ -132,6 +132,20 @@ def test_fresh_keeps_the_unfinished_checkpoint_until_the_new_run_passes_it(datas
         assert torch.equal(a, b), name
 
 
+def test_long_trainings_checkpoint_at_the_validation_cadence_and_resume_bit_for_bit(dataset, tmp_path):
+    """42 epochs: a checkpoint every ceil(42 / 20) = 3 epochs, so Ctrl-C in epoch 5 resumes from epoch 3."""
+    ckpt = tmp_path / "m.ckpt"
+    assert engine._val_every(42) == 3
+    interrupted_run(dataset, ckpt, epochs=42, after_epochs=4)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 2  # epochs 1-3 done (0-based 2): epoch 4 was not checkpointed
+    assert len(ckpt.with_suffix(".jsonl").read_text().splitlines()) == 3  # the log matches the checkpoint
+    resumed = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(42, resume=True), ckpt)
+    straight = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(42), tmp_path / "s.ckpt")
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_resume_and_fresh_together_are_refused():
     with pytest.raises(DistillError, match="give one of them"):
         load_config(None, resume=True, fresh=True)
