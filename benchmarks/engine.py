@@ -31,7 +31,6 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from distill import pipeline
 from distill.atomic import atomic_write_text
 from distill.bench import machine_info
 from distill.config import Config
@@ -40,7 +39,9 @@ from distill.engine import TrainSettings, fit, seed_everything
 from distill.models import build_model
 from distill.objective import build_objective
 from distill.parallel import TrainStep
+from distill.run import setup
 from distill.students import create_student
+from distill.training import batch_sampler, train_settings
 
 VARIANTS = ("fp32", "channels_last", "bf16")
 
@@ -48,7 +49,7 @@ VARIANTS = ("fp32", "channels_last", "bf16")
 def bare_loop(model, objective, data, cfg: Config, settings: TrainSettings) -> float:
     """Seconds of a plain training loop over the batches ``fit`` would draw (same sampler and seed)."""
     seed_everything(settings.seed)
-    sampler = pipeline.batch_sampler(cfg, data.train.labels)
+    sampler = batch_sampler(cfg, data.train.labels)
     loader = DataLoader(data.train, batch_sampler=sampler, **loader_settings("cpu", settings.workers))
     epochs = settings.num_epochs(len(sampler))
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
@@ -71,12 +72,12 @@ def bare_loop(model, objective, data, cfg: Config, settings: TrainSettings) -> f
 
 def engine_overhead(args: argparse.Namespace, console: Console) -> dict:
     cfg = Config(data="synthetic", student=args.model, out=tempfile.mkdtemp(prefix="engine-bench-"), val_fraction=0.2)
-    data, _ = pipeline.setup(cfg)
-    settings = replace(pipeline.train_settings(cfg, torch.device("cpu")), epochs=args.epochs, min_steps=0, amp=False)
+    cfg, data, _ = setup(cfg)
+    settings = replace(train_settings(cfg, torch.device("cpu")), epochs=args.epochs, min_steps=0, amp=False)
     torch.manual_seed(0)
     model0 = create_student(args.model, cfg.embed_dim, data.num_classes, width=cfg.student_width)
     objective0 = build_objective(cfg, data.num_classes)
-    per_epoch = len(pipeline.batch_sampler(cfg, data.train.labels))
+    per_epoch = len(batch_sampler(cfg, data.train.labels))
     steps = settings.num_epochs(per_epoch) * per_epoch
     images = steps * cfg.batch_size
     runs: dict[str, list[float]] = {"bare": [], "fit": []}
@@ -86,7 +87,7 @@ def engine_overhead(args: argparse.Namespace, console: Console) -> dict:
             if side == "bare":
                 seconds = bare_loop(model, objective, data, cfg, settings)
             else:
-                sampler = pipeline.batch_sampler(cfg, data.train.labels)
+                sampler = batch_sampler(cfg, data.train.labels)
                 start = time.perf_counter()
                 fit(model, objective, data.train, sampler, settings, cfg.out_dir / "bench.ckpt", desc="fit")
                 seconds = time.perf_counter() - start

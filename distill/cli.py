@@ -1,4 +1,4 @@
-"""The ``distill`` command line (typer). Thin: parse options, call ``distill.pipeline`` and friends.
+"""The ``distill`` command line (typer). Thin: parse options, call ``distill.run`` and friends.
 
 Every ``DistillError`` becomes one red line and a non-zero exit; ``--debug`` shows the traceback.
 """
@@ -144,10 +144,10 @@ def config_command(fn: Callable[..., None]) -> Callable[..., None]:
 @config_command
 def run(cfg: Config) -> None:
     """Teacher -> baseline student -> distilled student -> evaluate -> ONNX export -> benchmark -> report."""
-    from distill.pipeline import run as run_pipeline
+    from distill.run import run as run_stages
 
     with _locked(cfg):
-        run_pipeline(cfg)
+        run_stages(cfg)
 
 
 @app.command()
@@ -176,13 +176,14 @@ def study(
 @config_command
 def train_teacher(cfg: Config) -> None:
     """Train (or reuse) the teacher of a run directory: writes <out>/teacher.pt."""
-    from distill import pipeline
+    from distill.run import setup
+    from distill.teachers.acquire import acquire_teacher, is_distill_model_file
 
     weights = cfg.teacher_weights
-    if weights and Path(weights).is_file() and not pipeline.is_distill_model_file(weights):
-        cfg.teacher_finetune = True  # this command trains: a plain state dict is backbone weights to fine-tune
+    if weights and Path(weights).is_file() and not is_distill_model_file(weights):
+        cfg = dataclasses.replace(cfg, teacher_finetune=True)  # this command trains: a plain state dict is backbone weights to fine-tune
     with _locked(cfg):  # timm:NAME / torchvision:NAME without weights: trained from scratch
-        pipeline.get_teacher(cfg, *pipeline.setup(cfg, scratch_teacher=True))
+        acquire_teacher(*setup(cfg, scratch_teacher=True))
     err_console.print(f"teacher: {escape(str(cfg.out_dir / 'teacher.pt'))}")
 
 
@@ -190,15 +191,17 @@ def train_teacher(cfg: Config) -> None:
 @config_command
 def train(cfg: Config) -> None:
     """Train only the distilled student (teacher trained or reused first): writes <out>/student.pt."""
-    from distill import pipeline
+    from distill.run import setup
+    from distill.students.train import student_runs, train_student
+    from distill.teachers.acquire import acquire_teacher
 
-    runs = pipeline.student_runs(cfg)
+    runs = student_runs(cfg)
     if len(runs) > 1:
         raise DistillError("train takes one student: give one spec to --student, or use `distill run` for several")
     cfg = runs[0][2]
     with _locked(cfg):
-        data_, device_ = pipeline.setup(cfg)
-        pipeline.train_student(cfg, data_, device_, teacher=pipeline.get_teacher(cfg, data_, device_))
+        cfg, data_, device_ = setup(cfg)
+        train_student(cfg, data_, device_, teacher=acquire_teacher(cfg, data_, device_).teacher)
     err_console.print(f"student: {escape(str(cfg.out_dir / 'student.pt'))}")
 
 
@@ -212,15 +215,15 @@ def eval_(
     clustering: bool = typer.Option(True, "--clustering/--no-clustering", help="NMI/F1 by k-means (slow for ~10k classes without faiss)."),
 ) -> None:
     """Evaluate a model file: Recall@K, NMI, F1, mAP, rank-1 (the data set's protocol)."""
-    from distill import pipeline
-    from distill.evaluate import evaluate_model
+    from distill.data.prepare import prepare_data
+    from distill.engine import resolve_device
     from distill.models import load_model
 
     model, info = load_model(checkpoint)
     cfg = _config(None, data=data, image_size=image_size or _trained_size(info), device=device)
-    device_ = pipeline.resolve_device(cfg.device)
-    data_ = pipeline.prepare_data(cfg)
-    metrics = evaluate_model(model.to(device_), data_.splits, data_.eval_transform, device_, clustering)
+    device_ = resolve_device(cfg.device)
+    data_ = prepare_data(cfg)
+    metrics = data_.protocol.test_metrics(model.to(device_), data_.splits, data_.eval_transform, device_, clustering)
     table = Table("metric", "value", title=Text(str(checkpoint)))
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")

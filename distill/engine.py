@@ -69,7 +69,7 @@ class TrainSettings:
         """Epochs to train: ``ceil(steps / steps_per_epoch)`` when ``steps`` is set, else ``epochs``,
         and never fewer than ``min_steps`` need (so a 100-image set still gets a real training).
         ``min_steps`` is for a default length only: a length the user gave runs as given, so
-        ``pipeline.train_settings`` passes ``min_steps=0`` with it."""
+        ``training.train_settings`` passes ``min_steps=0`` with it."""
         return max(self._asked(steps_per_epoch), math.ceil(self.min_steps / steps_per_epoch))
 
     def _asked(self, steps_per_epoch: int) -> int:
@@ -154,7 +154,7 @@ def fit(
     desc: str = "train",
     validate: Validator | None = None,
     recipe: dict[str, Any] | None = None,
-) -> nn.Module:
+) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``model`` (and the learnable parts of ``objective``) on the batches of ``sampler``
     (a batch sampler over ``dataset`` with ``set_epoch``, e.g. P x K or importance sampling; one
     with ``observe``/``state_dict`` is fed each trained batch's embeddings and checkpointed).
@@ -175,8 +175,9 @@ def fit(
     given, runs every few epochs (at most ``MAX_VALIDATIONS`` times, and after the last epoch); the
     weights of the epoch :mod:`distill.selection` keeps (the latest one within the noise of the best
     score) are kept in the checkpoint and loaded into ``model`` at the end, and one line says which.
-    The returned model's ``fit_summary`` dict gets ``best_epoch``, ``best_score`` (and its standard
-    error), the highest-scoring and the last epoch with their scores (``selection.summary``).
+    Returns ``(model, summary)``: the summary dict has ``epochs`` and ``steps`` and, with validation,
+    ``best_epoch``, ``best_score`` (and its standard error), the highest-scoring and the last epoch
+    with their scores (``selection.summary``).
 
     Under torchrun, model and objective train as one DDP module (:mod:`distill.parallel`), so every
     trainable parameter gets the gradient averaged over ranks. The sampler gives each rank its share
@@ -244,9 +245,8 @@ def fit(
         model.load_state_dict(best["model"])
         if main:
             print(selection.selection_line(desc, best), file=sys.stderr)
-    model.fit_summary = {"epochs": epochs, "steps": epochs * len(sampler)} | selection.summary(best)
     model.eval()
-    return model
+    return model, {"epochs": epochs, "steps": epochs * len(sampler)} | selection.summary(best)
 
 
 def _optimiser(

@@ -1,10 +1,12 @@
-"""Evaluation protocols: re-ID mAP/CMC (Market-1501 / torchreid convention) and retrieval
+"""Evaluation metrics: re-ID mAP/CMC (Market-1501 / torchreid convention) and retrieval
 Recall@K, NMI and pairwise F1 (the Lifted Structure protocol, Oh Song et al. 2016).
 
 Rankings are exact (torch, float32, CPU or CUDA) and computed a block of ``chunk_size`` queries
 at a time, so a 60k-image test set never holds an N x N matrix. Ties in distance are broken by
 gallery index (lower index ranks first, as a stable sort does), so results are deterministic.
 ``faiss``, when installed, runs the k-means behind NMI/F1 (the slow part on large sets).
+
+Which metrics a data set's test split is scored with is its protocol's (``distill.protocols``).
 
 Compatibility (student-query -> teacher-gallery): the same protocols with the queries embedded by
 one model and the gallery by another, i.e. a student that replaces the teacher for queries while
@@ -25,7 +27,6 @@ from sklearn.metrics import normalized_mutual_info_score
 from sklearn.metrics.cluster import pair_confusion_matrix
 from torch import Tensor
 
-from distill.data.base import Splits
 from distill.data.dataset import ImageDataset, stack_labels
 from distill.engine import extract
 from distill.errors import DistillError
@@ -283,7 +284,7 @@ def compatibility_metrics(
     ks: Sequence[int] = (1, 2, 4, 8),
     metric: str = "cosine",
 ) -> dict[str, float]:
-    """Student-query -> teacher-gallery metrics on the test split of ``data`` (the pipeline's
+    """Student-query -> teacher-gallery metrics on the test split of ``data`` (the run's
     ``Prepared``: ``splits`` and ``eval_transform``); ``*_fn`` return ``(embedding, ...)``.
 
     Re-ID: the student embeds the query list, the teacher the gallery (mAP, rank-1 with the usual
@@ -291,7 +292,7 @@ def compatibility_metrics(
     against the teacher's embeddings of the other images. Retrieval: every test image's student
     embedding searched against the teacher's embeddings of all the others (Recall@K, and mAP /
     rank-1 with the image itself removed). No NMI/F1: clustering needs one space per run.
-    Returns ``recall@K``, ``map`` and ``rank1``, like the pipeline's per-model metrics.
+    Returns ``recall@K``, ``map`` and ``rank1``, like a model's test metrics (``distill.protocols``).
     """
     splits = data.splits
 
@@ -319,27 +320,3 @@ def compatibility_metrics(
         recall = cross_model_recall(s_query, t_query, q_labels, ks, metric)
     return {**recall, "map": float(reid["map"]), "rank1": float(reid["rank1"])}
 
-
-def evaluate_model(
-    fn: Callable[[Tensor], Any], splits: Splits, transform: Callable, device: torch.device, clustering: bool = True
-) -> dict[str, float]:
-    """Recall@K (and, with ``clustering``, k-means NMI/F1) over all test images; mAP and rank-1 with
-    the data set's protocol; ``fn`` maps images to ``(embedding, ...)``, ``transform`` is the
-    eval transform."""
-    q_ds = ImageDataset(splits.query, transform)
-    qf = extract(fn, q_ds, device)[0]
-    q_labels, q_cams = stack_labels(splits.query)
-    if splits.protocol == "reid":
-        g_ds = ImageDataset(splits.gallery, transform)
-        gf = extract(fn, g_ds, device)[0]
-        g_labels, g_cams = stack_labels(splits.gallery)
-        reid = reid_metrics(qf, gf, q_labels, g_labels, q_cams, g_cams)
-        retrieval = retrieval_metrics(torch.cat([qf, gf]), torch.cat([q_labels, g_labels]), clustering=clustering)
-    else:
-        # every test image queries all the others: a distinct "camera" per image removes only itself
-        cams = torch.arange(len(q_labels))
-        reid = reid_metrics(qf, qf, q_labels, q_labels, cams, cams)
-        retrieval = retrieval_metrics(qf, q_labels, clustering=clustering)
-    metrics = {k: float(v) for k, v in retrieval.items() if k.startswith("recall@") or k in ("nmi", "f1")}
-    metrics.update(map=float(reid["map"]), rank1=float(reid["rank1"]))
-    return metrics

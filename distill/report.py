@@ -23,6 +23,8 @@ from rich.text import Text
 
 from distill.atomic import atomic_write_bytes, atomic_write_text
 from distill.errors import DistillError
+from distill.protocols import PROTOCOLS, REID
+from distill.protocols import protocol as protocol_named
 
 MODEL_NAMES = ("teacher", "student_baseline", "student")  # a row's role
 RUNTIMES = ("torch", "onnxruntime")
@@ -30,21 +32,18 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map", "rank1")
 MODEL_KEYS = ("name", "runtime", "params", "gflops", "latency_ms_p50", "latency_ms_p90", "throughput_ips")
 METRIC_LABELS = {"recall@1": "R@1", "map": "mAP", "rank1": "rank-1"}
-REID_NOTE = (
-    "re-ID data: drop, gain and kept use rank-1 (each query searched in the gallery with its same-camera "
-    "matches removed, the Market-1501 protocol), not R@1 (query and gallery pooled, no camera filter), "
-    "because same-camera near-duplicates make pooled R@1 easy for every model"
-)
+REID_NOTE = REID.note
 
 
 def accuracy_metrics(protocol: str) -> tuple[str, str]:
-    """The two metrics of the drop/gain/kept columns: rank-1 and mAP on re-ID data, else Recall@1 and mAP."""
-    return ("rank1", "map") if protocol == "reid" else ("recall@1", "map")
+    """The two metrics of the drop/gain/kept columns: the protocol's headline (re-ID: rank-1 and mAP;
+    retrieval: Recall@1 and mAP)."""
+    return protocol_named(protocol).headline
 
 
 def pareto_metric(protocol: str) -> str:
-    """The accuracy axis of the Pareto front and the plot: mAP on re-ID data, else Recall@1."""
-    return "map" if protocol == "reid" else "recall@1"
+    """The accuracy axis of the Pareto front and the plot: the protocol's (re-ID: mAP; retrieval: Recall@1)."""
+    return protocol_named(protocol).pareto_metric
 
 
 def pareto_front(points: list[tuple[float | None, float | None]]) -> list[bool]:
@@ -332,7 +331,8 @@ def legend(report: dict) -> str:
         f"{METRIC_LABELS[report.get('pareto_metric') or 'recall@1']}"
     )
     text += "; " + UNSTABLE_NOTE if _unstable(*report.get("models") or []) else ""
-    return text + ("; " + REID_NOTE if report.get("protocol") == "reid" else "")
+    note = protocol_named(report.get("protocol")).note if report.get("protocol") in PROTOCOLS else None
+    return text + ("; " + note if note else "")
 
 
 def _rows(report: dict) -> tuple[list[str], list[list[str]]]:

@@ -37,12 +37,14 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-from distill import pipeline
 from distill.atomic import atomic_write_bytes, atomic_write_text
 from distill.config import Config, load_config, read_toml
-from distill.errors import DistillError
-from distill.evaluate import evaluate_model
 from distill.data import data_fingerprint
+from distill.data.prepare import Prepared, choose_inputs
+from distill.errors import DistillError
+from distill.run import setup
+from distill.students import train
+from distill.teachers.acquire import acquire_teacher
 
 BASELINE = "baseline"
 # The lead adds more (rkd, pkt, compat): a plain dict of name -> Config overrides on the base config.
@@ -209,7 +211,7 @@ def recipe_configs(
 class _Context:
     """What every training of a study shares: the data, the device and the frozen teacher."""
 
-    data: pipeline.Prepared
+    data: Prepared
     device: torch.device
     teacher: Any
 
@@ -221,9 +223,9 @@ def _train_and_evaluate(ctx: _Context, cfg: Config, recipe: str, keep_model: boo
     started = time.perf_counter()
     teacher = None if recipe == BASELINE else ctx.teacher
     name = f"study/models/{recipe}-seed{cfg.seed}"
-    model = pipeline.train_student(cfg, ctx.data, ctx.device, teacher=teacher, name=name)
+    model, _ = train.train_student(cfg, ctx.data, ctx.device, teacher=teacher, name=name)
     trained = time.perf_counter()
-    metrics = evaluate_model(model, ctx.data.splits, ctx.data.eval_transform, ctx.device, cfg.clustering)
+    metrics = ctx.data.protocol.test_metrics(model, ctx.data.splits, ctx.data.eval_transform, ctx.device, cfg.clustering)
     if not keep_model:
         (cfg.out_dir / f"{name}.pt").unlink(missing_ok=True)
     return metrics, {"train_s": round(trained - started, 3), "evaluate_s": round(time.perf_counter() - trained, 3)}
@@ -239,8 +241,8 @@ def _worker_init() -> None:
 def _worker_train(base: Config, cfg: Config, recipe: str, keep_model: bool) -> tuple[dict[str, float], dict[str, float]]:
     """In a worker process: set up data and teacher once (the teacher file the parent wrote), train."""
     if "ctx" not in _WORKER:
-        data, device = pipeline.setup(base)
-        _WORKER["ctx"] = _Context(data, device, pipeline.get_teacher(base, data, device))
+        base, data, device = setup(base)
+        _WORKER["ctx"] = _Context(data, device, acquire_teacher(base, data, device).teacher)
     return _train_and_evaluate(_WORKER["ctx"], cfg, recipe, keep_model)
 
 
@@ -285,15 +287,14 @@ def run_study(
         torch.set_num_threads(threads)
 
 
-def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int, jobs: int, keep_models: bool) -> dict[str, Any]:
-    started = time.perf_counter()
-    data, device = pipeline.setup(base)
-    teacher, teacher_timings = pipeline.acquire_teacher(base, data, device)
-    ctx = _Context(data, device, teacher)
-    out = base.out_dir
+def _stored_and_todo(
+    base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seed_list: list[int], data: Prepared,
+    device: torch.device, teacher_fingerprint: str,
+) -> tuple[dict[tuple[str, int], dict[str, Any]], list[tuple[str, Config, dict[str, Any]]]]:
+    """The stored results still valid (by ``(recipe, seed)``) and the ``(recipe, config, identity)``
+    trainings left to do. Each recipe's config gets the inputs chosen from the data for it
+    (``choose_inputs``: a recipe may set its own batch or list size)."""
     data_fp = data_fingerprint([*data.splits.train, *data.splits.query, *data.splits.gallery])
-    seed_list = list(range(base.seed, base.seed + seeds))
-
     results: dict[tuple[str, int], dict[str, Any]] = {}
     todo: list[tuple[str, Config, dict[str, Any]]] = []
     for seed in seed_list:  # seed-major: an interrupted study keeps whole pairs
@@ -301,13 +302,26 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
             # a training killed with the study is continued with --resume, else started over (its
             # checkpoint kept until passed): the stored results are what a study resumes from
             cfg = replace(rcfg, seed=seed, resume=base.resume, fresh=not base.resume)
-            pipeline.choose_inputs(cfg, replace(data.splits, train=data.train.samples), device, quiet=True)
-            identity = _identity(cfg, None if name == BASELINE else teacher.fingerprint, data_fp, device)
-            stored = _load_result(result_path(out, name, seed), identity)
+            cfg = choose_inputs(cfg, replace(data.splits, train=data.train.samples), device).fill(cfg)
+            identity = _identity(cfg, None if name == BASELINE else teacher_fingerprint, data_fp, device)
+            stored = _load_result(result_path(base.out_dir, name, seed), identity)
             if stored is not None:
                 results[name, seed] = stored
             else:
                 todo.append((name, cfg, identity))
+    return results, todo
+
+
+def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int, jobs: int, keep_models: bool) -> dict[str, Any]:
+    started = time.perf_counter()
+    base, data, device = setup(base)
+    acquired = acquire_teacher(base, data, device)
+    teacher = acquired.teacher
+    ctx = _Context(data, device, teacher)
+    out = base.out_dir
+    seed_list = list(range(base.seed, base.seed + seeds))
+
+    results, todo = _stored_and_todo(base, recipes, seed_list, data, device, teacher.fingerprint)
     total = len(recipes) * len(seed_list)
     console.print(f"study: {total - len(todo)} of {total} results stored already, {len(todo)} to train ({jobs} job(s))")
 
@@ -334,14 +348,14 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
                     future.cancel()
                 raise
 
-    teacher_metrics = evaluate_model(teacher, data.splits, data.eval_transform, device, base.clustering)
+    teacher_metrics = data.protocol.test_metrics(teacher, data.splits, data.eval_transform, device, base.clustering)
     ordered = [results[name, seed] for name in recipes for seed in seed_list]
     study = {
         "recipes": {name: overrides for name, (overrides, _) in recipes.items()},
         "seeds": seed_list,
         "ci": "95% paired t: mean(d) +- t.ppf(0.975, n-1) * sd(d) / sqrt(n), d = recipe - baseline on the same seed",
         "teacher": {"spec": base.teacher, "fingerprint": teacher.fingerprint, "metrics": teacher_metrics,
-                    "timings": {name: round(seconds, 3) for name, seconds in teacher_timings.items()}},
+                    "timings": {name: round(seconds, 3) for name, seconds in acquired.timings.items()}},
         "summary": summarize(ordered),
         "results": [{k: r[k] for k in ("recipe", "seed", "metrics")} for r in ordered],
         "timings": [{"recipe": r["recipe"], "seed": r["seed"]} | (r.get("timings") or {}) for r in ordered],

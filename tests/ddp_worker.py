@@ -120,9 +120,9 @@ def main(out: Path) -> None:
     for case, (gather, bn, loss) in CASES.items():
         model, objective = build(bn, loss)
         teacher = data.teacher if loss == LOSS else None
-        fit(model, objective, data, pk_sampler(data.labels, rank, world), settings(gather), out / f"{case}.ckpt", teacher_fn=teacher, desc=case)
+        _, summary = fit(model, objective, data, pk_sampler(data.labels, rank, world), settings(gather), out / f"{case}.ckpt", teacher_fn=teacher, desc=case)
         params = {name: p.detach() for name, p in model.named_parameters()}
-        torch.save({"model": params, "objective": objective.state_dict(), "fit": model.fit_summary}, out / f"{case}-rank{rank}.pt")
+        torch.save({"model": params, "objective": objective.state_dict(), "fit": summary}, out / f"{case}-rank{rank}.pt")
     if rank == 0:
         threads = {"benchmark": benchmark_threads(), "training": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
         (out / "threads.json").write_text(json.dumps(threads))

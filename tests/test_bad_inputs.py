@@ -26,12 +26,26 @@ def one_line_error(args: list[str], code: int = 2) -> str:
 def no_training(monkeypatch):
     """A bad input must be refused before training: reaching training fails the test at once (on code
     that accepts the input, instead of a full run)."""
-    from distill import pipeline
+    from distill import engine
 
     def fit(*args, **kwargs):
         raise AssertionError("training started: the input was not refused")
 
-    monkeypatch.setattr(pipeline, "fit", fit)
+    monkeypatch.setattr(engine, "fit", fit)
+
+
+def test_no_training_stops_the_teachers_and_the_students_training(tmp_path, no_training):
+    """The fixture above can fail a test: both trainings go through the ``engine.fit`` it replaces."""
+    from distill.config import load_config
+    from distill.run import setup
+    from distill.students.train import train_student
+    from distill.teachers.acquire import acquire_teacher
+
+    cfg, data, device = setup(load_config(None, image_size="32x16", out=str(tmp_path / "o"), device="cpu"))
+    with pytest.raises(AssertionError, match="training started"):
+        acquire_teacher(cfg, data, device)
+    with pytest.raises(AssertionError, match="training started"):
+        train_student(cfg, data, device)
 
 
 # ---------------------------------------------------------------- item 5: one type check everywhere
@@ -269,7 +283,7 @@ def test_a_good_report_prints(tmp_path, good_report):
 
 def test_a_width_default_applies_to_builtin_students_only():
     from distill.config import load_config, student_specs
-    from distill.pipeline import check_models
+    from distill.run import check_models
 
     cfg = load_config(None, student="nin_bn@0.25,nin_bn,timm:mobilenetv3_small_050", student_width=0.5)
     assert student_specs(cfg) == [("nin_bn", 0.25), ("nin_bn", 0.5), ("timm:mobilenetv3_small_050", 1.0)]
@@ -314,7 +328,7 @@ def test_compat_with_another_embedding_size_fails_before_any_student_trains():
 
     from distill.config import load_config
     from distill.errors import DistillError
-    from distill.pipeline import check_compat
+    from distill.teachers.acquire import check_compat
 
     cfg = load_config(None, compat_weight=1.0, embed_dim=64)
     with pytest.raises(DistillError) as err:
@@ -326,7 +340,6 @@ def test_compat_with_another_embedding_size_fails_before_any_student_trains():
 
 
 def test_compat_uses_the_teachers_own_embedding_not_a_searched_layer(tmp_path, monkeypatch):
-    from distill import pipeline
     from distill.config import load_config
     from distill.data import base
     from distill.data.synthetic import load_synthetic
@@ -335,8 +348,11 @@ def test_compat_uses_the_teachers_own_embedding_not_a_searched_layer(tmp_path, m
     monkeypatch.setitem(base._LOADERS, "synthetic", lambda path=None, **o: load_synthetic(path, **small))
     cfg = load_config(None, compat_weight=1.0, embed_dim=64, image_size="32x16", teacher_epochs=1, teacher_min_steps=0,
                       batch_size=16, out=str(tmp_path / "o"), device="cpu")
-    teacher = pipeline.get_teacher(cfg, *pipeline.setup(cfg))
-    assert teacher.embed_dim == 64 and teacher.layer_choice is None  # no layer search: the student joins this space
+    from distill.run import setup
+    from distill.teachers.acquire import acquire_teacher
+
+    acquired = acquire_teacher(*setup(cfg))
+    assert acquired.teacher.embed_dim == 64 and acquired.layer_choice is None  # no layer search: the student joins this space
 
 
 # ---------------------------------------------------------------- item 12: messages say what is wrong

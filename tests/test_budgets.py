@@ -8,7 +8,7 @@ import torch
 
 from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, load_config
 from distill.engine import TrainSettings, fit
-from distill.pipeline import train_settings
+from distill.training import train_settings
 from tests.test_engine import CrossEntropy, batches, dataset, steps_per_epoch, tiny_model  # noqa: F401 (fixture)
 
 CPU = torch.device("cpu")
@@ -53,8 +53,8 @@ def test_the_budget_note_says_when_and_why_the_length_changed():
 def test_fit_prints_one_line_when_the_minimum_raised_the_length(dataset, tmp_path, capsys):  # noqa: F811
     per_epoch = steps_per_epoch(dataset)
     settings = TrainSettings(epochs=1, lr=1e-2, min_steps=2 * per_epoch, workers=0, amp=False)
-    model = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings, tmp_path / "a.ckpt", desc="teacher")
-    assert model.fit_summary["steps"] == 2 * per_epoch
+    _, summary = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings, tmp_path / "a.ckpt", desc="teacher")
+    assert summary["steps"] == 2 * per_epoch
     err = capsys.readouterr().err
     assert f"teacher: 2 epochs x {per_epoch} steps; the default 1 epochs ({per_epoch} steps) raised to 2" in err
     fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), TrainSettings(epochs=1, lr=1e-2, workers=0, amp=False),

@@ -19,7 +19,7 @@ from distill.data.dataset import ImageDataset, stack_labels
 from distill.data.synthetic import load_synthetic
 from distill.evaluate import reid_metrics, retrieval_metrics
 from distill.models import load_model
-from distill.pipeline import prepare_data
+from distill.data.prepare import prepare_data
 
 runner = CliRunner()
 TINY = ["--image-size", "32x16", "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "16", "--bench-iters", "2", "--min-steps", "0", "--teacher-min-steps", "0"]

@@ -86,8 +86,8 @@ def test_penalty_is_added_to_the_loss_and_logged(dataset, tmp_path):
     def weights(model):
         return torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1])
 
-    plain = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(2), tmp_path / "a.ckpt")
-    shrunk = fit(
+    plain, _ = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(2), tmp_path / "a.ckpt")
+    shrunk, _ = fit(
         tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(2), tmp_path / "b.ckpt",
         penalty=lambda m: 10.0 * sum(p.pow(2).sum() for n, p in m.named_parameters() if n.endswith("weight") and p.dim() > 1),
     )
@@ -112,14 +112,14 @@ class Interrupted(CrossEntropy):
 
 @pytest.mark.parametrize("sampler", ["pk", "importance"])
 def test_resume_after_ctrl_c_continues_bit_for_bit(dataset, tmp_path, sampler):
-    straight = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset, sampler), settings(3), tmp_path / "a.ckpt")
+    straight, _ = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset, sampler), settings(3), tmp_path / "a.ckpt")
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_model(6), Interrupted(after=steps_per_epoch(dataset) + 1), dataset, batches(dataset, sampler), settings(3), tmp_path / "b.ckpt")
     state = torch.load(tmp_path / "b.ckpt", weights_only=True)
     assert state["epoch"] == 0  # epoch 1 finished and saved; epoch 2 was interrupted
     assert ("sampler" in state) == (sampler == "importance")
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
-    resumed = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset, sampler), settings(3, resume=True), tmp_path / "b.ckpt")
+    resumed, _ = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset, sampler), settings(3, resume=True), tmp_path / "b.ckpt")
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -153,8 +153,8 @@ def test_the_step_budget_rounds_up_to_whole_epochs(epochs, steps, min_steps, exp
 def test_a_small_set_trains_for_the_minimum_number_of_steps(dataset, tmp_path):
     ckpt = tmp_path / "m.ckpt"
     per_epoch = steps_per_epoch(dataset)
-    model = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), TrainSettings(**{**vars(settings(1)), "min_steps": 5 * per_epoch + 1}), ckpt)
-    assert model.fit_summary == {"epochs": 6, "steps": 6 * per_epoch}
+    _, summary = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), TrainSettings(**{**vars(settings(1)), "min_steps": 5 * per_epoch + 1}), ckpt)
+    assert summary == {"epochs": 6, "steps": 6 * per_epoch}
     assert len(ckpt.with_suffix(".jsonl").read_text().splitlines()) == 6
 
 
@@ -172,9 +172,9 @@ class Scripted:
 def test_the_best_validated_epoch_is_kept_and_logged(dataset, tmp_path):
     ckpt = tmp_path / "m.ckpt"
     validate = Scripted([0.2, 0.6, 0.5, 0.6, 0.1])  # up, down, a tie (the later one wins), down
-    model = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(5), ckpt, validate=validate)
-    assert model.fit_summary == {"epochs": 5, "steps": 5 * steps_per_epoch(dataset), "best_epoch": 4, "best_score": 0.6,
-                                 "best_score_se": 0.0, "top_epoch": 2, "top_score": 0.6, "last_epoch": 5, "last_score": 0.1}
+    model, summary = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(5), ckpt, validate=validate)
+    assert summary == {"epochs": 5, "steps": 5 * steps_per_epoch(dataset), "best_epoch": 4, "best_score": 0.6,
+                       "best_score_se": 0.0, "top_epoch": 2, "top_score": 0.6, "last_epoch": 5, "last_score": 0.1}
     for name, value in model.state_dict().items():
         assert torch.equal(value, validate.seen[3][name]), name
     log = [json.loads(line) for line in ckpt.with_suffix(".jsonl").read_text().splitlines()]
@@ -183,12 +183,12 @@ def test_the_best_validated_epoch_is_kept_and_logged(dataset, tmp_path):
 
 
 def test_resume_keeps_the_best_checkpoint(dataset, tmp_path):
-    straight = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(3), tmp_path / "a.ckpt", validate=Scripted([0.9, 0.1, 0.2]))
+    straight, _ = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(3), tmp_path / "a.ckpt", validate=Scripted([0.9, 0.1, 0.2]))
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_model(6), Interrupted(after=steps_per_epoch(dataset) + 1), dataset, batches(dataset), settings(3), tmp_path / "b.ckpt",
             validate=Scripted([0.9]))
-    resumed = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(3, resume=True), tmp_path / "b.ckpt", validate=Scripted([0.1, 0.2]))
-    assert resumed.fit_summary["best_epoch"] == 1
+    resumed, summary = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(3, resume=True), tmp_path / "b.ckpt", validate=Scripted([0.1, 0.2]))
+    assert summary["best_epoch"] == 1
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
 

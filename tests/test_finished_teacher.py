@@ -15,10 +15,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from distill.models import IMAGENET_MEAN, IMAGENET_STD
 from distill.errors import DistillError
 from distill.models import ModelCfg, build_model, model_cfg
-from distill.pipeline import task_logits
+from distill.teachers.acquire import task_logits
 from distill.teachers import load_teacher
 from distill.teachers.finished import FinishedModel
 from test_cli import TINY, tiny_data  # noqa: F401  (fixture)

@@ -66,7 +66,7 @@ def test_the_graph_sees_the_imports():
     graph = import_graph()
     assert "distill.models.registry" in graph["distill.models.file"]  # from distill.models.registry import ...
     assert "distill.models.file" in graph["distill.models"]  # package __init__
-    assert "distill.pipeline" in graph["distill.cli"]  # import inside a function
+    assert "distill.run" in graph["distill.cli"]  # import inside a function
 
 
 def test_no_import_cycles_in_distill():
@@ -89,6 +89,52 @@ def test_data_imports_nothing_from_losses():
     assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
     data = [m for m in graph if m == "distill.data" or m.startswith("distill.data.")]
     assert "distill.data.importance" in data
-    leaks = {m: sorted(d for d in reachable(graph, m) if d.startswith("distill.losses")) for m in data}
+    # distill.data.prepare reads the run's Config, which checks the loss names it is given (a lazy import
+    # of distill.losses.task): that edge is the config's, not the data's
+    without_config = {m: deps - {"distill.config"} for m, deps in graph.items()}
+    assert "distill.config" in graph["distill.data.prepare"] and "distill.losses.task" in graph["distill.config"]
+    leaks = {m: sorted(d for d in reachable(without_config, m) if d.startswith("distill.losses")) for m in data}
     leaks = {m: d for m, d in leaks.items() if d}
     assert not leaks, f"distill.data reaches distill.losses: {leaks}"
+
+
+def test_models_and_teachers_know_no_data_set():
+    """Networks and frozen teachers take images, not data sets: only acquiring a teacher for a run
+    (``teachers.acquire``, ``teachers.gate``) reads the run's data."""
+    graph = import_graph()
+    run_side = {"distill.teachers.acquire", "distill.teachers.gate"}
+    low = [m for m in graph if m.startswith(("distill.models", "distill.teachers")) and m not in run_side]
+    assert "distill.teachers.cache" in low and "distill.teachers.finished" in low
+    leaks = {m: sorted(d for d in reachable(graph, m) if d.startswith("distill.data")) for m in low}
+    leaks = {m: d for m, d in leaks.items() if d}
+    assert not leaks, f"models/teachers reach distill.data: {leaks}"
+
+
+# Layers, lowest first: a module imports only from its own layer or lower ones.
+LAYERS = [
+    ("distill.errors", "distill.atomic", "distill.models", "distill.multiscale", "distill.embedding",
+     "distill.selection", "distill.checkpoint", "distill.timing", "distill.outdir"),
+    ("distill.config", "distill.data", "distill.losses", "distill.students.registry", "distill.students.weights", "distill.students",
+     "distill.teachers.frozen", "distill.teachers.finished", "distill.teachers.layers", "distill.teachers.cache",
+     "distill.teachers", "distill.parallel", "distill.export", "distill.bench"),
+    ("distill.engine", "distill.evaluate", "distill.objective"),
+    ("distill.protocols", "distill.data.prepare", "distill.training", "distill.report"),
+    ("distill.teachers.acquire", "distill.teachers.gate"),
+    ("distill.students.train",),
+    ("distill.rows", "distill.run"),
+    ("distill.study",),
+    ("distill.cli",),
+]
+
+
+def layer_of(module: str) -> int:
+    """The layer of ``module``: that of the longest listed name it is or lies under."""
+    best = max((name for layer in LAYERS for name in layer if module == name or module.startswith(name + ".")), key=len)
+    return next(i for i, layer in enumerate(LAYERS) if best in layer)
+
+
+def test_imports_go_down_the_layers():
+    graph = import_graph()
+    assert layer_of("distill.data.prepare") == 3 and layer_of("distill.data.base") == 1  # the longest name decides
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if layer_of(d) > layer_of(m))
+    assert not upward, "imports up the layers: " + ", ".join(upward)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 import pytest
@@ -65,21 +66,23 @@ def test_the_docs_show_commands():
 def sandbox(tmp_path, monkeypatch):
     """A working directory with the repository's examples, where a command's outputs go, and
     stand-ins for the pipeline stages after the checks (nothing trains)."""
-    from distill import pipeline, study
+    from distill import run, study
+    from distill.students import train
+    from distill.teachers import acquire
 
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     monkeypatch.chdir(tmp_path)
     checked = []
 
     def setup(cfg, scratch_teacher=False):
-        pipeline.check_models(cfg, scratch_teacher)
+        run.check_models(cfg, scratch_teacher)
         checked.append(cfg)
-        return None, None
+        return cfg, None, None
 
-    monkeypatch.setattr(pipeline, "run", setup)
-    monkeypatch.setattr(pipeline, "setup", setup)
-    monkeypatch.setattr(pipeline, "get_teacher", lambda *a, **k: None)
-    monkeypatch.setattr(pipeline, "train_student", lambda *a, **k: None)
+    monkeypatch.setattr(run, "run", setup)
+    monkeypatch.setattr(run, "setup", setup)
+    monkeypatch.setattr(acquire, "acquire_teacher", lambda *a, **k: SimpleNamespace(teacher=None))
+    monkeypatch.setattr(train, "train_student", lambda *a, **k: None)
     monkeypatch.setattr(study, "run_study", lambda base, recipes, **k: checked.extend([base, *(c for _, c in recipes.values())]))
     monkeypatch.setattr(study, "print_study", lambda result: None)
     return checked

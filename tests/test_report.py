@@ -22,7 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def fake_models(seed: int, baseline: bool = True, teacher_ort: bool = True) -> list[dict]:
-    """Entries as the pipeline builds them: random latencies and metrics, one entry per model/runtime."""
+    """Entries as a run builds them: random latencies and metrics, one entry per model/runtime."""
     rng = random.Random(seed)
 
     def metrics() -> dict:

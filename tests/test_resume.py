@@ -126,8 +126,8 @@ def test_fresh_keeps_the_unfinished_checkpoint_until_the_new_run_passes_it(datas
     state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 2 and state["recipe"]["seed"] == 5
     # and it resumes bit-for-bit: the same as the seed-5 run straight through
-    resumed = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(4, seed=5, resume=True), ckpt)
-    straight = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(4, seed=5), tmp_path / "s.ckpt")
+    resumed, _ = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(4, seed=5, resume=True), ckpt)
+    straight, _ = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(4, seed=5), tmp_path / "s.ckpt")
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
 

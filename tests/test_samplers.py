@@ -15,7 +15,7 @@ from distill.data import samplers
 from distill.data.importance import ImportanceBatchSampler
 from distill.data.samplers import PKSampler, loader_settings
 from distill.errors import DistillError
-from distill.pipeline import batch_sampler
+from distill.training import batch_sampler
 
 
 def random_labels(seed: int) -> list[int]:
@@ -237,7 +237,7 @@ def test_importance_sampler_state_and_bad_input() -> None:
         ImportanceBatchSampler([5, 5, 5], batch_size=3)
 
 
-def test_the_pipeline_builds_the_configured_sampler():
+def test_the_run_builds_the_configured_sampler():
     labels = np.repeat(np.arange(6), 8).tolist()
     pk = batch_sampler(load_config(None, batch_size=12, images_per_id=4, seed=5), labels)
     assert isinstance(pk, PKSampler) and (pk.p, pk.k, pk.seed) == (3, 4, 5)

@@ -12,7 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill import pipeline, selection
+from distill import selection
+from distill.protocols import DISTRACTOR_METRIC
+from distill.run import setup
+from distill.training import chance_check
 from distill.config import Config
 from distill.engine import fit
 from distill.report import build_report, print_report, to_markdown
@@ -97,8 +100,8 @@ def test_fit_keeps_the_later_epoch_loads_its_weights_and_says_so(dataset, tmp_pa
     lucky = [0.9, 0.05, 0.8, 0.05, 0.9, 0.05, 0.05, 0.7]
     trained = [0.5, 0.4, 0.45, 0.35, 0.5, 0.4, 0.3, 0.45]
     validate = Scripted([lucky, trained, [0.0] * 8])  # the last epoch collapses: clearly worse, not kept
-    model = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(3), tmp_path / "m.ckpt", validate=validate, desc="student")
-    assert model.fit_summary["best_epoch"] == 2 and model.fit_summary["top_epoch"] == 1 and model.fit_summary["last_score"] == 0.0
+    model, summary = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(3), tmp_path / "m.ckpt", validate=validate, desc="student")
+    assert summary["best_epoch"] == 2 and summary["top_epoch"] == 1 and summary["last_score"] == 0.0
     for name, value in model.state_dict().items():
         assert torch.equal(value, validate.seen[1][name]), name
     err = " ".join(capsys.readouterr().err.split())
@@ -114,23 +117,23 @@ def random_embedder(seed: int):
 
 
 def test_random_embeddings_score_the_chance_level_and_warn(tiny_data, tmp_path, capsys):
-    data, device = pipeline.setup(Config(out=str(tmp_path), image_size=(32, 16)))
-    validate = pipeline.validator(data, device)
-    chance = pipeline.distractor_chance(data)
+    _, data, device = setup(Config(out=str(tmp_path), image_size=(32, 16)))
+    validate = data.protocol.validator(data, device)
+    chance = data.protocol.distractor_chance(data)
     maps = [sum(aps) / len(aps) for aps in (validate(random_embedder(seed)) for seed in range(300))]
     mean, se = selection.mean_and_se(maps)
     assert abs(mean - chance) < 4 * se  # the formula, fed the protocol's match counts and gallery size
     capsys.readouterr()
     record, _ = update(None, validate(random_embedder(0)), 1)
     summary = selection.summary(record)
-    checked = pipeline.chance_check("student_baseline", summary, data)
+    checked = chance_check("student_baseline", summary, data)
     assert checked["near_chance"] is True and checked["chance"] == chance
     assert checked["chance_note"].startswith("student_baseline is near chance on validation: kept score")
     assert "warning: student_baseline is near chance" in " ".join(capsys.readouterr().err.split())
 
 
 def test_a_model_that_separates_identities_does_not_warn(tiny_data, tmp_path, capsys):
-    data, device = pipeline.setup(Config(out=str(tmp_path), image_size=(32, 16)))
+    _, data, device = setup(Config(out=str(tmp_path), image_size=(32, 16)))
     by_path = {s.path: s.label for s in [*data.val, *data.train_plain.samples]}
     order = [s.path for s in [*data.val, *data.train_plain.samples]]
     calls = iter(range(10**6))
@@ -139,10 +142,10 @@ def test_a_model_that_separates_identities_does_not_warn(tiny_data, tmp_path, ca
         labels = [by_path[order[next(calls) % len(order)]] for _ in images]
         return F.one_hot(torch.tensor(labels) % 8, 8).float() + 0.01 * torch.randn(len(images), 8)
 
-    scores = pipeline.distractor_maps(oracle, data, device, count=1, per_query=True)[0]
+    scores = data.protocol.distractor_maps(oracle, data, device, count=1, per_query=True)[0]
     capsys.readouterr()
-    checked = pipeline.chance_check("student", selection.summary(update(None, scores, 1)[0]), data)
-    assert checked == {"metric": pipeline.DISTRACTOR_METRIC, "chance": pipeline.distractor_chance(data), "near_chance": False}
+    checked = chance_check("student", selection.summary(update(None, scores, 1)[0]), data)
+    assert checked == {"metric": DISTRACTOR_METRIC, "chance": data.protocol.distractor_chance(data), "near_chance": False}
     assert "near chance" not in capsys.readouterr().err
 
 

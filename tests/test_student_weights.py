@@ -12,12 +12,14 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from distill import pipeline
+from distill import engine
 from distill.cli import app
 from distill.config import load_config
 from distill.errors import DistillError
 from distill.models import save_model
+from distill.run import check_models, setup
 from distill.students import create_student
+from distill.students.train import student_runs, train_student
 from distill.students.weights import load_student_weights, pretrained_file
 
 runner = CliRunner()
@@ -43,14 +45,14 @@ def test_run_starts_the_timm_student_from_its_weights(r18_file, tmp_path, monkey
         started["model"] = model
         raise KeyboardInterrupt  # stop before the first step: what was loaded is what training starts from
 
-    monkeypatch.setattr(pipeline, "fit", capture)
+    monkeypatch.setattr(engine, "fit", capture)
     cfg = load_config(None, student="timm:resnet18", student_weights=str(path), data="digits", image_size="32x32",
                       out=str(tmp_path / "o"), device="cpu")
     assert cfg.student_width == 0.5  # the default: a bare timm:NAME still builds at width 1
-    data, device = pipeline.setup(cfg)
-    run_cfg = pipeline.student_runs(cfg)[0][2]
+    cfg, data, device = setup(cfg)
+    run_cfg = student_runs(cfg)[0][2]
     with pytest.raises(KeyboardInterrupt):
-        pipeline.train_student(run_cfg, data, device, name="student")
+        train_student(run_cfg, data, device, name="student")
     student = started["model"].eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -167,7 +169,7 @@ def test_a_model_file_names_its_architecture(tmp_path):
     student = save_model(tmp_path / "student.pt", create_student("nin_bn", 16, 5, width=0.25), arch="nin_bn", width=0.25)
     cfg = load_config(None, teacher_weights=str(teacher), student_weights=str(student))
     assert cfg.teacher == "nin_bn" and cfg.student == "nin_bn@0.25"
-    assert pipeline.student_runs(cfg)[0][2].student_width == 0.25
+    assert student_runs(cfg)[0][2].student_width == 0.25
     given = load_config(None, teacher="inception_bn", teacher_weights=str(teacher), student="nin_bn@0.5", student_weights=str(student))
     assert given.teacher == "inception_bn" and given.student == "nin_bn@0.5"  # what is given stays (and is checked later)
     torch.save(create_student("nin_bn", 16, 5).state_dict(), tmp_path / "plain.pth")
@@ -177,5 +179,5 @@ def test_a_model_file_names_its_architecture(tmp_path):
 def test_a_timm_teacher_without_weights_trains_from_scratch_in_train_teacher_only():
     cfg = load_config(None, teacher="timm:resnet10t")
     with pytest.raises(DistillError, match=r"teacher timm:resnet10t needs local weights .*`distill train-teacher --teacher timm:resnet10t`"):
-        pipeline.check_models(cfg)
-    pipeline.check_models(cfg, scratch_teacher=True)
+        check_models(cfg)
+    check_models(cfg, scratch_teacher=True)

@@ -13,7 +13,8 @@ import torch
 from scipy import stats
 from typer.testing import CliRunner
 
-from distill import pipeline, study
+from distill import engine, study, training
+from distill.students import train
 from distill.cli import app
 from distill.config import load_config
 from distill.data import base as data_base
@@ -178,21 +179,21 @@ def test_unknown_recipe_name_and_missing_file(tmp_path):
 
 def test_pairs_share_init_and_batches_and_an_interrupted_study_resumes(tiny_data, tmp_path, monkeypatch):
     inits, batches, current = {}, {}, []
-    real_fit, real_train = pipeline.fit, pipeline.train_student
+    real_fit, real_train = engine.fit, train.train_student
 
     def recording_fit(model, objective, dataset, sampler, settings, checkpoint, **kw):
         current[:] = [kw.get("desc")]
         inits[current[0]] = {k: v.clone() for k, v in model.state_dict().items()}
         return real_fit(model, objective, dataset, sampler, settings, checkpoint, **kw)
 
-    class RecordingSampler(pipeline.PKSampler):
+    class RecordingSampler(training.PKSampler):
         def __iter__(self):
             epoch = list(super().__iter__())
             batches.setdefault(current[0], []).append(epoch)
             return iter(epoch)
 
-    monkeypatch.setattr(pipeline, "fit", recording_fit)
-    monkeypatch.setattr(pipeline, "PKSampler", RecordingSampler)
+    monkeypatch.setattr(engine, "fit", recording_fit)
+    monkeypatch.setattr(training, "PKSampler", RecordingSampler)
     base = load_config(None, out=str(tmp_path / "s"), **TINY)
     recipes = study.recipe_configs(base, ["kd"])
     first = study.run_study(base, recipes, seeds=2)
@@ -218,7 +219,7 @@ def test_pairs_share_init_and_batches_and_an_interrupted_study_resumes(tiny_data
         trained.append(name)
         return real_train(cfg, data, device, teacher=teacher, name=name)
 
-    monkeypatch.setattr(pipeline, "train_student", counting_train)
+    monkeypatch.setattr(train, "train_student", counting_train)
     again = study.run_study(base, recipes, seeds=2)
     assert sorted(trained) == [b0, "study/models/kd-seed1"]
     assert again["results"] == first["results"] and again["summary"] == first["summary"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.data.base import Sample
+from distill.data.base import Sample, data_fingerprint
 from distill.teachers.cache import cache_key, cached_outputs
 
 
@@ -38,13 +38,17 @@ def test_logits_may_be_absent(tmp_path):
 
 def test_key_changes_with_teacher_data_and_transform(tmp_path):
     samples = _samples(tmp_path, [3, 4])
-    base = cache_key("t1", samples, "resize")
-    assert cache_key("t1", samples, "resize") == base
-    assert cache_key("t2", samples, "resize") != base
-    assert cache_key("t1", samples, "crop") != base
-    assert cache_key("t1", samples[:1], "resize") != base
+
+    def key(teacher, images, transform):  # as the students' training keys it: the images by their fingerprint
+        return cache_key(teacher, data_fingerprint(images), transform)
+
+    base = key("t1", samples, "resize")
+    assert key("t1", samples, "resize") == base
+    assert key("t2", samples, "resize") != base
+    assert key("t1", samples, "crop") != base
+    assert key("t1", samples[:1], "resize") != base
     (tmp_path / "1.bin").write_bytes(b"y" * 9)  # the data changed on disk
-    assert cache_key("t1", samples, "resize") != base
+    assert key("t1", samples, "resize") != base
 
 
 def test_corrupt_cache_file_is_recomputed(tmp_path):

@@ -12,7 +12,7 @@ import torchvision
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from distill import pipeline
+from distill.run import setup
 from distill.cli import app
 from distill.config import Config
 from distill.data.dataset import read_image
@@ -86,10 +86,10 @@ def test_run_chooses_the_teacher_layer_on_validation_and_reports_it(tiny_data, t
     # the recorded scores are what the validation split gives for that layer of the saved teacher
     fields = {k: v for k, v in report["config"].items() if k in Config.__dataclass_fields__}
     cfg = Config(**{**fields, "image_size": tuple(fields["image_size"]), "out": str(tmp_path / "check")})
-    data, device = pipeline.setup(cfg)
+    _, data, device = setup(cfg)
     for name, score in choice["scores"].items():  # one pass for all layers = one teacher per layer
         teacher = load_teacher("inception_bn", weights=out / "teacher.pt", layer=None if name == EMBEDDING else name)
-        assert pipeline.distractor_map(teacher, data, device) == pytest.approx(score, abs=1e-5)
+        assert data.protocol.distractor_map(teacher, data, device) == pytest.approx(score, abs=1e-5)
 
     fixed = runner.invoke(app, ["run", "--out", str(out), *TINY, "--teacher-layer", "embedding"])
     assert fixed.exit_code == 0, fixed.output
@@ -100,13 +100,13 @@ def test_run_chooses_the_teacher_layer_on_validation_and_reports_it(tiny_data, t
 
 def test_distractor_map_against_a_loop_over_validation_queries(tiny_data, tmp_path):
     cfg = Config(out=str(tmp_path), image_size=(32, 16))
-    data, device = pipeline.setup(cfg)
+    _, data, device = setup(cfg)
     projection = torch.randn(3 * 32 * 16, 8, generator=torch.Generator().manual_seed(0))
 
     def model(images):  # a random projection of the pixels: embeddings spread out, no near-ties
         return F.normalize(images.flatten(1) @ projection, dim=1)
 
-    got = pipeline.distractor_map(model, data, device, max_distractors=10)
+    got = data.protocol.distractor_map(model, data, device, max_distractors=10)
 
     def embed(samples):
         return torch.stack([model(data.eval_transform(read_image(s.path))[None])[0] for s in samples]).double()

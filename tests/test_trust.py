@@ -190,7 +190,7 @@ def test_data_that_cannot_be_trained_or_evaluated_fails_before_training(tmp_path
 def test_reid_data_without_a_cross_camera_match_fails_before_training():
     from distill.data.base import Sample, Splits
     from distill.errors import DistillError
-    from distill.pipeline import check_splits
+    from distill.data.prepare import check_splits
 
     train = [Sample(f"t{i}", i // 2, i % 2) for i in range(8)]
     query = [Sample("q", 10, 1)]

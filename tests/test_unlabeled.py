@@ -207,7 +207,7 @@ def interrupt(objective, after: int):
 def test_resume_with_unlabeled_images_continues_bit_for_bit(tmp_path):
     data = WithUnlabeled()
     model, objective = build()
-    straight = fit(model, objective, data, sampler(data), settings(False), tmp_path / "a.ckpt", teacher_fn=data.teacher)
+    straight, _ = fit(model, objective, data, sampler(data), settings(False), tmp_path / "a.ckpt", teacher_fn=data.teacher)
     model, objective = build()
     steps = len(sampler(data))
     with pytest.raises(KeyboardInterrupt):
@@ -215,7 +215,7 @@ def test_resume_with_unlabeled_images_continues_bit_for_bit(tmp_path):
     model, objective = build()
     resumed_settings = settings(False)
     resumed_settings.resume = True
-    resumed = fit(model, objective, data, sampler(data), resumed_settings, tmp_path / "b.ckpt", teacher_fn=data.teacher)
+    resumed, _ = fit(model, objective, data, sampler(data), resumed_settings, tmp_path / "b.ckpt", teacher_fn=data.teacher)
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
     other = sampler(data)

@@ -23,9 +23,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from distill.errors import DistillError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from distill.models.registry import IMAGENET_MEAN, IMAGENET_STD  # the models' default input normalisation
 KINDS = ("reid", "retrieval")
 PRESETS = ("none", "light", "standard")
 

@@ -19,6 +19,10 @@ from distill.errors import DistillError
 from distill.models.library import timm_cfg, timm_model, torchvision_model
 
 ModelBuilder = Callable[..., nn.Module]
+# The input normalisation of a model whose ModelCfg gives no mean/std (every builtin): ImageNet's.
+# The data transforms normalise with it; a finished teacher re-normalises to its own (teachers.finished).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 ROLES = ("teacher", "student")
 # the spec prefixes each role accepts, besides builtin names
 PREFIXES = {"teacher": ("timm", "torchvision", "onnx"), "student": ("timm",)}
@@ -27,7 +31,7 @@ PREFIXES = {"teacher": ("timm", "torchvision", "onnx"), "student": ("timm",)}
 @dataclass(frozen=True)
 class ModelCfg:
     """What a model expects: input size ``(H, W)``, per-channel mean/std of its input normalisation
-    (None: ImageNet's, what the data transforms give), its usual embedding size (None: the run's) and
+    (None: ``IMAGENET_MEAN``/``IMAGENET_STD``, what the data transforms give), its usual embedding size (None: the run's) and
     the layers ``--teacher-layer auto`` tries besides its embedding."""
 
     input_size: tuple[int, int] = (224, 224)

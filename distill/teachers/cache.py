@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from distill.atomic import atomic_torch_save
-from distill.data import Sample, data_fingerprint
 
 
-def cache_key(teacher_fingerprint: str, samples: Sequence[Sample], transform: object) -> str:
-    parts = f"{teacher_fingerprint}|{data_fingerprint(samples)}|{transform!r}"
+def cache_key(teacher_fingerprint: str, data_fingerprint: str, transform: object) -> str:
+    """The cache file's name for a teacher, an image list (its fingerprint, e.g. ``distill.data.data_fingerprint``)
+    and the transform the images go through."""
+    parts = f"{teacher_fingerprint}|{data_fingerprint}|{transform!r}"
     return hashlib.sha1(parts.encode()).hexdigest()[:16]
 
 

@@ -3,8 +3,8 @@
 The embedding is the network's pooled features (timm: ``forward_features`` then
 ``forward_head(pre_logits=True)``; torchvision: the input of its last Linear layer, the classifier;
 our own networks: their embedding) or the output of a named layer (global-average-pooled when it
-is a feature map). The batch arrives normalised with ImageNet's mean/std (the data transforms) and
-is re-normalised to the model's own: ``x' = (x * std_in + mean_in - mean) / std``.
+is a feature map). The batch arrives normalised with the models' default mean/std (ImageNet's,
+``distill.models.IMAGENET_MEAN``/``IMAGENET_STD``, what the data transforms use) and is re-normalised to the model's own: ``x' = (x * std_in + mean_in - mean) / std``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from distill.errors import DistillError
-from distill.models import ModelCfg
+from distill.models import IMAGENET_MEAN, IMAGENET_STD, ModelCfg
 
 MODES = ("timm", "classifier", "pair")  # timm API | any classifier (hook on its last Linear) | (emb, logits) net
 

@@ -46,7 +46,6 @@ class Teacher:
     num_classes: int | None  # size of the logits (None without)
     fingerprint: str
     module: nn.Module | None = None
-    layer_choice: dict | None = None  # what --teacher-layer auto measured (distill.teachers.layers)
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError

@@ -1,0 +1,90 @@
+"""What the teacher's and the students' trainings share: their settings, their batches, the task
+loss's weight penalty, the chance check of the epoch kept and the clean-up of a finished
+training's checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+
+from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config
+from distill.data.importance import ImportanceBatchSampler
+from distill.data.samplers import PKSampler
+from distill.engine import BatchSampler, TrainSettings, distributed, is_main_process
+from distill.errors import DistillError
+from distill.losses.task import HPARAMS
+from distill.objective import StudentObjective
+from distill.selection import chance_note
+
+console = Console(stderr=True)
+
+
+def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> TrainSettings:
+    """The teacher's or the students' training settings. A length the user gave (epochs or steps)
+    runs as given; only the default length is raised to the minimum number of steps."""
+    epochs, steps, minimum = (
+        (cfg.teacher_epochs, cfg.teacher_steps, cfg.teacher_min_steps) if teacher else (cfg.epochs, cfg.steps, cfg.min_steps)
+    )
+    given = epochs is not None or steps is not None
+    return TrainSettings(
+        epochs=epochs if epochs is not None else (DEFAULT_TEACHER_EPOCHS if teacher else DEFAULT_EPOCHS),
+        steps=steps,
+        min_steps=0 if given else minimum,
+        lr=cfg.teacher_lr if teacher else cfg.lr,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        device=str(device),
+        amp=cfg.amp,
+        compile=cfg.compile,
+        workers=cfg.workers,
+        resume=cfg.resume,
+        fresh=cfg.fresh,
+        gather_embeddings=cfg.gather_embeddings,
+    )
+
+
+def batch_sampler(cfg: Config, labels: Sequence[int]) -> BatchSampler:
+    """This process's training batches: ``cfg.sampler`` (P x K or importance sampling) over ``labels``,
+    seeded by ``cfg.seed``, its share of them under torchrun."""
+    rank, world = distributed()
+    if cfg.sampler == "importance":
+        margin = float(cfg.loss_options.get("triplet_margin", HPARAMS["triplet_margin"]))
+        return ImportanceBatchSampler(labels, cfg.batch_size, margin=margin, seed=cfg.seed, rank=rank, world_size=world)
+    p, k = cfg.batch_size // cfg.images_per_id, cfg.images_per_id
+    sampler = PKSampler(labels, p=p, k=k, seed=cfg.seed, rank=rank, world_size=world)
+    if len(sampler) == 0:
+        raise DistillError(
+            f"the training set is too small for batches of {p} identities x {k} images "
+            f"({len(set(labels))} identities): lower --batch-size"
+        )
+    return sampler
+
+
+def weight_penalty(objective: StudentObjective) -> Callable[[nn.Module], Tensor] | None:
+    """The task loss's L2 weight penalty (``--loss-opt weight_l2=0.001``), or None when it is off."""
+    return objective.task.weight_penalty if objective.task.hparams["weight_l2"] > 0 else None
+
+
+def finished_checkpoint(checkpoint: Path, cfg: Config) -> None:
+    """Delete a training's checkpoint once its model file is written (unless ``keep_checkpoints``):
+    it is only needed to resume, and holds the optimiser's state too (a few times the model's size)."""
+    if not cfg.keep_checkpoints:
+        checkpoint.unlink(missing_ok=True)
+
+
+def chance_check(name: str, fit_summary: dict, data: Any) -> dict:
+    """The chance level of the validation score (``Protocol.distractor_chance`` of the prepared
+    ``data``) and, when ``name``'s kept model is near it, a warning on the console and in the
+    returned ``chance_note`` (empty dict without validation)."""
+    if "best_score" not in fit_summary:
+        return {}
+    chance = data.protocol.distractor_chance(data)
+    note = chance_note(name, fit_summary, chance)
+    if note and is_main_process():
+        console.print(f"[yellow]warning:[/] {note}")
+    return {"metric": data.protocol.validation_metric, "chance": chance, "near_chance": note is not None} | (
+        {"chance_note": note} if note else {})
