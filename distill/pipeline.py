@@ -20,7 +20,7 @@ from rich.markup import escape
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config, export_precisions, label_free, student_specs
+from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config, export_precisions, label_free, student_specs, teacher_fields
 from distill.data import Sample, Splits, data_fingerprint, hold_out_identities, load_dataset
 from distill.data.inputs import choose_augment, choose_image_size
 from distill.data.importance import ImportanceBatchSampler
@@ -314,13 +314,9 @@ def batch_sampler(cfg: Config, labels: Sequence[int]) -> BatchSampler:
     return sampler
 
 
-# Every Config field that shapes a teacher trained here: a cached <out>/teacher.pt is reused only
-# when all of them (and the training data) match. New options that shape the teacher go here.
-TEACHER_FIELDS = (
-    "teacher", "teacher_weights", "embed_dim", "image_size", "augment", "flip", "val_fraction", "teacher_epochs",
-    "teacher_steps", "teacher_min_steps", "teacher_lr", "weight_decay", "batch_size", "images_per_id", "sampler",
-    "loss", "loss_options", "seed",
-)
+# Every Config field that shapes a teacher trained here (``shapes_teacher`` in its metadata): a cached
+# <out>/teacher.pt is reused only when all of them (and the training data) match.
+TEACHER_FIELDS = teacher_fields()
 
 
 def teacher_recipe(cfg: Config) -> dict[str, Any]:
