@@ -118,7 +118,10 @@ def _config_parameters(command: str) -> list[inspect.Parameter]:
         kind = _cli_type(f)
         flag = flag_name(f.name)
         decls = [f"{flag}/{meta['off_flag'] or '--no-' + flag[2:]}"] if kind is bool else [flag]
-        option = typer.Option(None, *decls, help=meta["help"], show_default=shown_default(f.name), rich_help_panel=meta["section"].capitalize())
+        option = typer.Option(
+            None, *decls, help=meta["help"], show_default=shown_default(f.name), metavar=meta["metavar"],
+            rich_help_panel=meta["section"].capitalize(),
+        )
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
     return params
 

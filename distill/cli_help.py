@@ -56,7 +56,7 @@ def _row(param: TyperOption | TyperArgument) -> HelpRow:
     if isinstance(param, TyperArgument):
         return HelpRow((param.name.upper(),), (), "", param.help or "", None, param.required)
     switch = param.is_flag or bool(param.secondary_opts)
-    metavar = "" if switch else _type_name(param.type_descriptor.annotation)
+    metavar = "" if switch else param.metavar or _type_name(param.type_descriptor.annotation)
     default: str | None = None
     if isinstance(param.show_default, str):
         default = param.show_default

@@ -42,6 +42,7 @@ def option(
     shown: str | None = None,
     kind: str | None = None,
     cli_type: type | None = None,
+    metavar: str | None = None,
     cli: bool = True,
 ) -> Any:
     """A ``Config`` field with its one-line ``help`` and what the code needs to know about it:
@@ -54,15 +55,15 @@ def option(
     trained weight; ``above``/``at_least``: the lower bound of a number (excluded/included); ``flag`` /
     ``off_flag``: the option's names when not ``--field-name`` / ``--no-field-name``; ``shown``: the
     default as ``--help`` shows it (for a None with a meaning); ``kind``: what a value must be, for the
-    type error; ``cli_type``: what the option parses when not the field's type; ``cli``: False for
-    TOML-only fields.
+    type error; ``cli_type``: what the option parses when not the field's type; ``metavar``: how help
+    names its value (default: from the type); ``cli``: False for TOML-only fields.
     """
     if section not in SECTIONS or stage not in STAGES:
         raise ValueError(f"section must be one of {SECTIONS} and stage one of {STAGES}, got {section!r}, {stage!r}")
     metadata = dict(
         help=help, section=section, stage=stage, shapes_teacher=shapes_teacher, shared=shared, result=result,
         trains=trains, above=above, at_least=at_least, flag=flag, off_flag=off_flag, shown=shown, kind=kind,
-        cli_type=cli_type, cli=cli,
+        cli_type=cli_type, metavar=metavar, cli=cli,
     )
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
@@ -126,7 +127,7 @@ class Config:
     )
     image_size: tuple[int, int] | None = option(  # None: chosen from the data set (distill.data.inputs)
         None, "Input size HxW, e.g. 64x32 or 256x128, or auto.", section="data", shared=True,
-        shown="auto: chosen from the data set", cli_type=str, **_TEACHER,
+        shown="auto: chosen from the data set", cli_type=str, metavar="HxW", **_TEACHER,
     )
     augment: str | None = option(
         None, "Training augmentation preset: none, light or standard.",
@@ -202,7 +203,7 @@ class Config:
     )
     loss_options: dict[str, Any] = option(  # hparams of the task losses (distill.losses.task.HPARAMS)
         help="Task-loss hyper-parameter KEY=VALUE (repeatable), e.g. triplet_margin=0.3.", factory=dict,
-        section="training", flag="--loss-opt", shown="none", cli_type=list[str], **_TEACHER,
+        section="training", flag="--loss-opt", shown="none", cli_type=list[str], metavar="KEY=VALUE", **_TEACHER,
     )
     # distillation
     kd_weight: float = option(  # 6 seeds on the default data: +0.047 R@1 / +0.053 mAP over the baseline (1.0: +0.027 / +0.031)
@@ -219,7 +220,7 @@ class Config:
     darkrank_beta: float = option(3.0, "DarkRank distance power beta.", section="distillation", above=0.0, **_STUDENT)
     darkrank_list_size: int | None = option(  # None ("all"): every other sample, as the paper (measured best, README)
         None, "Candidates per query: the teacher's M nearest, or all (every other sample, the paper).",
-        section="distillation", shown="all", kind="an integer or 'all'", cli_type=str, **_STUDENT,
+        section="distillation", shown="all", kind="an integer or 'all'", cli_type=str, metavar="INT", **_STUDENT,
     )
     darkrank_topk: int | None = option(
         None, "Hard DarkRank only: ListMLE@k, the teacher's first k picks over the whole list.", section="distillation",
