@@ -22,10 +22,11 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperArgument, TyperCommand, TyperOption
 
-from distill.console import make_console
+from distill.console import LOG_WIDTH, make_console
 
 OPTIONS = "Options"  # the panel of a command's own options and --help
 ARGUMENTS = "Arguments"
+PIPED_WIDTH = 100  # help piped into a pager or a file: panels as wide as a text, not as a log line
 _TYPE_NAMES = {int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH"}
 
 
@@ -96,6 +97,8 @@ class SectionedCommand(TyperCommand):
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         console = make_console()
+        if console.width == LOG_WIDTH:
+            console = make_console(width=PIPED_WIDTH)
         console.print(Padding(Text(self.get_usage(ctx), style="bold"), (1, 1, 0, 1)))
         if self.help:
             console.print(Padding(escape(inspect.cleandoc(self.help)), (1, 1, 1, 1)))
