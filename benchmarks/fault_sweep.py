@@ -46,6 +46,11 @@ TINY = [
     "--batch-size", "8", "--images-per-id", "2", "--bench-iters", "2", "--no-clustering", "--export-precision", "fp32",
     "--device", "cpu", "--val-fraction", "0", "--embed-dim", "16", "--student-width", "0.25",
 ]
+# the same for train-teacher, which takes no student, export or report option
+TINY_TEACHER = [
+    "--image-size", "32x32", "--teacher-epochs", "1", "--teacher-min-steps", "0", "--batch-size", "8", "--images-per-id", "2",
+    "--device", "cpu", "--val-fraction", "0", "--embed-dim", "16",
+]
 
 
 @dataclass
@@ -208,7 +213,7 @@ def catalogue(w: Path) -> list[Case]:
         Case("resume-other-data", 1, ["run", "--data", f"imagefolder:{w / 'folder2'}", *LONG, "--out", str(w / "L"), "--resume"],
              check=checkpoints_kept, timeout=60),
         # item 4: a write that fails (file size limit: EFBIG, as a full disk fails with ENOSPC)
-        Case("disk-full-teacher", 4, ["train-teacher", *data, *TINY, "--out", str(w / "D")], fsize=200_000),
+        Case("disk-full-teacher", 4, ["train-teacher", *data, *TINY_TEACHER, "--out", str(w / "D")], fsize=200_000),
         Case("disk-full-export", 4, ["export", "--checkpoint", student, "-o", str(w / "full.onnx")], fsize=20_000),
         # item 5: type-checked config files and recipes
         *(Case(f"toml-{key}", 5, [*run, "--config", str(w / "c.toml"), *out], before=cfg(f"{key} = {value}\n"))

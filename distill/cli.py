@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from distill.config import HELP, Config
+from distill.config import Config, command_fields, default_value, field_info, flag_name
+from distill.cli_help import SectionedCommand
+from distill.console import make_console
 from distill.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil a big embedding teacher into a small, fast student.")
-err_console = Console(stderr=True)
+err_console = make_console(stderr=True)
 DEBUG = {"on": False}
 
 
@@ -88,44 +89,51 @@ def _locked(cfg):
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (flat keys as in distill.config.Config).")
-# command-line types of the fields whose Config type is not what the option parses
-_CLI_TYPES: dict[str, type] = {"image_size": str, "darkrank_list_size": str, "loss_options": list[str]}
-_FLAGS = {"loss_options": "--loss-opt"}
-_OFF_SWITCHES = {"require_better_teacher": "--allow-weaker-teacher"}
-_SHOWN_DEFAULTS = {"image_size": "auto", "loss_options": "none"}
 
 
-def _cli_type(f: dataclasses.Field) -> type | None:
-    """The option type of a Config field (None: TOML only, e.g. the ``students`` list)."""
-    if f.name in _CLI_TYPES:
-        return _CLI_TYPES[f.name]
-    text = str(f.type)
-    for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)):
-        if text.startswith(name):
-            return kind
-    return None
+def _cli_type(f: dataclasses.Field) -> type:
+    """The option type of a Config field: what its metadata says it parses, else its own type."""
+    if f.metadata["cli_type"] is not None:
+        return f.metadata["cli_type"]
+    return next(kind for name, kind in (("bool", bool), ("int", int), ("float", float), ("str", str)) if str(f.type).startswith(name))
 
 
-def _config_parameters() -> list[inspect.Parameter]:
-    """One ``--option`` per Config field, with its help line and default, plus ``--config``."""
+def shown_default(name: str) -> str:
+    """Field ``name``'s default as help shows it: the value, or what an unset (None) one means."""
+    meta = field_info(name)
+    if meta["shown"] is not None:
+        return meta["shown"]
+    default = default_value(name)
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+def _config_parameters(command: str) -> list[inspect.Parameter]:
+    """``--config`` and one ``--option`` per Config field the command reads (``command_fields``),
+    each in the help panel of its section, with its help line and default."""
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=ConfigOpt, annotation=Optional[Path])]
     for f in dataclasses.fields(Config):
-        kind = _cli_type(f)
-        if kind is None:
+        meta = f.metadata
+        if f.name not in command_fields(command) or not meta["cli"]:
             continue
-        flag = _FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = _SHOWN_DEFAULTS.get(f.name, "unset" if default is None else default)
-        decls = [f"{flag}/{_OFF_SWITCHES.get(f.name, '--no-' + flag[2:])}"] if kind is bool else [flag]
-        option = typer.Option(None, *decls, help=HELP[f.name], show_default=str(shown))
+        kind = _cli_type(f)
+        flag = flag_name(f.name)
+        decls = [f"{flag}/{meta['off_flag'] or '--no-' + flag[2:]}"] if kind is bool else [flag]
+        option = typer.Option(
+            None, *decls, help=meta["help"], show_default=shown_default(f.name), metavar=meta["metavar"],
+            rich_help_panel=meta["section"].capitalize(),
+        )
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
     return params
 
 
-def config_command(fn: Callable[..., None]) -> Callable[..., None]:
-    """Turn ``fn(cfg, **own_options)`` into a command that also takes every Config field as an option
-    (and ``--config FILE``): values given on the command line override the file, which overrides the
-    defaults. So every command that trains accepts the same options as ``distill run``."""
+def config_command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Turn ``fn(cfg, **own_options)`` into command ``name`` that also takes the Config fields it reads
+    as options (``command_fields``), and ``--config FILE``: values given on the command line override
+    the file, which overrides the defaults."""
+    return functools.partial(_config_command, name)
+
+
+def _config_command(name: str, fn: Callable[..., None]) -> Callable[..., None]:
     hints = typing.get_type_hints(fn)
     own = [p.replace(annotation=hints[p.name]) for p in list(inspect.signature(fn).parameters.values())[1:]]
     fields = {f.name for f in dataclasses.fields(Config)}
@@ -136,12 +144,12 @@ def config_command(fn: Callable[..., None]) -> Callable[..., None]:
         fn(_config(config, **{k: v for k, v in overrides.items() if v is not None and v != []}), **kwargs)
 
     command.__name__, command.__doc__ = fn.__name__, fn.__doc__
-    command.__signature__ = inspect.Signature(own + _config_parameters())
+    command.__signature__ = inspect.Signature(own + _config_parameters(name))
     return friendly(command)
 
 
-@app.command()
-@config_command
+@app.command(cls=SectionedCommand)
+@config_command("run")
 def run(cfg: Config) -> None:
     """Teacher -> baseline student -> distilled student -> evaluate -> ONNX export -> benchmark -> report."""
     from distill.run import run as run_stages
@@ -150,12 +158,12 @@ def run(cfg: Config) -> None:
         run_stages(cfg)
 
 
-@app.command()
-@config_command
+@app.command(cls=SectionedCommand)
+@config_command("study")
 def study(
     cfg: Config,
     recipes: Optional[str] = typer.Option(None, help="Comma-separated recipes, e.g. baseline,kd,darkrank-hard (baseline is always added)."),
-    recipes_file: Optional[Path] = typer.Option(None, help="TOML file of \\[\\[recipe]] tables: name = \"...\" plus Config keys."),
+    recipes_file: Optional[Path] = typer.Option(None, help="TOML file of [[recipe]] tables: name = \"...\" plus Config keys."),
     seeds: int = typer.Option(5, help="Seeds per recipe (base seed, base seed + 1, ...)."),
     jobs: int = typer.Option(1, help="Trainings run in parallel processes (one thread each)."),
     keep_models: bool = typer.Option(False, "--keep-models/--no-keep-models", help="Keep each training's model file (study/models/RECIPE-seedS.pt; deleted once scored by default)."),
@@ -172,8 +180,8 @@ def study(
     err_console.print(f"study: {escape(str(cfg.out_dir / 'study.json'))}, study.md, study.png")
 
 
-@app.command("train-teacher")
-@config_command
+@app.command("train-teacher", cls=SectionedCommand)
+@config_command("train-teacher")
 def train_teacher(cfg: Config) -> None:
     """Train (or reuse) the teacher of a run directory: writes <out>/teacher.pt."""
     from distill.run import setup
@@ -187,8 +195,8 @@ def train_teacher(cfg: Config) -> None:
     err_console.print(f"teacher: {escape(str(cfg.out_dir / 'teacher.pt'))}")
 
 
-@app.command()
-@config_command
+@app.command(cls=SectionedCommand)
+@config_command("train")
 def train(cfg: Config) -> None:
     """Train only the distilled student (teacher trained or reused first): writes <out>/student.pt."""
     from distill.run import setup
@@ -205,38 +213,64 @@ def train(cfg: Config) -> None:
     err_console.print(f"student: {escape(str(cfg.out_dir / 'student.pt'))}")
 
 
-@app.command("eval")
+@app.command("eval", cls=SectionedCommand)
 @friendly
 def eval_(
-    checkpoint: Path = typer.Option(..., help="A distill model file (teacher.pt, student.pt)."),
-    data: str = typer.Option("synthetic", help="Data set NAME:PATH."),
-    image_size: Optional[str] = typer.Option(None, help="Input size HxW (default: the size the model was trained at)."),
-    device: str = typer.Option("auto"),
+    checkpoint: Path = typer.Option(..., help="A model file distill wrote: teacher.pt, student.pt (.safetensors) or an exported .onnx."),
+    data: str = typer.Option("synthetic", help="Data set: synthetic, digits, or NAME:PATH."),
+    image_size: Optional[str] = typer.Option(
+        None, help="Input size HxW (default: the size the model was trained at; for .onnx, its graph's fixed input size)."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (an .onnx file runs in ONNX Runtime's best provider)."),
     clustering: bool = typer.Option(True, "--clustering/--no-clustering", help="NMI/F1 by k-means (slow for ~10k classes without faiss)."),
 ) -> None:
-    """Evaluate a model file: Recall@K, NMI, F1, mAP, rank-1 (the data set's protocol)."""
+    """Evaluate a model file or an exported ONNX file: Recall@K, NMI, F1, mAP, rank-1 (the data set's protocol)."""
+    import torch
+
     from distill.data.prepare import prepare_data
     from distill.engine import resolve_device
-    from distill.models import load_model
 
-    model, info = load_model(checkpoint)
-    cfg = _config(None, data=data, image_size=image_size or _trained_size(info), device=device)
-    device_ = resolve_device(cfg.device)
+    embed, size = _scorer(checkpoint, image_size)
+    cfg = _config(None, data=data, image_size=size, device=device)
+    if isinstance(embed, torch.nn.Module):
+        device_ = resolve_device(cfg.device)
+        embed = embed.to(device_)
+    else:  # ONNX Runtime takes its inputs from the CPU
+        device_ = torch.device("cpu")
     data_ = prepare_data(cfg)
-    metrics = data_.protocol.test_metrics(model.to(device_), data_.splits, data_.eval_transform, device_, clustering)
+    metrics = data_.protocol.test_metrics(embed, data_.splits, data_.eval_transform, device_, clustering)
     table = Table("metric", "value", title=Text(str(checkpoint)))
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}")
-    Console().print(table)
+    make_console().print(table)
 
 
-@app.command()
+def _scorer(path: Path, image_size: str | None) -> tuple[Callable, str | list[int]]:
+    """An embedding function for a file distill wrote and the input size to score it at: a distill
+    model file (its recorded size), or an ONNX file in ONNX Runtime (its graph's fixed input size)."""
+    if path.suffix != ".onnx":
+        from distill.models import load_model
+
+        model, header = load_model(path)
+        return model, image_size or _trained_size(header)
+    from distill.bench import onnx_input_size, ort_providers
+    from distill.export import OnnxEmbedder
+
+    if not path.is_file():
+        raise DistillError(f"ONNX file {path} does not exist")
+    size = image_size or onnx_input_size(path)
+    if size is None:
+        raise DistillError(f"{path} has no fixed input size in its graph: give --image-size HxW")
+    return OnnxEmbedder(path, ort_providers()), size
+
+
+@app.command(cls=SectionedCommand)
 @friendly
 def export(
-    checkpoint: Path = typer.Option(..., help="A distill model file."),
+    checkpoint: Path = typer.Option(..., help="A distill model file (teacher.pt, student.pt)."),
     output: Path = typer.Option(..., "--output", "-o", help="Where to write the .onnx file."),
     image_size: Optional[str] = typer.Option(None, help="Input size HxW (default: the size the model was trained at)."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or int8."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (int8-static needs calibration images: use `distill run --export-precision`)."),
 ) -> None:
     """Export a model file to ONNX (dynamic batch), check it and its parity with ONNX Runtime."""
     from distill.config import _coerce
@@ -245,17 +279,17 @@ def export(
 
     model, header = load_model(checkpoint)
     info = export_onnx(model, output, _coerce("image_size", image_size or _trained_size(header)), precision=precision)
-    Console().print(f"wrote {escape(info['path'])} (max abs diff vs PyTorch {info['max_abs_diff']:.2e})")
+    make_console().print(f"wrote {escape(info['path'])} (max abs diff vs PyTorch {info['max_abs_diff']:.2e})")
 
 
-@app.command()
+@app.command(cls=SectionedCommand)
 @friendly
 def bench(
     checkpoint: Optional[Path] = typer.Option(None, help="A distill model file (PyTorch eager)."),
     onnx: Optional[Path] = typer.Option(None, help="An .onnx file (ONNX Runtime)."),
     image_size: Optional[str] = typer.Option(None, help="Input size HxW (default: the model file's, or the ONNX graph's fixed input size)."),
     iters: int = typer.Option(50, help="Timed calls per round; rounds repeat until the median is stable."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (for --checkpoint)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result, machine and library versions as JSON."),
 ) -> None:
     """Latency p50/p90/p99 at batch 1 and throughput at batch 64."""
@@ -282,7 +316,7 @@ def bench(
     table = Table("field", "value")
     for k, v in result.items():
         table.add_row(k, Text(f"{v:.3f}" if isinstance(v, float) else str(v)))
-    Console().print(table)
+    make_console().print(table)
     if json_out is not None:
         try:
             atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
@@ -290,7 +324,7 @@ def bench(
             raise DistillError(f"cannot write the JSON file {json_out}: {err.strerror} (choose another --json path)") from None
 
 
-@app.command()
+@app.command(cls=SectionedCommand)
 @friendly
 def report(out: Path = typer.Argument(..., help="A run directory or its report.json.")) -> None:
     """Print a saved report again."""
@@ -299,7 +333,7 @@ def report(out: Path = typer.Argument(..., help="A run directory or its report.j
     print_report(load_report(out / "report.json" if out.is_dir() else out))
 
 
-@app.command("list")
+@app.command("list", cls=SectionedCommand)
 @friendly
 def list_() -> None:
     """Known teachers, students, data sets and task losses."""
@@ -313,7 +347,7 @@ def list_() -> None:
     table.add_row("students", ", ".join(student_names()) + ", timm:NAME")
     table.add_row("data sets", ", ".join(dataset_names()) + " (NAME:PATH)")
     table.add_row("task losses", ", ".join(task_loss_names()))
-    Console().print(table)
+    make_console().print(table)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,96 +5,300 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from distill.errors import DistillError
+
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8-static")  # the ONNX precisions export writes
+DEFAULT_EPOCHS = 12  # student epochs when neither --epochs nor --steps is given
+DEFAULT_TEACHER_EPOCHS = 24  # 16 left BN-Inception under-trained: R@1 0.74-0.85 run to run vs 0.885-0.893 at 24
+
+# How the options are grouped in ``--help`` and docs/cli.md, in this order.
+SECTIONS = ("model", "data", "training", "distillation", "export and report", "run")
+# The stages of ``distill run`` in order; a field's ``stage`` is the first one that reads it, and a
+# command that runs the stages up to S (COMMAND_STAGES) takes the options of S and those before it.
+STAGES = ("teacher", "student", "evaluate", "report")
+COMMAND_STAGES = {"train-teacher": "teacher", "train": "student", "study": "evaluate", "run": "report"}
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    section: str,
+    stage: str = "teacher",
+    factory: Callable[[], Any] | None = None,
+    shapes_teacher: bool = False,
+    shared: bool = False,
+    result: bool = True,
+    trains: bool = True,
+    above: float | None = None,
+    at_least: float | None = None,
+    flag: str | None = None,
+    off_flag: str | None = None,
+    shown: str | None = None,
+    kind: str | None = None,
+    cli_type: type | None = None,
+    metavar: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A ``Config`` field with its one-line ``help`` and what the code needs to know about it:
+
+    ``section``: its group in ``--help`` (``SECTIONS``); ``stage``: the first stage of ``distill run``
+    that reads it (``STAGES``: which commands take it); ``shapes_teacher``: a teacher trained here
+    depends on it (the cached teacher is reused only when all of these match); ``shared``: every recipe
+    of a study shares it (a recipe may not set it); ``result``: it can change a trained or scored number
+    (False: a stored study result made with another value is still valid); ``trains``: it can change a
+    trained weight; ``above``/``at_least``: the lower bound of a number (excluded/included); ``flag`` /
+    ``off_flag``: the option's names when not ``--field-name`` / ``--no-field-name``; ``shown``: the
+    default as ``--help`` shows it (for a None with a meaning); ``kind``: what a value must be, for the
+    type error; ``cli_type``: what the option parses when not the field's type; ``metavar``: how help
+    names its value (default: from the type); ``cli``: False for TOML-only fields.
+    """
+    if section not in SECTIONS or stage not in STAGES:
+        raise ValueError(f"section must be one of {SECTIONS} and stage one of {STAGES}, got {section!r}, {stage!r}")
+    metadata = dict(
+        help=help, section=section, stage=stage, shapes_teacher=shapes_teacher, shared=shared, result=result,
+        trains=trains, above=above, at_least=at_least, flag=flag, off_flag=off_flag, shown=shown, kind=kind,
+        cli_type=cli_type, metavar=metavar, cli=cli,
+    )
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_TEACHER = dict(stage="teacher", shapes_teacher=True)
+_STUDENT = dict(stage="student")
+_OUTPUT_ONLY = dict(result=False, trains=False)
 
 
 @dataclass
 class Config:
     """Everything ``distill run`` needs. The defaults run the embedded data set in a few CPU minutes."""
 
-    # models
-    teacher: str = "inception_bn"
-    teacher_weights: str | None = None
-    teacher_layer: str = "auto"  # auto: the best on validation of its embedding and feature layers | embedding | a layer name
-    teacher_finetune: bool = False  # fine-tune the given backbone weights with a new embedding head instead of using the model as it is
-    student: str = "nin_bn"  # one spec or a comma-separated list; NAME@WIDTH sets that student's width
-    students: list[str] | None = None  # the same list as a TOML array (give student or students, not both)
-    student_width: float = 0.5  # full-width NIN-BN costs only 1.6x fewer FLOPs than BN-Inception
-    multiscale: bool = False
-    student_weights: str | None = None  # start the student from these weights (a state dict or a distill model file)
-    student_pretrained: bool = False  # timm students: timm's pretrained weights from the local cache (never downloaded)
-    embed_dim: int = 128
+    # model
+    teacher: str = option(
+        "inception_bn", "Teacher: inception_bn, timm:NAME, torchvision:NAME or onnx:PATH.", section="model", shared=True, **_TEACHER
+    )
+    teacher_weights: str | None = option(
+        None, "Local teacher weights: a distill model file, or a state dict of the finished model (used as it is).",
+        section="model", shared=True, shown="none", **_TEACHER,
+    )
+    teacher_layer: str = option(
+        "auto", "Teacher layer whose (pooled) output is the embedding: auto (the one that retrieves best on validation), "
+        "embedding (the model's own: pooled features before the classifier) or a layer name.", section="model",
+    )
+    teacher_finetune: bool = option(
+        False, "Fine-tune the teacher weights on the task data with a new embedding head first, instead of using the model as it is.",
+        section="model",
+    )
+    student: str = option(
+        "nin_bn", "Student(s): nin_bn or timm:NAME, or a comma-separated list; NAME@WIDTH sets the width (nin_bn@0.25,nin_bn@0.5).",
+        section="model", **_STUDENT,
+    )
+    students: list[str] | None = option(
+        None, "The students as a TOML list (give student or students, not both).", section="model", cli=False,
+        trains=False, **_STUDENT,
+    )
+    student_width: float = option(  # full-width NIN-BN costs only 1.6x fewer FLOPs than BN-Inception
+        0.5, "Width multiplier of students given without @WIDTH (0.5 = leaner, faster).", section="model", above=0.0, **_STUDENT
+    )
+    multiscale: bool = option(False, "Add Deep Ranking's two low-resolution paths to the student.", section="model", **_STUDENT)
+    student_weights: str | None = option(
+        None, "Start the student from these weights: a .pth/.pt/.safetensors state dict of the timm/torchvision/builtin "
+        "model, or a distill model file (its architecture is then the default --student); new heads stay fresh.",
+        section="model", shown="none", **_STUDENT,
+    )
+    student_pretrained: bool = option(
+        False, "timm students: start from timm's pretrained weights, read from the local Hugging Face cache only "
+        "(nothing is downloaded; the error names the file to fetch).", section="model", **_STUDENT,
+    )
+    embed_dim: int = option(
+        128, "Embedding size of the student (and of a teacher trained here); the compatibility loss needs the teacher's.",
+        section="model", **_TEACHER,
+    )
     # data
-    data: str = "synthetic"
-    image_size: tuple[int, int] | None = None  # None: chosen from the data set (distill.data.inputs)
-    augment: str | None = None  # none | light | standard; None: chosen from the data set
-    flip: bool | None = None  # random horizontal flip in training; None: the preset's choice
-    val_fraction: float = 0.2  # training identities held out for validation and the teacher gate; 0 = off
-    strict: bool = False
-    cuhk03_variant: str | None = None  # cuhk03 only: labeled | detected
-    bbox_crop: bool | None = None  # cub200 only: crop to the published bounding boxes
-    split_file: str | None = None  # imagefolder only: explicit train/test split file
-    unlabeled: str | None = None  # images without labels the distilled student also learns from (a folder or a data spec)
-    unlabeled_batch: int | None = None  # unlabeled images per step; None: batch_size
-    unlabeled_only: bool = False  # the distilled student learns from the unlabeled images alone (--data none: no test set either)
-    # training (students; the teacher uses teacher_epochs and teacher_lr)
-    # A length given (epochs or steps) runs as given; left unset, it is DEFAULT_EPOCHS (or
-    # DEFAULT_TEACHER_EPOCHS) raised to at least min_steps (teacher_min_steps), so small sets train enough.
-    epochs: int | None = None  # None: DEFAULT_EPOCHS, at least min_steps
-    teacher_epochs: int | None = None  # None: DEFAULT_TEACHER_EPOCHS, at least teacher_min_steps
-    steps: int | None = None  # student optimiser steps (rounded up to whole epochs); overrides epochs
-    teacher_steps: int | None = None  # the same for the teacher; overrides teacher_epochs
-    min_steps: int = 150  # the default length is raised to at least this many student steps (small data sets)
-    teacher_min_steps: int = 300  # the same for the teacher
-    batch_size: int = 64
-    images_per_id: int = 4
-    sampler: str = "pk"  # pk (P x K batches) | importance (Deep Ranking's online importance sampling)
-    lr: float = 3e-3
-    teacher_lr: float = 5e-3
-    weight_decay: float = 5e-4
-    loss: str = "softmax=1,triplet=1"
-    loss_options: dict[str, Any] = field(default_factory=dict)  # hparams of the task losses (distill.losses.task.HPARAMS)
+    data: str = option(
+        "synthetic", "Data set: synthetic (embedded default), digits, or NAME:PATH, e.g. market1501:/data/Market-1501.",
+        section="data", shared=True,
+    )
+    image_size: tuple[int, int] | None = option(  # None: chosen from the data set (distill.data.inputs)
+        None, "Input size HxW, e.g. 64x32 or 256x128, or auto.", section="data", shared=True,
+        shown="auto: chosen from the data set", cli_type=str, metavar="HxW", **_TEACHER,
+    )
+    augment: str | None = option(
+        None, "Training augmentation preset: none, light or standard.",
+        section="data", shown="chosen from the data set", **_TEACHER,
+    )
+    flip: bool | None = option(
+        None, "Random horizontal flip in training.", section="data",
+        shown="on for the 'standard' augmentation preset only", **_TEACHER,
+    )
+    val_fraction: float = option(
+        0.2, "Training identities held out for validation, best checkpoints and the teacher gate (0 = off).",
+        section="data", **_TEACHER,
+    )
+    strict: bool = option(False, "Fail on unreadable images instead of skipping them.", section="data", shared=True)
+    cuhk03_variant: str | None = option(
+        None, "cuhk03 only: labeled or detected boxes.", section="data", shared=True, shown="labeled"
+    )
+    bbox_crop: bool | None = option(None, "cub200 only: crop to the bounding boxes.", section="data", shared=True, shown="false")
+    split_file: str | None = option(
+        None, "imagefolder only: explicit train/test split file.", section="data", shared=True, shown="none"
+    )
+    unlabeled: str | None = option(
+        None, "Images without labels the distilled student also learns from, through the teacher's distillation terms "
+        "only: a folder (searched recursively) or a data spec (its training images, labels ignored).",
+        section="data", shown="none", **_STUDENT,
+    )
+    unlabeled_batch: int | None = option(
+        None, "Unlabeled images added to every training batch of the distilled student.", section="data",
+        shown="--batch-size", **_STUDENT,
+    )
+    unlabeled_only: bool = option(
+        False, "Train the distilled student on the --unlabeled images alone (a finished teacher, no task losses); "
+        "--data only evaluates (--data none: no test set).", section="data", **_STUDENT,
+    )
+    # training (students; the teacher uses teacher_epochs and teacher_lr). A length given (epochs or
+    # steps) runs as given; left unset, it is DEFAULT_EPOCHS (or DEFAULT_TEACHER_EPOCHS) raised to at
+    # least min_steps (teacher_min_steps), so small sets train enough.
+    epochs: int | None = option(
+        None, "Student epochs, run as given.", section="training",
+        shown=f"{DEFAULT_EPOCHS}, raised to --min-steps on small data sets", **_STUDENT,
+    )
+    teacher_epochs: int | None = option(
+        None, "Teacher epochs when it is trained here, run as given.",
+        section="training", shared=True, shown=f"{DEFAULT_TEACHER_EPOCHS}, raised to --teacher-min-steps on small data sets", **_TEACHER,
+    )
+    steps: int | None = option(
+        None, "Student optimiser steps, rounded up to whole epochs, run as given (overrides --epochs).",
+        section="training", shown="from --epochs", **_STUDENT,
+    )
+    teacher_steps: int | None = option(
+        None, "Teacher optimiser steps, run as given (overrides --teacher-epochs).", section="training",
+        shown="from --teacher-epochs", **_TEACHER,
+    )
+    min_steps: int = option(
+        150, "The default student length (no --epochs/--steps) is raised to at least this many steps.",
+        section="training", **_STUDENT,
+    )
+    teacher_min_steps: int = option(
+        300, "The default teacher length (no --teacher-epochs/--teacher-steps) is raised to at least this many steps.",
+        section="training", **_TEACHER,
+    )
+    batch_size: int = option(64, "Batch size (P identities x K images); fitted to the identities there are.", section="training", **_TEACHER)
+    images_per_id: int = option(4, "K, images per identity in a batch.", section="training", **_TEACHER)
+    sampler: str = option(
+        "pk", "Batches: pk (P x K) or importance (Deep Ranking's online importance sampling).", section="training", **_TEACHER
+    )
+    lr: float = option(3e-3, "Student learning rate (AdamW, one-cycle schedule with warm-up).", section="training", above=0.0, **_STUDENT)
+    teacher_lr: float = option(5e-3, "Teacher learning rate.", section="training", shared=True, above=0.0, **_TEACHER)
+    weight_decay: float = option(5e-4, "AdamW weight decay.", section="training", at_least=0.0, **_TEACHER)
+    loss: str = option(
+        "softmax=1,triplet=1", "Task losses with weights, e.g. softmax=1,triplet=1,lifted=0.5 (see `distill list`).",
+        section="training", **_TEACHER,
+    )
+    loss_options: dict[str, Any] = option(  # hparams of the task losses (distill.losses.task.HPARAMS)
+        help="Task-loss hyper-parameter KEY=VALUE (repeatable), e.g. triplet_margin=0.3.", factory=dict,
+        section="training", flag="--loss-opt", shown="none", cli_type=list[str], metavar="KEY=VALUE", **_TEACHER,
+    )
     # distillation
-    kd_weight: float = 3.0  # 6 seeds on the default data: +0.047 R@1 / +0.053 mAP over the baseline (1.0: +0.027 / +0.031)
-    kd_temperature: float = 4.0
-    darkrank: str = "hard"
-    darkrank_weight: float = 0.02  # full-list hard DarkRank sums ~N log N terms per query (~20 at batch 64)
-    darkrank_alpha: float = 3.0
-    darkrank_beta: float = 3.0
-    darkrank_list_size: int | None = None  # None ("all"): every other sample, as the paper (measured best, README); M: the teacher's M nearest
-    darkrank_topk: int | None = None  # hard only: ListMLE@k, the teacher's first k picks over the whole list
-    darkrank_method: str = "exact"
-    darkrank_samples: int = 128  # soft, sampled methods: teacher rankings drawn per query
-    rkd_distance_weight: float = 0.0  # RKD distance (Park et al. 2019)
-    rkd_angle_weight: float = 0.0  # RKD angle
-    pkt_weight: float = 0.0  # PKT (Passalis & Tefas 2018)
-    regression_weight: float = 0.0  # ||W s - t||^2, W learned when the embedding sizes differ
-    compat_weight: float = 0.0  # student in the teacher's space (needs embed_dim = the teacher's)
-    baseline: bool = True
-    require_better_teacher: bool = False  # the teacher gate fails the run (exit 1) instead of warning
-    gate_margin: float = 0.02  # the teacher must beat the baseline student by this much on validation
-    # evaluation
-    clustering: bool = True  # NMI/F1 by k-means; turn off for ~10k classes (SOP) without faiss
-    # engine
-    device: str = "auto"
-    seed: int = 0
-    amp: bool = True
-    compile: bool = False
-    workers: int | None = None
-    resume: bool = False
-    fresh: bool = False  # start over although an unfinished checkpoint exists (it is kept until the new run passes it)
-    keep_checkpoints: bool = False  # keep *.ckpt after their training finished (deleted by default: they are large)
-    gather_embeddings: bool = False  # torchrun: all-gather embeddings so batch-level losses span the global batch
-    # outputs
-    name: str = "default"
-    out: str | None = None
-    export_precision: str = "fp32"  # comma-separated list of fp32, fp16, int8, int8-static
-    target_accuracy: float = 0.9  # share of the teacher's accuracy a student should keep (report)
-    bench_iters: int = 30
+    kd_weight: float = option(  # 6 seeds on the default data: +0.047 R@1 / +0.053 mAP over the baseline (1.0: +0.027 / +0.031)
+        3.0, "Weight of Hinton KD (0 disables it).", section="distillation", at_least=0.0, **_STUDENT
+    )
+    kd_temperature: float = option(4.0, "KD temperature T.", section="distillation", above=0.0, **_STUDENT)
+    darkrank: str = option("hard", "DarkRank mode: hard, soft or none.", section="distillation", **_STUDENT)
+    darkrank_weight: float = option(  # full-list hard DarkRank sums ~N log N terms per query (~20 at batch 64)
+        0.02, "Weight of DarkRank.", section="distillation", at_least=0.0, **_STUDENT
+    )
+    darkrank_alpha: float = option(
+        3.0, "DarkRank score scale alpha in S = -alpha * ||q - x||^beta.", section="distillation", above=0.0, **_STUDENT
+    )
+    darkrank_beta: float = option(3.0, "DarkRank distance power beta.", section="distillation", above=0.0, **_STUDENT)
+    darkrank_list_size: int | None = option(  # None ("all"): every other sample, as the paper (measured best, README)
+        None, "Candidates per query: the teacher's M nearest, or all (every other sample, the paper).",
+        section="distillation", shown="all", kind="an integer or 'all'", cli_type=str, metavar="INT", **_STUDENT,
+    )
+    darkrank_topk: int | None = option(
+        None, "Hard DarkRank only: ListMLE@k, the teacher's first k picks over the whole list.", section="distillation",
+        shown="off: ListMLE over the whole list", **_STUDENT,
+    )
+    darkrank_method: str = option(
+        "exact", "Soft DarkRank: exact, bruteforce, sampled or sampled_prefix.", section="distillation", **_STUDENT
+    )
+    darkrank_samples: int = option(
+        128, "Soft DarkRank, sampled methods: teacher rankings drawn per query.", section="distillation", **_STUDENT
+    )
+    rkd_distance_weight: float = option(
+        0.0, "Weight of RKD distance (Park et al. 2019).", section="distillation", at_least=0.0, **_STUDENT
+    )
+    rkd_angle_weight: float = option(0.0, "Weight of RKD angle (Park et al. 2019).", section="distillation", at_least=0.0, **_STUDENT)
+    pkt_weight: float = option(0.0, "Weight of PKT (Passalis & Tefas 2018).", section="distillation", at_least=0.0, **_STUDENT)
+    regression_weight: float = option(
+        0.0, "Weight of embedding regression ||W s - t||^2 (W learned when the sizes differ).", section="distillation",
+        at_least=0.0, **_STUDENT,
+    )
+    compat_weight: float = option(
+        0.0, "Weight of the compatibility loss (student queries against a teacher gallery).", section="distillation",
+        at_least=0.0, **_STUDENT,
+    )
+    baseline: bool = option(
+        True, "Also train the student without distillation (what distillation has to beat).", section="distillation",
+        stage="report", **_OUTPUT_ONLY,
+    )
+    require_better_teacher: bool = option(
+        False, "Fail (exit 1) when the teacher is not clearly better than the student alone on validation.",
+        section="distillation", stage="report", off_flag="--allow-weaker-teacher", trains=False,
+    )
+    gate_margin: float = option(
+        0.02, "How much better the teacher must score on validation.", section="distillation", stage="report",
+        at_least=0.0, trains=False,
+    )
+    # export and report
+    clustering: bool = option(  # turn off for ~10k classes (SOP) without faiss
+        True, "NMI/F1 by k-means (slow for ~10k classes without faiss).", section="export and report", stage="evaluate",
+        trains=False,
+    )
+    export_precision: str = option(
+        "fp32", "ONNX precisions, comma-separated: " + ", ".join(PRECISIONS) + ".", section="export and report",
+        stage="report", kind="a string or a list of strings", **_OUTPUT_ONLY,
+    )
+    target_accuracy: float = option(
+        0.9, "Share of the teacher's accuracy a student should keep (the report says which comes closest).",
+        section="export and report", stage="report", trains=False,
+    )
+    bench_iters: int = option(30, "Timed iterations per benchmark round.", section="export and report", stage="report", **_OUTPUT_ONLY)
+    # run
+    device: str = option("auto", "auto, cpu or cuda[:N].", section="run", shared=True, trains=False)
+    seed: int = option(
+        0, "Random seed (the same seed and thread count give the same files on CPU).", section="run", shared=True, **_TEACHER
+    )
+    amp: bool = option(True, "bf16 autocast on GPU.", section="run")
+    compile: bool = option(False, "torch.compile the models.", section="run", trains=False)
+    workers: int | None = option(
+        None, "Data-loader worker processes.", section="run", shown="from the device and cores", trains=False
+    )
+    resume: bool = option(
+        False, "Continue interrupted training from checkpoints (refused when they were made with other settings or data).",
+        section="run", shared=True, **_OUTPUT_ONLY,
+    )
+    fresh: bool = option(
+        False, "Start training over although an unfinished checkpoint exists (it is kept until the new run passes it).",
+        section="run", shared=True, **_OUTPUT_ONLY,
+    )
+    keep_checkpoints: bool = option(
+        False, "Keep each training's resumable checkpoint (*.ckpt) after its model file is written (deleted by default: they are large).",
+        section="run", shared=True, **_OUTPUT_ONLY,
+    )
+    gather_embeddings: bool = option(
+        False, "Under torchrun: all-gather embeddings, labels and teacher outputs so triplet/DarkRank/RKD span the global batch.",
+        section="run",
+    )
+    name: str = option("default", "Run name (output directory runs/<name> unless --out).", section="run", shared=True, **_OUTPUT_ONLY)
+    out: str | None = option(None, "Output directory.", section="run", shared=True, shown="runs/<name>", **_OUTPUT_ONLY)
 
     @property
     def out_dir(self) -> Path:
@@ -111,9 +315,36 @@ class Config:
         return d
 
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
-DEFAULT_EPOCHS = 12  # student epochs when neither --epochs nor --steps is given
-DEFAULT_TEACHER_EPOCHS = 24  # 16 left BN-Inception under-trained: R@1 0.74-0.85 run to run vs 0.885-0.893 at 24
+def fields_where(flag: str, value: Any = True) -> tuple[str, ...]:
+    """Names of the Config fields whose metadata ``flag`` is ``value``, in field order, e.g.
+    ``fields_where("shapes_teacher")`` or ``fields_where("section", "data")``."""
+    return tuple(f.name for f in fields(Config) if f.metadata[flag] == value)
+
+
+def teacher_fields() -> tuple[str, ...]:
+    """The fields that shape a teacher trained here: a cached ``<out>/teacher.pt`` is reused only when
+    all of them (and the training data) match."""
+    return fields_where("shapes_teacher")
+
+
+def command_fields(command: str) -> tuple[str, ...]:
+    """The fields a command reads (``COMMAND_STAGES``): those of its last stage and the stages before."""
+    last = STAGES.index(COMMAND_STAGES[command])
+    return tuple(f.name for f in fields(Config) if STAGES.index(f.metadata["stage"]) <= last)
+
+
+def field_info(name: str) -> dict[str, Any]:
+    """The metadata of Config field ``name`` (its help, section, stage, flags: see :func:`option`)."""
+    return dict(_FIELDS[name].metadata)
+
+
+def default_value(name: str) -> Any:
+    """Field ``name``'s default (a fresh one for fields with a factory)."""
+    f = _FIELDS[name]
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
 
 
 def student_specs(cfg: Config) -> list[tuple[str, float]]:
@@ -149,98 +380,10 @@ def export_precisions(cfg: Config) -> list[str]:
     return wanted
 
 
-# One line of help per field: the command-line options of run, study, train and train-teacher are
-# generated from Config and this table (``distill run --help`` shows them with their defaults).
-HELP: dict[str, str] = {
-    "teacher": "Teacher: inception_bn, timm:NAME, torchvision:NAME or onnx:PATH.",
-    "teacher_weights": "Local teacher weights: a distill model file, or a state dict of the finished model (used as it is).",
-    "teacher_layer": "Teacher layer whose (pooled) output is the embedding: auto (the one that retrieves best on validation), embedding (the model's own: pooled features before the classifier) or a layer name.",
-    "teacher_finetune": "Fine-tune the teacher weights on the task data with a new embedding head first, instead of using the model as it is.",
-    "student": "Student(s): nin_bn or timm:NAME, or a comma-separated list; NAME@WIDTH sets the width (nin_bn@0.25,nin_bn@0.5).",
-    "students": "The students as a TOML list (give student or students, not both).",
-    "student_width": "Width multiplier of students given without @WIDTH (0.5 = leaner, faster).",
-    "multiscale": "Add Deep Ranking's two low-resolution paths to the student.",
-    "student_weights": "Start the student from these weights: a .pth/.pt/.safetensors state dict of the timm/torchvision/builtin model, or a distill model file (its architecture is then the default --student); new heads stay fresh.",
-    "student_pretrained": "timm students: start from timm's pretrained weights, read from the local Hugging Face cache only (nothing is downloaded; the error names the file to fetch).",
-    "embed_dim": "Embedding size of the student (and of a teacher trained here); --compat-weight needs the teacher's.",
-    "data": "Data set: synthetic (embedded default), digits, or NAME:PATH, e.g. market1501:/data/Market-1501.",
-    "image_size": "Input size HxW, e.g. 64x32 or 256x128; auto = chosen from the data set.",
-    "augment": "Training augmentation preset: none, light or standard; unset = chosen from the data set.",
-    "flip": "Random horizontal flip in training; unset = on for the 'standard' preset only.",
-    "val_fraction": "Training identities held out for validation, best checkpoints and the teacher gate (0 = off).",
-    "strict": "Fail on unreadable images instead of skipping them.",
-    "cuhk03_variant": "cuhk03 only: labeled or detected boxes.",
-    "bbox_crop": "cub200 only: crop to the bounding boxes.",
-    "split_file": "imagefolder only: explicit train/test split file.",
-    "unlabeled": "Images without labels the distilled student also learns from, through the teacher's distillation terms only: a folder (searched recursively) or a data spec (its training images, labels ignored).",
-    "unlabeled_batch": "Unlabeled images added to every training batch of the distilled student (default: --batch-size).",
-    "unlabeled_only": "Train the distilled student on the --unlabeled images alone (a finished teacher, no task losses); --data only evaluates (--data none: no test set).",
-    "epochs": f"Student epochs, run as given (unset: {DEFAULT_EPOCHS}, raised to --min-steps on small data sets).",
-    "teacher_epochs": f"Teacher epochs when it is trained here, run as given (unset: {DEFAULT_TEACHER_EPOCHS}, raised to --teacher-min-steps).",
-    "steps": "Student optimiser steps, rounded up to whole epochs, run as given (overrides --epochs).",
-    "teacher_steps": "Teacher optimiser steps, run as given (overrides --teacher-epochs).",
-    "min_steps": "The default student length (no --epochs/--steps) is raised to at least this many steps.",
-    "teacher_min_steps": "The default teacher length (no --teacher-epochs/--teacher-steps) is raised to at least this many steps.",
-    "batch_size": "Batch size (P identities x K images); fitted to the identities there are.",
-    "images_per_id": "K, images per identity in a batch.",
-    "sampler": "Batches: pk (P x K) or importance (Deep Ranking's online importance sampling).",
-    "lr": "Student learning rate (AdamW, one-cycle schedule with warm-up).",
-    "teacher_lr": "Teacher learning rate.",
-    "weight_decay": "AdamW weight decay.",
-    "loss": "Task losses with weights, e.g. softmax=1,triplet=1,lifted=0.5 (see `distill list`).",
-    "loss_options": "Task-loss hyper-parameter KEY=VALUE (repeatable), e.g. triplet_margin=0.3.",
-    "kd_weight": "Weight of Hinton KD (0 disables it).",
-    "kd_temperature": "KD temperature T.",
-    "darkrank": "DarkRank mode: hard, soft or none.",
-    "darkrank_weight": "Weight of DarkRank.",
-    "darkrank_alpha": "DarkRank score scale alpha in S = -alpha * ||q - x||^beta.",
-    "darkrank_beta": "DarkRank distance power beta.",
-    "darkrank_list_size": "Candidates per query: the teacher's M nearest, or all (every other sample, the paper).",
-    "darkrank_topk": "Hard DarkRank only: ListMLE@k, the teacher's first k picks over the whole list.",
-    "darkrank_method": "Soft DarkRank: exact, bruteforce, sampled or sampled_prefix.",
-    "darkrank_samples": "Soft DarkRank, sampled methods: teacher rankings drawn per query.",
-    "rkd_distance_weight": "Weight of RKD distance (Park et al. 2019).",
-    "rkd_angle_weight": "Weight of RKD angle (Park et al. 2019).",
-    "pkt_weight": "Weight of PKT (Passalis & Tefas 2018).",
-    "regression_weight": "Weight of embedding regression ||W s - t||^2 (W learned when the sizes differ).",
-    "compat_weight": "Weight of the compatibility loss (student queries against a teacher gallery).",
-    "baseline": "Also train the student without distillation (what distillation has to beat).",
-    "require_better_teacher": "Fail (exit 1) when the teacher is not clearly better than the student alone on validation.",
-    "gate_margin": "How much better the teacher must score on validation.",
-    "clustering": "NMI/F1 by k-means (slow for ~10k classes without faiss).",
-    "device": "auto, cpu or cuda[:N].",
-    "seed": "Random seed (the same seed and thread count give the same files on CPU).",
-    "amp": "bf16 autocast on GPU.",
-    "compile": "torch.compile the models.",
-    "workers": "Data-loader worker processes (default: chosen from the device and cores).",
-    "resume": "Continue interrupted training from checkpoints (refused when they were made with other settings or data).",
-    "fresh": "Start training over although an unfinished checkpoint exists (it is kept until the new run passes it).",
-    "keep_checkpoints": "Keep each training's resumable checkpoint (*.ckpt) after its model file is written (deleted by default).",
-    "gather_embeddings": "Under torchrun: all-gather embeddings, labels and teacher outputs so triplet/DarkRank/RKD span the global batch.",
-    "name": "Run name (output directory runs/<name> unless --out).",
-    "out": "Output directory.",
-    "export_precision": "ONNX precisions, comma-separated: fp32, fp16, int8, int8-static.",
-    "target_accuracy": "Share of the teacher's accuracy a student should keep (the report says which comes closest).",
-    "bench_iters": "Timed iterations per benchmark round.",
-}
-
-
 DARKRANK_MODES = ("hard", "soft", "none")
 DARKRANK_METHODS = ("exact", "bruteforce", "sampled", "sampled_prefix")
-DISTILL_WEIGHTS = ("kd_weight", "darkrank_weight", "rkd_distance_weight", "rkd_angle_weight", "pkt_weight", "regression_weight", "compat_weight")
 SAMPLERS = ("pk", "importance")
 AUGMENT_PRESETS = ("none", "light", "standard")
-# (field, lower bound, bound excluded): a learning rate of 0 would train nothing and say nothing
-NUMBER_RANGES = (
-    ("lr", 0.0, True),
-    ("teacher_lr", 0.0, True),
-    ("weight_decay", 0.0, False),
-    ("student_width", 0.0, True),
-    ("kd_temperature", 0.0, True),
-    ("darkrank_alpha", 0.0, True),
-    ("darkrank_beta", 0.0, True),
-    ("gate_margin", 0.0, False),
-) + tuple((name, 0.0, False) for name in DISTILL_WEIGHTS)
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -336,8 +479,12 @@ def validate(cfg: Config) -> Config:
                 f"soft DarkRank with method {cfg.darkrank_method} handles lists of at most {limit} candidates, "
                 f"got {given}: use a --darkrank-list-size <= {limit} or --darkrank-method sampled_prefix"
             )
-    for name, low, strict in NUMBER_RANGES:
-        value = getattr(cfg, name)
+    for f in fields(cfg):  # the numbers with a lower bound (``above`` or ``at_least`` in their metadata)
+        strict = f.metadata["above"] is not None
+        low = f.metadata["above"] if strict else f.metadata["at_least"]
+        if low is None:
+            continue
+        name, value = f.name, getattr(cfg, f.name)
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise DistillError(f"{name} (--{name.replace('_', '-')}) must be {'>' if strict else '>='} {low:g}, got {value:g}")
     if cfg.resume and cfg.fresh:
@@ -453,12 +600,16 @@ def _known(values: dict[str, Any]) -> dict[str, Any]:
 
 def option_name(name: str) -> str:
     """How errors name a field: ``lr (--lr)``; TOML-only fields (``students``) by their key alone."""
-    if name == "students":
+    if not _FIELDS[name].metadata["cli"]:
         return name
-    return f"{name} ({_FLAG_NAMES.get(name, '--' + name.replace('_', '-'))})"
+    return f"{name} ({flag_name(name)})"
 
 
-_FLAG_NAMES = {"loss_options": "--loss-opt"}
+def flag_name(name: str) -> str:
+    """The command-line option of field ``name``: ``--lr``, ``--loss-opt`` for ``loss_options``."""
+    return _FIELDS[name].metadata["flag"] or "--" + name.replace("_", "-")
+
+
 # what a value of each field type must be, and the Python types that are that
 _TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
     "bool": ("true or false", (bool,)),
@@ -469,7 +620,6 @@ _TYPES: dict[str, tuple[str, tuple[type, ...]]] = {
     "dict[str, Any]": ("a table of KEY = VALUE (e.g. triplet_margin = 0.3)", (dict,)),
     "tuple[int, int]": ("HxW like 64x32", (tuple,)),
 }
-_KIND_NAMES = {"darkrank_list_size": "an integer or 'all'", "export_precision": "a string or a list of strings"}
 
 
 def check_type(name: str, value: Any) -> Any:
@@ -477,12 +627,12 @@ def check_type(name: str, value: Any) -> Any:
     ``_coerce``, or one clear error: ``epochs = "three"``, ``resume = "no"`` or ``darkrank_list_size
     = 2.5`` are refused here, never taken as true or crashing later."""
     value = _coerce(name, value)
-    kind = str(next(f.type for f in fields(Config) if f.name == name))
+    kind = str(_FIELDS[name].type)
     base, _, optional = kind.partition(" | ")
     what, types = _TYPES[base]
     ok = (value is None and optional == "None") or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types))
     if ok and base == "list[str]" and value is not None:
         ok = all(isinstance(item, str) for item in value)
     if not ok:
-        raise DistillError(f"{option_name(name)} must be {_KIND_NAMES.get(name, what)}, got {value!r}")
+        raise DistillError(f"{option_name(name)} must be {_FIELDS[name].metadata['kind'] or what}, got {value!r}")
     return float(value) if base == "float" and value is not None else value

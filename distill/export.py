@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.atomic import atomic_write_bytes
+from distill.config import PRECISIONS
 from distill.embedding import EmbeddingOnly
 from distill.errors import DistillError
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 CONVERTED_ATOL = {"fp16": 1e-2, "int8": 5e-2, "int8-static": 5e-2}
 PROTOBUF_LIMIT = 2**31  # an ONNX file holding its own weights must stay under 2 GB
 EXPORT_PREFIX = "distill-export-"  # work folders in $TMPDIR: distill-export-<pid>-XXXX

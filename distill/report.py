@@ -22,13 +22,14 @@ from rich.table import Table
 from rich.text import Text
 
 from distill.atomic import atomic_write_bytes, atomic_write_text
+from distill.config import PRECISIONS
+from distill.console import make_console
 from distill.errors import DistillError
 from distill.protocols import PROTOCOLS, REID
 from distill.protocols import protocol as protocol_named
 
 MODEL_NAMES = ("teacher", "student_baseline", "student")  # a row's role
 RUNTIMES = ("torch", "onnxruntime")
-PRECISIONS = ("fp32", "fp16", "int8", "int8-static")
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map", "rank1")
 MODEL_KEYS = ("name", "runtime", "params", "gflops", "latency_ms_p50", "latency_ms_p90", "throughput_ips")
 METRIC_LABELS = {"recall@1": "R@1", "map": "mAP", "rank1": "rank-1"}
@@ -540,7 +541,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
     """The report table, both speedups and the target verdict on the console; a console too narrow for
     the one table (rich would cut its numbers to "…") gets it in parts that fit, each repeating the
     model, runtime and precision columns."""
-    console = console or Console()
+    console = console or make_console()
     header, cells = _rows(report)
     title, caption = "distill: speed vs accuracy", legend(report)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from rich.console import Console
 from rich.markup import escape
 
 from distill.bench import benchmark_onnx, benchmark_torch, count_gflops, count_params, ort_providers
+from distill.console import make_console
 from distill.data.prepare import Prepared, calibration_images
 from distill.export import OnnxEmbedder, export_onnx
 from distill.models import parse_spec
@@ -23,7 +23,7 @@ from distill.students.train import TrainedStudent
 from distill.teachers import Teacher
 from distill.timing import StageClock
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 @dataclass

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.markup import escape
 
 from distill.config import Config, export_precisions, label_free, student_specs
+from distill.console import make_console
 from distill.data.prepare import Prepared, prepare_data, prepare_out_dir
 from distill.engine import is_main_process, resolve_device
 from distill.errors import DistillError
@@ -27,7 +27,7 @@ from distill.teachers.acquire import acquire_teacher, teacher_fit
 from distill.teachers.layers import EMBEDDING
 from distill.timing import StageClock, summary_line
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 def run(cfg: Config) -> dict:

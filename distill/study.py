@@ -38,7 +38,8 @@ from rich.table import Table
 from scipy import stats
 
 from distill.atomic import atomic_write_bytes, atomic_write_text
-from distill.config import Config, load_config, read_toml
+from distill.config import Config, fields_where, load_config, read_toml
+from distill.console import make_console
 from distill.data import data_fingerprint
 from distill.data.prepare import Prepared, choose_inputs
 from distill.errors import DistillError
@@ -57,18 +58,15 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 DEFAULT_RECIPES = (BASELINE, "kd+darkrank")
 # Options every recipe shares: one teacher, one data set, one device; the study sets seed and out.
-SHARED_KEYS = (
-    "teacher", "teacher_weights", "teacher_epochs", "teacher_lr", "data", "image_size", "strict", "cuhk03_variant",
-    "bbox_crop", "split_file", "device", "seed", "out", "name", "resume", "fresh", "keep_checkpoints",
-)
+SHARED_KEYS = fields_where("shared")
 # Config keys that change no trained number: ignored when deciding whether a stored result is reusable.
-NOT_RESULT_KEYS = ("out", "name", "resume", "fresh", "keep_checkpoints", "baseline", "export_precision", "bench_iters")
+NOT_RESULT_KEYS = fields_where("result", False)
 TABLE_METRICS = (("recall@1", "R@1"), ("map", "mAP"), ("rank1", "rank-1"), ("nmi", "NMI"))
 GAIN_METRICS = (("recall@1", "R@1"), ("map", "mAP"))
 TIE_TOLERANCE = 1e-9
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 # ---------------------------------------------------------------- statistics (pure functions)
@@ -462,7 +460,7 @@ def write_study(study: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
 def print_study(study: dict[str, Any], console: Console | None = None) -> None:
     """The study table on the console; a console too narrow for it (rich would cut numbers to "…")
     gets two tables, the metrics and then the gains."""
-    console = console or Console()
+    console = console or make_console()
     header, cells = _rows(study)
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     gains = len(TABLE_METRICS) + 2

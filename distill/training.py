@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from rich.console import Console
 from torch import Tensor, nn
 
 from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config
+from distill.console import make_console
 from distill.data.importance import ImportanceBatchSampler
 from distill.data.samplers import PKSampler
 from distill.engine import BatchSampler, TrainSettings, distributed, is_main_process
@@ -20,7 +20,7 @@ from distill.losses.task import HPARAMS
 from distill.objective import StudentObjective
 from distill.selection import chance_note
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> TrainSettings:

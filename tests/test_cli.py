@@ -213,25 +213,44 @@ def test_the_teacher_gate_warns_records_and_can_fail_the_run(tiny_data, tmp_path
 
 
 def test_run_prints_the_inputs_it_chose_for_the_data(tiny_data, tmp_path):
-    args = [a for a in TINY if a not in ("--image-size", "32x16")]
-    result = runner.invoke(app, ["train-teacher", "--out", str(tmp_path / "t"), *args, "--teacher-min-steps", "0"])
+    args = ["--teacher-epochs", "1", "--batch-size", "16", "--teacher-min-steps", "0"]  # train-teacher takes no student option
+    result = runner.invoke(app, ["train-teacher", "--out", str(tmp_path / "t"), *args])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "chosen for synthetic: input 64x32, augmentation 'none'" in text
     assert "48 train images of 6 identities, 16 validation images of held-out identities" in text
 
 
-def test_every_config_option_is_in_help_with_its_default():
-    import dataclasses
+def test_eval_scores_a_model_file_and_its_onnx_export_alike(tiny_data, tmp_path):
+    """``eval`` takes any model file distill writes: a ``.pt`` by its recorded input size, an exported
+    ``.onnx`` in ONNX Runtime by its graph's input size; the ONNX scores are those computed by hand."""
+    from distill.export import export_onnx
+    from distill.models import save_model
+    from distill.students import create_student
 
-    from distill.config import HELP, Config
+    torch.manual_seed(0)
+    model = create_student("nin_bn", 16, 8, width=0.25).eval()
+    save_model(tmp_path / "s.pt", model, "nin_bn", width=0.25, image_size=[32, 16])
+    export_onnx(model, tmp_path / "s.onnx", (32, 16))
 
-    text = " ".join(runner.invoke(app, ["run", "--help"], env={"COLUMNS": "400"}).output.split())
-    for f in dataclasses.fields(Config):
-        if f.name == "students":  # a TOML list only; --student takes the same specs
-            continue
-        flag = "--loss-opt" if f.name == "loss_options" else "--" + f.name.replace("_", "-")
-        assert flag in text, flag
-        assert HELP[f.name].split(";")[0].split("(")[0].strip() in text, f.name
-    assert "[default: (0.2)]" in text and "[default: (auto)]" in text and "[default: (inception_bn)]" in text
-    assert set(HELP) == {f.name for f in dataclasses.fields(Config)}
+    def scores(path, *extra):
+        result = runner.invoke(app, ["eval", "--checkpoint", str(path), "--no-clustering", *extra])
+        assert result.exit_code == 0, result.output
+        rows = [line.strip("│ ").split("│") for line in result.output.splitlines() if "│" in line]
+        return {k.strip(): float(v) for k, v in rows if k.strip() != "metric"}
+
+    from_onnx, from_pt = scores(tmp_path / "s.onnx"), scores(tmp_path / "s.pt")
+    assert set(from_onnx) == set(from_pt) >= {"recall@1", "map", "rank1"}
+    by_hand, _ = onnx_metrics_by_hand(tmp_path / "s.onnx", "32x16")
+    for k, v in by_hand.items():
+        assert from_onnx[k] == pytest.approx(float(v), abs=1e-4), k
+        assert from_pt[k] == pytest.approx(from_onnx[k], abs=0.05), k  # fp32 ONNX: the same model up to rounding
+
+    unfixed = tmp_path / "dynamic.onnx"
+    graph = onnx.load(tmp_path / "s.onnx")
+    for d in graph.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.dim_param = "side"
+    onnx.save(graph, unfixed)
+    result = runner.invoke(app, ["eval", "--checkpoint", str(unfixed)])
+    assert result.exit_code == 2 and f"{unfixed} has no fixed input size in its graph: give --image-size HxW" in " ".join(result.output.split())
+    assert scores(unfixed, "--image-size", "32x16") == from_onnx

@@ -157,3 +157,52 @@ def test_student_specs_from_cli_list_and_toml_array(tmp_path):
     assert student_specs(cfg) == [("nin_bn", 0.25), ("nin_bn", Config().student_width)]
     assert export_precisions(cfg) == ["int8", "fp32"]  # the order given
     assert export_precisions(load_config(None, export_precision="fp32, int8-static")) == ["fp32", "int8-static"]
+
+
+def test_the_lists_of_fields_come_from_their_metadata():
+    """The name lists once kept by hand (pipeline.TEACHER_FIELDS, study.SHARED_KEYS/NOT_RESULT_KEYS,
+    the number ranges) are now the fields' flags: pinned here to what they were."""
+    from dataclasses import fields
+
+    from distill.config import field_info, fields_where, teacher_fields
+
+    assert set(teacher_fields()) == {
+        "teacher", "teacher_weights", "embed_dim", "image_size", "augment", "flip", "val_fraction", "teacher_epochs",
+        "teacher_steps", "teacher_min_steps", "teacher_lr", "weight_decay", "batch_size", "images_per_id", "sampler",
+        "loss", "loss_options", "seed",
+    }
+    assert set(fields_where("shared")) == {
+        "teacher", "teacher_weights", "teacher_epochs", "teacher_lr", "data", "image_size", "strict", "cuhk03_variant",
+        "bbox_crop", "split_file", "device", "seed", "out", "name", "resume", "fresh", "keep_checkpoints",
+    }
+    assert set(fields_where("result", False)) == {
+        "out", "name", "resume", "fresh", "keep_checkpoints", "baseline", "export_precision", "bench_iters",
+    }
+    assert set(fields_where("trains", False)) == {
+        "out", "name", "resume", "fresh", "keep_checkpoints", "baseline", "students", "export_precision", "bench_iters",
+        "target_accuracy", "clustering", "require_better_teacher", "gate_margin", "device", "workers", "compile",
+    }
+    above = {f.name for f in fields(Config) if field_info(f.name)["above"] == 0.0}
+    at_least = {f.name for f in fields(Config) if field_info(f.name)["at_least"] == 0.0}
+    assert above == {"lr", "teacher_lr", "student_width", "kd_temperature", "darkrank_alpha", "darkrank_beta"}
+    assert at_least == {
+        "weight_decay", "gate_margin", "kd_weight", "darkrank_weight", "rkd_distance_weight", "rkd_angle_weight",
+        "pkt_weight", "regression_weight", "compat_weight",
+    }
+    assert all(field_info(n)["stage"] == "teacher" for n in teacher_fields())  # train-teacher takes them all
+
+
+def test_one_list_of_precisions():
+    from distill import config, export, report
+
+    assert export.PRECISIONS is config.PRECISIONS and report.PRECISIONS is config.PRECISIONS
+    assert config.PRECISIONS == ("fp32", "fp16", "int8", "int8-static")
+
+
+def test_an_option_field_needs_a_known_section_and_stage():
+    from distill.config import option
+
+    with pytest.raises(ValueError, match="section must be one of"):
+        option(1, "Help.", section="misc")
+    with pytest.raises(ValueError, match="stage one of"):
+        option(1, "Help.", section="run", stage="later")

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from rich.console import Console
 from rich.markup import escape
 from torch import Tensor
 
 from distill.config import Config, label_free
+from distill.console import make_console
 from distill.data import Sample, Splits, hold_out_identities, load_dataset
 from distill.data.dataset import ImageDataset, make_label_map
 from distill.data.inputs import choose_augment, choose_image_size
@@ -27,7 +27,7 @@ from distill.data.unlabeled import load_unlabeled
 from distill.errors import DistillError
 from distill.protocols import Protocol, protocol
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 @dataclass(frozen=True)

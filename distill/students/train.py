@@ -11,12 +11,12 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
-from rich.console import Console
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from distill import engine
-from distill.config import Config, student_specs
+from distill.config import Config, fields_where, student_specs
+from distill.console import make_console
 from distill.data import Sample, data_fingerprint
 from distill.data.prepare import Prepared, unlabeled_images
 from distill.data.unlabeled import JointDataset, UnlabeledBatchSampler, unlabeled_fingerprint
@@ -31,15 +31,12 @@ from distill.teachers.gate import teacher_gate
 from distill.timing import StageClock
 from distill.training import batch_sampler, chance_check, finished_checkpoint, train_settings, weight_penalty
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 # Config fields that change no trained weight, left out of a student checkpoint's recipe; the
 # teacher's own fields are left out too (its fingerprint stands for them), and for a baseline, which
 # has no teacher, the distillation terms' (DISTILLATION_PREFIXES).
-NOT_TRAINING_FIELDS = (
-    "out", "name", "resume", "fresh", "keep_checkpoints", "baseline", "students", "export_precision", "bench_iters",
-    "target_accuracy", "clustering", "require_better_teacher", "gate_margin", "device", "workers", "compile",
-)
+NOT_TRAINING_FIELDS = fields_where("trains", False)
 DISTILLATION_PREFIXES = ("kd_", "darkrank", "rkd_", "pkt_", "regression_", "compat_")
 
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from rich.console import Console
 from rich.markup import escape
 
 from distill import engine
-from distill.config import Config
+from distill.config import Config, teacher_fields
+from distill.console import make_console
 from distill.data import data_fingerprint
 from distill.data.prepare import Prepared
 from distill.engine import barrier, is_main_process
@@ -34,15 +34,11 @@ from distill.teachers import Teacher, file_fingerprint, load_teacher
 from distill.teachers.layers import EMBEDDING, PooledLayers, choose_layer, feature_layers
 from distill.training import batch_sampler, chance_check, finished_checkpoint, train_settings, weight_penalty
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
-# Every Config field that shapes a teacher trained here: a cached <out>/teacher.pt is reused only
-# when all of them (and the training data) match. New options that shape the teacher go here.
-TEACHER_FIELDS = (
-    "teacher", "teacher_weights", "embed_dim", "image_size", "augment", "flip", "val_fraction", "teacher_epochs",
-    "teacher_steps", "teacher_min_steps", "teacher_lr", "weight_decay", "batch_size", "images_per_id", "sampler",
-    "loss", "loss_options", "seed",
-)
+# Every Config field that shapes a teacher trained here (``shapes_teacher`` in its metadata): a cached
+# <out>/teacher.pt is reused only when all of them (and the training data) match.
+TEACHER_FIELDS = teacher_fields()
 
 
 @dataclass

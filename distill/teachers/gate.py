@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import torch
-from rich.console import Console
 from torch import nn
 
 from distill.config import Config
+from distill.console import make_console
 from distill.data.prepare import Prepared
 from distill.errors import DistillError
 from distill.teachers import Teacher
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 def teacher_gate(cfg: Config, teacher: Teacher, baseline: nn.Module | None, data: Prepared, device: torch.device) -> dict:
