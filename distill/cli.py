@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from distill.config import HELP, Config
+from distill.config import HELP, REPLACED_WEIGHTS, Config
 from distill.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil a big embedding teacher into a small, fast student.")
@@ -119,6 +119,9 @@ def _config_parameters() -> list[inspect.Parameter]:
         decls = [f"{flag}/{_OFF_SWITCHES.get(f.name, '--no-' + flag[2:])}"] if kind is bool else [flag]
         option = typer.Option(None, *decls, help=HELP[f.name], show_default=str(shown))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
+    for name in REPLACED_WEIGHTS:  # hidden: given, they fail with the --distill spec that replaces them
+        option = typer.Option(None, "--" + name.replace("_", "-"), hidden=True)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[float]))
     return params
 
 
@@ -128,7 +131,7 @@ def config_command(fn: Callable[..., None]) -> Callable[..., None]:
     defaults. So every command that trains accepts the same options as ``distill run``."""
     hints = typing.get_type_hints(fn)
     own = [p.replace(annotation=hints[p.name]) for p in list(inspect.signature(fn).parameters.values())[1:]]
-    fields = {f.name for f in dataclasses.fields(Config)}
+    fields = {f.name for f in dataclasses.fields(Config)} | set(REPLACED_WEIGHTS)
 
     def command(**kwargs) -> None:
         config = kwargs.pop("config")
@@ -299,9 +302,10 @@ def report(out: Path = typer.Argument(..., help="A run directory or its report.j
 @app.command("list")
 @friendly
 def list_() -> None:
-    """Known teachers, students, data sets and task losses."""
+    """Known teachers, students, data sets, task losses (--loss) and distillation terms (--distill), the
+    losses with their hyper-parameters' defaults."""
     from distill.data import dataset_names
-    from distill.losses.task import task_loss_names
+    from distill.losses.registry import KINDS, entries
     from distill.models import model_names
     from distill.students import student_names
 
@@ -309,8 +313,12 @@ def list_() -> None:
     table.add_row("teachers", ", ".join(model_names("teacher")) + ", timm:NAME, torchvision:NAME, onnx:PATH")
     table.add_row("students", ", ".join(student_names()) + ", timm:NAME")
     table.add_row("data sets", ", ".join(dataset_names()) + " (NAME:PATH)")
-    table.add_row("task losses", ", ".join(task_loss_names()))
-    Console().print(table)
+    losses = Table("option", "name", "what", "defaults")
+    for kind, (_, option) in KINDS.items():
+        for name, entry in entries(kind).items():
+            defaults = ", ".join(f"{k}={'unset' if v is None else v}" for k, v in entry.defaults.items())
+            losses.add_row(option, name, entry.summary + (" (learned parts)" if entry.learnable else ""), defaults or "-")
+    Console().print(table, losses)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -59,21 +59,18 @@ class Config:
     loss: str = "softmax=1,triplet=1"
     loss_options: dict[str, Any] = field(default_factory=dict)  # hparams of the task losses (distill.losses.task.HPARAMS)
     # distillation
-    kd_weight: float = 3.0  # 6 seeds on the default data: +0.047 R@1 / +0.053 mAP over the baseline (1.0: +0.027 / +0.031)
+    # distillation terms with weights (distill.losses.registry; none = no term). kd=3: 6 seeds on the default data:
+    # +0.047 R@1 / +0.053 mAP over the baseline (kd=1: +0.027 / +0.031); darkrank=0.02: full-list hard DarkRank
+    # sums ~N log N terms per query (~20 at batch 64)
+    distill: str = "kd=3,darkrank=0.02"
     kd_temperature: float = 4.0
-    darkrank: str = "hard"
-    darkrank_weight: float = 0.02  # full-list hard DarkRank sums ~N log N terms per query (~20 at batch 64)
+    darkrank: str = "hard"  # hard | soft
     darkrank_alpha: float = 3.0
     darkrank_beta: float = 3.0
     darkrank_list_size: int | None = None  # None ("all"): every other sample, as the paper (measured best, README); M: the teacher's M nearest
     darkrank_topk: int | None = None  # hard only: ListMLE@k, the teacher's first k picks over the whole list
     darkrank_method: str = "exact"
     darkrank_samples: int = 128  # soft, sampled methods: teacher rankings drawn per query
-    rkd_distance_weight: float = 0.0  # RKD distance (Park et al. 2019)
-    rkd_angle_weight: float = 0.0  # RKD angle
-    pkt_weight: float = 0.0  # PKT (Passalis & Tefas 2018)
-    regression_weight: float = 0.0  # ||W s - t||^2, W learned when the embedding sizes differ
-    compat_weight: float = 0.0  # student in the teacher's space (needs embed_dim = the teacher's)
     baseline: bool = True
     require_better_teacher: bool = False  # the teacher gate fails the run (exit 1) instead of warning
     gate_margin: float = 0.02  # the teacher must beat the baseline student by this much on validation
@@ -162,7 +159,7 @@ HELP: dict[str, str] = {
     "multiscale": "Add Deep Ranking's two low-resolution paths to the student.",
     "student_weights": "Start the student from these weights: a .pth/.pt/.safetensors state dict of the timm/torchvision/builtin model, or a distill model file (its architecture is then the default --student); new heads stay fresh.",
     "student_pretrained": "timm students: start from timm's pretrained weights, read from the local Hugging Face cache only (nothing is downloaded; the error names the file to fetch).",
-    "embed_dim": "Embedding size of the student (and of a teacher trained here); --compat-weight needs the teacher's.",
+    "embed_dim": "Embedding size of the student (and of a teacher trained here); --distill compat needs the teacher's.",
     "data": "Data set: synthetic (embedded default), digits, or NAME:PATH, e.g. market1501:/data/Market-1501.",
     "image_size": "Input size HxW, e.g. 64x32 or 256x128; auto = chosen from the data set.",
     "augment": "Training augmentation preset: none, light or standard; unset = chosen from the data set.",
@@ -189,21 +186,15 @@ HELP: dict[str, str] = {
     "weight_decay": "AdamW weight decay.",
     "loss": "Task losses with weights, e.g. softmax=1,triplet=1,lifted=0.5 (see `distill list`).",
     "loss_options": "Task-loss hyper-parameter KEY=VALUE (repeatable), e.g. triplet_margin=0.3.",
-    "kd_weight": "Weight of Hinton KD (0 disables it).",
+    "distill": "Distillation terms with weights, e.g. kd=3,darkrank=0.02,pkt=1, or none (see `distill list`).",
     "kd_temperature": "KD temperature T.",
-    "darkrank": "DarkRank mode: hard, soft or none.",
-    "darkrank_weight": "Weight of DarkRank.",
+    "darkrank": "DarkRank mode: hard or soft.",
     "darkrank_alpha": "DarkRank score scale alpha in S = -alpha * ||q - x||^beta.",
     "darkrank_beta": "DarkRank distance power beta.",
     "darkrank_list_size": "Candidates per query: the teacher's M nearest, or all (every other sample, the paper).",
     "darkrank_topk": "Hard DarkRank only: ListMLE@k, the teacher's first k picks over the whole list.",
     "darkrank_method": "Soft DarkRank: exact, bruteforce, sampled or sampled_prefix.",
     "darkrank_samples": "Soft DarkRank, sampled methods: teacher rankings drawn per query.",
-    "rkd_distance_weight": "Weight of RKD distance (Park et al. 2019).",
-    "rkd_angle_weight": "Weight of RKD angle (Park et al. 2019).",
-    "pkt_weight": "Weight of PKT (Passalis & Tefas 2018).",
-    "regression_weight": "Weight of embedding regression ||W s - t||^2 (W learned when the sizes differ).",
-    "compat_weight": "Weight of the compatibility loss (student queries against a teacher gallery).",
     "baseline": "Also train the student without distillation (what distillation has to beat).",
     "require_better_teacher": "Fail (exit 1) when the teacher is not clearly better than the student alone on validation.",
     "gate_margin": "How much better the teacher must score on validation.",
@@ -225,9 +216,15 @@ HELP: dict[str, str] = {
 }
 
 
-DARKRANK_MODES = ("hard", "soft", "none")
+DARKRANK_MODES = ("hard", "soft")
 DARKRANK_METHODS = ("exact", "bruteforce", "sampled", "sampled_prefix")
-DISTILL_WEIGHTS = ("kd_weight", "darkrank_weight", "rkd_distance_weight", "rkd_angle_weight", "pkt_weight", "regression_weight", "compat_weight")
+# options replaced by --distill, with the term each weighed and its old default: old files and commands
+# fail with the spec that means what they said
+REPLACED_WEIGHTS = {
+    "kd_weight": ("kd", 3.0), "darkrank_weight": ("darkrank", 0.02), "rkd_distance_weight": ("rkd_distance", 0.0),
+    "rkd_angle_weight": ("rkd_angle", 0.0), "pkt_weight": ("pkt", 0.0), "regression_weight": ("regression", 0.0),
+    "compat_weight": ("compat", 0.0),
+}
 SAMPLERS = ("pk", "importance")
 AUGMENT_PRESETS = ("none", "light", "standard")
 # (field, lower bound, bound excluded): a learning rate of 0 would train nothing and say nothing
@@ -240,7 +237,7 @@ NUMBER_RANGES = (
     ("darkrank_alpha", 0.0, True),
     ("darkrank_beta", 0.0, True),
     ("gate_margin", 0.0, False),
-) + tuple((name, 0.0, False) for name in DISTILL_WEIGHTS)
+)
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -287,6 +284,8 @@ def validate(cfg: Config) -> Config:
     """Check option values and combinations; raise one clear ``DistillError`` for the first bad one."""
     for f in fields(cfg):  # a Config built in Python is checked like one read from a file
         check_type(f.name, getattr(cfg, f.name))
+    if cfg.darkrank == "none":
+        _replaced({"darkrank": "none"})
     if cfg.darkrank not in DARKRANK_MODES:
         raise DistillError(f"--darkrank must be one of {', '.join(DARKRANK_MODES)}, got '{cfg.darkrank}'")
     if cfg.sampler not in SAMPLERS:
@@ -325,7 +324,7 @@ def validate(cfg: Config) -> Config:
             raise DistillError(f"darkrank_topk must be in [1, {candidates}] (the candidates per query), got {cfg.darkrank_topk}")
     if cfg.darkrank_samples < 1:
         raise DistillError(f"darkrank_samples must be >= 1, got {cfg.darkrank_samples}")
-    if cfg.darkrank == "soft" and cfg.darkrank_method not in ("sampled", "sampled_prefix"):
+    if cfg.darkrank == "soft" and "darkrank" in distill_terms(cfg) and cfg.darkrank_method not in ("sampled", "sampled_prefix"):
         limit = 20 if cfg.darkrank_method == "exact" else 9
         if candidates > limit:
             given = (
@@ -357,6 +356,13 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def distill_terms(cfg: Config) -> dict[str, float]:
+    """The ``--distill`` terms that are on (weight > 0), checked against the registry."""
+    from distill.losses.registry import parse_spec  # losses import torch: only when the config is checked
+
+    return {name: weight for name, weight in parse_spec(cfg.distill, "distill") if weight}
+
+
 def label_free(cfg: Config) -> bool:
     """True when the distilled student learns from the unlabeled images alone (no labeled training)."""
     return cfg.unlabeled_only or cfg.data == "none"
@@ -369,6 +375,11 @@ def validate_unlabeled(cfg: Config) -> None:
     if label_free(cfg) and not cfg.unlabeled:
         why = "--data none" if cfg.data == "none" else "--unlabeled-only"
         raise DistillError(f"{why} trains on unlabeled images only: give them with --unlabeled DIR")
+    if label_free(cfg) and not distill_terms(cfg):
+        raise DistillError(
+            f"{'--data none' if cfg.data == 'none' else '--unlabeled-only'} trains the student through the distillation "
+            f"terms alone, and --distill is {cfg.distill!r}: give some, e.g. --distill kd=3,darkrank=0.02"
+        )
     if label_free(cfg) and cfg.sampler != "pk":
         raise DistillError("--sampler importance needs labels: drop it for a run on unlabeled images alone")
 
@@ -407,12 +418,14 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def _check_losses(cfg: Config) -> None:
-    """``--loss`` and ``--loss-opt`` checked now, not when the first student starts training; a loss
+    """``--distill``, ``--loss`` and ``--loss-opt`` checked now, not when the first student starts training; a loss
     that compares images of one identity needs at least two per identity in a P x K batch."""
-    from distill.losses.task import NEEDS_POSITIVES, check_task_loss
+    from distill.losses.registry import entries
+    from distill.losses.task import check_task_loss
 
+    distill_terms(cfg)
     terms, _ = check_task_loss(cfg.loss, cfg.loss_options)
-    blind = [name for name, weight in terms if weight and name in NEEDS_POSITIVES]
+    blind = [name for name, weight in terms if weight and "positives" in entries("task")[name].needs]
     if blind and cfg.sampler == "pk" and cfg.images_per_id < 2:
         raise DistillError(
             f"--images-per-id {cfg.images_per_id} puts one image of each identity in a batch, so {', '.join(blind)} "
@@ -443,7 +456,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
 
 
 def _known(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` when every key is a Config field, else one error naming the unknown ones."""
+    """``values`` when every key is a Config field, else one error naming the unknown ones (or the
+    option that replaced them)."""
+    _replaced(values)
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -456,6 +471,23 @@ def option_name(name: str) -> str:
     if name == "students":
         return name
     return f"{name} ({_FLAG_NAMES.get(name, '--' + name.replace('_', '-'))})"
+
+
+def _replaced(values: dict[str, Any]) -> None:
+    """One error for options ``--distill`` replaced (a weight per term, ``darkrank = "none"``), naming the
+    spec that means what they said (the old defaults: kd 3, hard DarkRank 0.02)."""
+    old = [k for k in values if k in REPLACED_WEIGHTS] + (["darkrank"] if values.get("darkrank") == "none" else [])
+    if not old:
+        return
+    weights = {term: values.get(key, default) for key, (term, default) in REPLACED_WEIGHTS.items()}
+    if values.get("darkrank") == "none":
+        weights["darkrank"] = 0
+    spec = ",".join(f"{term}={w:g}" if isinstance(w, (int, float)) else f"{term}={w}" for term, w in weights.items() if w) or "none"
+    names = ", ".join('darkrank = "none"' if k == "darkrank" else k for k in old)
+    raise DistillError(
+        f"{names} {'was' if len(old) == 1 else 'were'} replaced by --distill: use --distill {spec} "
+        f"(in a TOML file: distill = \"{spec}\")"
+    )
 
 
 _FLAG_NAMES = {"loss_options": "--loss-opt"}

@@ -20,7 +20,7 @@ from rich.markup import escape
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config, export_precisions, label_free, student_specs
+from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config, distill_terms, export_precisions, label_free, student_specs
 from distill.data import Sample, Splits, data_fingerprint, hold_out_identities, load_dataset
 from distill.data.inputs import choose_augment, choose_image_size
 from distill.data.importance import ImportanceBatchSampler
@@ -35,7 +35,7 @@ from distill.evaluate import evaluate_model, reid_metrics, retrieval_metrics
 from distill.losses.task import HPARAMS
 from distill.models import NotAModelFile, build_model, model_cfg, parse_spec, read_model_file, save_model
 from distill.models.file import load_backbone_weights
-from distill.objective import StudentObjective, build_objective
+from distill.objective import StudentObjective, build_objective, distillation_fields, unusable_logits
 from distill.students import create_student
 from distill.students.weights import load_student_weights, student_weights_file
 from distill.teachers import Teacher, file_fingerprint, load_teacher
@@ -373,7 +373,7 @@ def acquire_teacher(cfg: Config, data: Prepared, device: torch.device) -> tuple[
     def load(layer: str) -> Teacher:
         return load_teacher(cfg.teacher, weights=weights, device=str(device), layer=None if layer == EMBEDDING else layer)
 
-    layer = EMBEDDING if cfg.teacher_layer == "auto" and cfg.compat_weight else cfg.teacher_layer
+    layer = EMBEDDING if cfg.teacher_layer == "auto" and "compat" in distill_terms(cfg) else cfg.teacher_layer
     if layer != "auto":  # the compat loss needs the teacher's own embedding space: no layer is searched
         teacher = check_compat(cfg, task_logits(load(layer), data.num_classes), layer)
         return teacher, {"teacher": time.perf_counter() - started}
@@ -396,26 +396,23 @@ def acquire_teacher(cfg: Config, data: Prepared, device: torch.device) -> tuple[
 
 
 def check_compat(cfg: Config, teacher: Teacher, layer: str) -> Teacher:
-    """Fail before any student trains when ``--compat-weight`` cannot work: the student's embedding
+    """Fail before any student trains when ``--distill compat`` cannot work: the student's embedding
     must live in the teacher's space, so the sizes must match."""
-    if cfg.compat_weight and teacher.embed_dim != cfg.embed_dim:
+    if "compat" in distill_terms(cfg) and teacher.embed_dim != cfg.embed_dim:
         raise DistillError(
-            f"--compat-weight puts the student in the teacher's embedding space, so --embed-dim must be its size: "
+            f"--distill compat puts the student in the teacher's embedding space, so --embed-dim must be its size: "
             f"got --embed-dim {cfg.embed_dim}, the teacher's {layer} layer gives {teacher.embed_dim} "
-            f"(set --embed-dim {teacher.embed_dim}, or --compat-weight 0)"
+            f"(set --embed-dim {teacher.embed_dim}, or leave compat out of --distill)"
         )
     return teacher
 
 
 def task_logits(teacher: Teacher, num_classes: int) -> Teacher:
-    """Turn off the teacher's logits (so KD) when its classes are not the task's, saying so in one line.
-    ``num_classes`` 0 (no labeled data): the student takes the teacher's classes, KD stays on."""
-    if num_classes and teacher.has_logits and teacher.num_classes != num_classes:
+    """Turn off the teacher's logits when they cannot teach the task (``unusable_logits``: its classes are
+    not the task's), so they are neither computed nor cached; ``build_objective`` says what that turns off.
+    ``num_classes`` 0 (no labeled data): the student takes the teacher's classes, its logits stay on."""
+    if teacher.has_logits and unusable_logits(teacher, num_classes):
         teacher.has_logits = False
-        console.print(
-            f"[yellow]the teacher has {teacher.num_classes} classes, the task {num_classes}: KD is off[/] "
-            "(the embedding-level losses still apply)"
-        )
     return teacher
 
 
@@ -491,19 +488,18 @@ def teacher_fit(cfg: Config) -> dict | None:
 
 # Config fields that change no trained weight, left out of a student checkpoint's recipe; the
 # teacher's own fields are left out too (its fingerprint stands for them), and for a baseline, which
-# has no teacher, the distillation terms' (DISTILLATION_PREFIXES).
+# has no teacher, the distillation terms' (distillation_fields).
 NOT_TRAINING_FIELDS = (
     "out", "name", "resume", "fresh", "keep_checkpoints", "baseline", "students", "export_precision", "bench_iters",
     "target_accuracy", "clustering", "require_better_teacher", "gate_margin", "device", "workers", "compile",
 )
-DISTILLATION_PREFIXES = ("kd_", "darkrank", "rkd_", "pkt_", "regression_", "compat_")
 
 
 def student_recipe(cfg: Config, data: Prepared, teacher: Teacher | None) -> dict[str, Any]:
     """Everything that shapes a student's training (recorded in its checkpoint; ``--resume`` refuses a
     checkpoint whose record differs): its options, the teacher's fingerprint, the training data's."""
-    skip = ("teacher",) + (DISTILLATION_PREFIXES if teacher is None else ())
-    options = {k: v for k, v in cfg.to_dict().items() if k not in NOT_TRAINING_FIELDS and not k.startswith(skip)}
+    skip = NOT_TRAINING_FIELDS + (distillation_fields() if teacher is None else ())
+    options = {k: v for k, v in cfg.to_dict().items() if k not in skip and not k.startswith("teacher")}
     return options | {"teacher_fingerprint": teacher.fingerprint if teacher else None,
                       "data_fingerprint": data_fingerprint(data.train.samples)}
 
