@@ -152,7 +152,7 @@ def test_two_students_each_with_and_without_distillation_every_onnx_row_scored_i
     [
         (["--teacher", "resnet_huge"], "unknown teacher 'resnet_huge'; known: inception_bn"),
         (["--student", "tiny"], "unknown student 'tiny'; known: nin_bn"),
-        (["--darkrank", "medium"], "--darkrank must be one of hard, soft, none"),
+        (["--darkrank", "medium"], "--darkrank must be one of hard, soft, got 'medium'"),
         (["--teacher", "timm:resnet18"], "needs local weights (nothing is downloaded)"),
         (["--teacher", "onnx:/nonexistent/t.onnx"], "ONNX teacher file not found"),
         (["--data", "nowhere"], "unknown data set 'nowhere'"),
