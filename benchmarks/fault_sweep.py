@@ -239,7 +239,7 @@ def catalogue(w: Path) -> list[Case]:
         Case("markup-config", 7, [*run, "--config", "cfg/[/nope].toml", *out]),
         Case("markup-student", 7, [*run, "--student", "nin_bn,[bold]x", *out]),
         Case("markup-recipe-hint", 7, ["study", *data, *TINY, "--recipes-file", str(w / "recipes.toml"), *out],
-             before=rec("kd_weight = 1\n")),
+             before=rec("distill = \"kd=1\"\n")),
         # item 8: hostile image files
         Case("bomb-and-fifo", 8, ["run", "--data", f"imagefolder:{w / 'hostile'}", *TINY, "--strict", *out], before=hostile_folder,
              timeout=60),
@@ -255,7 +255,7 @@ def catalogue(w: Path) -> list[Case]:
              expect="exit0", slow=True),
         # item 11: checked before training
         Case("images-per-id-1", 11, [*run, "--images-per-id", "1", *out]),
-        Case("compat-embed-dim", 11, [*run, "--compat-weight", "1", "--embed-dim", "64", "--teacher-layer", "backbone.blocks.3a", *out],
+        Case("compat-embed-dim", 11, [*run, "--distill", "kd=3,darkrank=0.02,compat=1", "--embed-dim", "64", "--teacher-layer", "backbone.blocks.3a", *out],
              timeout=240),
         Case("loss-opt-negative-margin", 11, [*run, "--loss-opt", "triplet_margin=-1", *out]),
         Case("synthetic-split-file", 11, ["run", *TINY, "--split-file", "split.txt", *out]),

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from distill.config import Config, command_fields, default_value, field_info, flag_name
+from distill.config import REPLACED_WEIGHTS, Config, command_fields, default_value, field_info, flag_name
 from distill.cli_help import SectionedCommand
 from distill.console import make_console
 from distill.errors import DistillError
@@ -123,6 +123,9 @@ def _config_parameters(command: str) -> list[inspect.Parameter]:
             rich_help_panel=meta["section"].capitalize(),
         )
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind]))
+    for name in REPLACED_WEIGHTS if "distill" in command_fields(command) else ():  # hidden: given, they fail
+        option = typer.Option(None, "--" + name.replace("_", "-"), hidden=True)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[float]))
     return params
 
 
@@ -136,7 +139,7 @@ def config_command(name: str) -> Callable[[Callable[..., None]], Callable[..., N
 def _config_command(name: str, fn: Callable[..., None]) -> Callable[..., None]:
     hints = typing.get_type_hints(fn)
     own = [p.replace(annotation=hints[p.name]) for p in list(inspect.signature(fn).parameters.values())[1:]]
-    fields = {f.name for f in dataclasses.fields(Config)}
+    fields = {f.name for f in dataclasses.fields(Config)} | set(REPLACED_WEIGHTS)
 
     def command(**kwargs) -> None:
         config = kwargs.pop("config")
@@ -336,9 +339,10 @@ def report(out: Path = typer.Argument(..., help="A run directory or its report.j
 @app.command("list", cls=SectionedCommand)
 @friendly
 def list_() -> None:
-    """Known teachers, students, data sets and task losses."""
+    """Known teachers, students, data sets, task losses (--loss) and distillation terms (--distill), the
+    losses with their hyper-parameters' defaults."""
     from distill.data import dataset_names
-    from distill.losses.task import task_loss_names
+    from distill.losses.registry import KINDS, entries
     from distill.models import model_names
     from distill.students import student_names
 
@@ -346,8 +350,12 @@ def list_() -> None:
     table.add_row("teachers", ", ".join(model_names("teacher")) + ", timm:NAME, torchvision:NAME, onnx:PATH")
     table.add_row("students", ", ".join(student_names()) + ", timm:NAME")
     table.add_row("data sets", ", ".join(dataset_names()) + " (NAME:PATH)")
-    table.add_row("task losses", ", ".join(task_loss_names()))
-    make_console().print(table)
+    losses = Table("option", "name", "what", "defaults")
+    for kind, (_, option) in KINDS.items():
+        for name, entry in entries(kind).items():
+            defaults = ", ".join(f"{k}={'unset' if v is None else v}" for k, v in entry.defaults.items())
+            losses.add_row(option, name, entry.summary + (" (learned parts)" if entry.learnable else ""), defaults or "-")
+    make_console().print(table, losses)
 
 
 if __name__ == "__main__":  # pragma: no cover

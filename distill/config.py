@@ -117,7 +117,7 @@ class Config:
         "(nothing is downloaded; the error names the file to fetch).", section="model", **_STUDENT,
     )
     embed_dim: int = option(
-        128, "Embedding size of the student (and of a teacher trained here); the compatibility loss needs the teacher's.",
+        128, "Embedding size of the student (and of a teacher trained here); --distill compat needs the teacher's.",
         section="model", **_TEACHER,
     )
     # data
@@ -206,14 +206,13 @@ class Config:
         section="training", flag="--loss-opt", shown="none", cli_type=list[str], metavar="KEY=VALUE", **_TEACHER,
     )
     # distillation
-    kd_weight: float = option(  # 6 seeds on the default data: +0.047 R@1 / +0.053 mAP over the baseline (1.0: +0.027 / +0.031)
-        3.0, "Weight of Hinton KD (0 disables it).", section="distillation", at_least=0.0, **_STUDENT
+    distill: str = option(  # kd=3: 6 seeds on the default data: +0.047 R@1 / +0.053 mAP over the baseline (kd=1:
+        # +0.027 / +0.031); darkrank=0.02: full-list hard DarkRank sums ~N log N terms per query (~20 at batch 64)
+        "kd=3,darkrank=0.02", "Distillation terms with weights, e.g. kd=3,darkrank=0.02,pkt=1, or none (see `distill list`).",
+        section="distillation", **_STUDENT,
     )
     kd_temperature: float = option(4.0, "KD temperature T.", section="distillation", above=0.0, **_STUDENT)
-    darkrank: str = option("hard", "DarkRank mode: hard, soft or none.", section="distillation", **_STUDENT)
-    darkrank_weight: float = option(  # full-list hard DarkRank sums ~N log N terms per query (~20 at batch 64)
-        0.02, "Weight of DarkRank.", section="distillation", at_least=0.0, **_STUDENT
-    )
+    darkrank: str = option("hard", "DarkRank mode: hard or soft.", section="distillation", **_STUDENT)
     darkrank_alpha: float = option(
         3.0, "DarkRank score scale alpha in S = -alpha * ||q - x||^beta.", section="distillation", above=0.0, **_STUDENT
     )
@@ -231,19 +230,6 @@ class Config:
     )
     darkrank_samples: int = option(
         128, "Soft DarkRank, sampled methods: teacher rankings drawn per query.", section="distillation", **_STUDENT
-    )
-    rkd_distance_weight: float = option(
-        0.0, "Weight of RKD distance (Park et al. 2019).", section="distillation", at_least=0.0, **_STUDENT
-    )
-    rkd_angle_weight: float = option(0.0, "Weight of RKD angle (Park et al. 2019).", section="distillation", at_least=0.0, **_STUDENT)
-    pkt_weight: float = option(0.0, "Weight of PKT (Passalis & Tefas 2018).", section="distillation", at_least=0.0, **_STUDENT)
-    regression_weight: float = option(
-        0.0, "Weight of embedding regression ||W s - t||^2 (W learned when the sizes differ).", section="distillation",
-        at_least=0.0, **_STUDENT,
-    )
-    compat_weight: float = option(
-        0.0, "Weight of the compatibility loss (student queries against a teacher gallery).", section="distillation",
-        at_least=0.0, **_STUDENT,
     )
     baseline: bool = option(
         True, "Also train the student without distillation (what distillation has to beat).", section="distillation",
@@ -380,7 +366,14 @@ def export_precisions(cfg: Config) -> list[str]:
     return wanted
 
 
-DARKRANK_MODES = ("hard", "soft", "none")
+DARKRANK_MODES = ("hard", "soft")
+# options replaced by --distill, with the term each weighed and its old default: old files and commands
+# fail with the spec that means what they said
+REPLACED_WEIGHTS = {
+    "kd_weight": ("kd", 3.0), "darkrank_weight": ("darkrank", 0.02), "rkd_distance_weight": ("rkd_distance", 0.0),
+    "rkd_angle_weight": ("rkd_angle", 0.0), "pkt_weight": ("pkt", 0.0), "regression_weight": ("regression", 0.0),
+    "compat_weight": ("compat", 0.0),
+}
 DARKRANK_METHODS = ("exact", "bruteforce", "sampled", "sampled_prefix")
 SAMPLERS = ("pk", "importance")
 AUGMENT_PRESETS = ("none", "light", "standard")
@@ -430,6 +423,8 @@ def validate(cfg: Config) -> Config:
     """Check option values and combinations; raise one clear ``DistillError`` for the first bad one."""
     for f in fields(cfg):  # a Config built in Python is checked like one read from a file
         check_type(f.name, getattr(cfg, f.name))
+    if cfg.darkrank == "none":
+        _replaced({"darkrank": "none"})
     if cfg.darkrank not in DARKRANK_MODES:
         raise DistillError(f"--darkrank must be one of {', '.join(DARKRANK_MODES)}, got '{cfg.darkrank}'")
     if cfg.sampler not in SAMPLERS:
@@ -468,7 +463,7 @@ def validate(cfg: Config) -> Config:
             raise DistillError(f"darkrank_topk must be in [1, {candidates}] (the candidates per query), got {cfg.darkrank_topk}")
     if cfg.darkrank_samples < 1:
         raise DistillError(f"darkrank_samples must be >= 1, got {cfg.darkrank_samples}")
-    if cfg.darkrank == "soft" and cfg.darkrank_method not in ("sampled", "sampled_prefix"):
+    if cfg.darkrank == "soft" and "darkrank" in distill_terms(cfg) and cfg.darkrank_method not in ("sampled", "sampled_prefix"):
         limit = 20 if cfg.darkrank_method == "exact" else 9
         if candidates > limit:
             given = (
@@ -504,6 +499,13 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def distill_terms(cfg: Config) -> dict[str, float]:
+    """The ``--distill`` terms that are on (weight > 0), checked against the registry."""
+    from distill.losses.registry import parse_spec  # losses import torch: only when the config is checked
+
+    return {name: weight for name, weight in parse_spec(cfg.distill, "distill") if weight}
+
+
 def label_free(cfg: Config) -> bool:
     """True when the distilled student learns from the unlabeled images alone (no labeled training)."""
     return cfg.unlabeled_only or cfg.data == "none"
@@ -516,6 +518,11 @@ def validate_unlabeled(cfg: Config) -> None:
     if label_free(cfg) and not cfg.unlabeled:
         why = "--data none" if cfg.data == "none" else "--unlabeled-only"
         raise DistillError(f"{why} trains on unlabeled images only: give them with --unlabeled DIR")
+    if label_free(cfg) and not distill_terms(cfg):
+        raise DistillError(
+            f"{'--data none' if cfg.data == 'none' else '--unlabeled-only'} trains the student through the distillation "
+            f"terms alone, and --distill is {cfg.distill!r}: give some, e.g. --distill kd=3,darkrank=0.02"
+        )
     if label_free(cfg) and cfg.sampler != "pk":
         raise DistillError("--sampler importance needs labels: drop it for a run on unlabeled images alone")
 
@@ -556,10 +563,13 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
 def _check_losses(cfg: Config) -> None:
     """``--loss`` and ``--loss-opt`` checked now, not when the first student starts training; a loss
     that compares images of one identity needs at least two per identity in a P x K batch."""
-    from distill.losses.task import NEEDS_POSITIVES, check_task_loss
+    from distill.losses.registry import entries
+    from distill.losses.task import check_task_loss
+
+    distill_terms(cfg)
 
     terms, _ = check_task_loss(cfg.loss, cfg.loss_options)
-    blind = [name for name, weight in terms if weight and name in NEEDS_POSITIVES]
+    blind = [name for name, weight in terms if weight and "positives" in entries("task")[name].needs]
     if blind and cfg.sampler == "pk" and cfg.images_per_id < 2:
         raise DistillError(
             f"--images-per-id {cfg.images_per_id} puts one image of each identity in a batch, so {', '.join(blind)} "
@@ -590,12 +600,31 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> Config:
 
 
 def _known(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` when every key is a Config field, else one error naming the unknown ones."""
+    """``values`` when every key is a Config field, else one error naming the unknown ones (or the
+    option that replaced them)."""
+    _replaced(values)
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise DistillError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return values
+
+
+def _replaced(values: dict[str, Any]) -> None:
+    """One error for options ``--distill`` replaced (a weight per term, ``darkrank = "none"``), naming the
+    spec that means what they said (the old defaults: kd 3, hard DarkRank 0.02)."""
+    old = [k for k in values if k in REPLACED_WEIGHTS] + (["darkrank"] if values.get("darkrank") == "none" else [])
+    if not old:
+        return
+    weights = {term: values.get(key, default) for key, (term, default) in REPLACED_WEIGHTS.items()}
+    if values.get("darkrank") == "none":
+        weights["darkrank"] = 0
+    spec = ",".join(f"{term}={w:g}" if isinstance(w, (int, float)) else f"{term}={w}" for term, w in weights.items() if w) or "none"
+    names = ", ".join('darkrank = "none"' if k == "darkrank" else k for k in old)
+    raise DistillError(
+        f"{names} {'was' if len(old) == 1 else 'were'} replaced by --distill: use --distill {spec} "
+        f"(in a TOML file: distill = \"{spec}\")"
+    )
 
 
 def option_name(name: str) -> str:

@@ -305,7 +305,7 @@ def compatibility_metrics(
         raise DistillError(
             f"student-query -> teacher-gallery search needs one embedding space: the student embeds in "
             f"{s_query.shape[1]} dimensions, the teacher in {t_query.shape[1]} (train the student with "
-            f"--embed-dim {t_query.shape[1]} and --compat-weight)"
+            f"--embed-dim {t_query.shape[1]} and a compat term, e.g. --distill kd=3,compat=1)"
         )
     if splits.protocol == "reid":
         s_gallery, t_gallery = embed(student_fn, splits.gallery), embed(teacher_fn, splits.gallery)

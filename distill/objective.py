@@ -1,12 +1,13 @@
-"""The student's training objective: task losses + w_kd * KD + w_dr * DarkRank + the weighted
-embedding-level distillers (RKD distance and angle, PKT, regression, compatibility).
+"""The student's training objective: the task losses (``--loss softmax=1,triplet=1``) plus the
+distillation terms (``--distill kd=3,darkrank=0.02``), both weighted sums of the losses registered in
+:mod:`distill.losses.registry`.
 
-``StudentObjective`` is an ``nn.Module`` so that the learnable parts of the task losses (a
-verification head, L-Softmax weights, the HDML generator) and the regression's projection are
-optimised and checkpointed with the model. Teacher outputs arrive per batch as
-``(teacher_emb, teacher_logits or None)``. Rows labelled -1 are unlabeled images (``--unlabeled``):
-the task losses skip them, the distillation terms use every row. ``build_objective`` is the one place that turns a
-``Config`` into an objective.
+``StudentObjective`` is an ``nn.Module`` so that the learnable parts of the losses (a verification
+head, L-Softmax weights, the HDML generator, the regression's projection) are optimised and
+checkpointed with the model. Teacher outputs arrive per batch as ``(teacher_emb, teacher_logits or
+None)``. Rows labelled -1 are unlabeled images (``--unlabeled``): the task losses skip them, the
+distillation terms use every row. ``build_objective`` is the one place that turns a ``Config`` into
+an objective, and ``unusable_logits`` the one rule for when a teacher's logits cannot be used.
 """
 
 from __future__ import annotations
@@ -14,19 +15,11 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from distill.config import Config
-from distill.errors import DistillError
-from distill.losses.darkrank import DarkRankLoss
-from distill.losses.kd import kd_loss
-from distill.losses.relational import EmbeddingRegression, compatibility_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss
+from distill.losses.registry import LossInputs, WeightedSum, check_params, entries, floats, hyperparameters, parse_spec
 from distill.losses.task import build_task_loss
-
-# embedding-level terms, in the order they are added and logged
-EMBEDDING_TERMS = ("rkd_distance", "rkd_angle", "pkt", "regression", "compat")
-_PAIR_LOSSES = {"rkd_distance": rkd_distance_loss, "rkd_angle": rkd_angle_loss, "pkt": pkt_loss}
 
 
 class StudentObjective(nn.Module):
@@ -35,57 +28,39 @@ class StudentObjective(nn.Module):
         task_spec: str,
         embed_dim: int,
         num_classes: int,
-        kd_weight: float = 0.0,
-        kd_temperature: float = 4.0,
-        darkrank: DarkRankLoss | None = None,
-        darkrank_weight: float = 0.0,
-        teacher_has_logits: bool = True,
-        loss_options: dict | None = None,
-        embedding_weights: dict[str, float] | None = None,
+        distill: str = "none",
+        loss_options: dict[str, Any] | None = None,
+        distill_options: dict[str, Any] | None = None,
         teacher_embed_dim: int | None = None,
+        logits_unusable: str | None = None,
     ) -> None:
-        """``embedding_weights`` maps names of ``EMBEDDING_TERMS`` to weights (0 or missing = off);
-        ``teacher_embed_dim`` (default ``embed_dim``) sizes the regression's projection."""
+        """``distill`` is a ``--distill`` spec (terms with a weight of 0 are left out);
+        ``distill_options`` their hyper-parameters (defaults: the registry's);
+        ``teacher_embed_dim`` (default ``embed_dim``) sizes the regression's projection;
+        ``logits_unusable`` says why the teacher's logits cannot be used (None: they can), which
+        turns the terms that need them off, saying so once."""
         super().__init__()
         self.task = build_task_loss(task_spec, embed_dim, num_classes, **(loss_options or {}))
-        if kd_weight and not teacher_has_logits:
-            warnings.warn("the teacher has no classifier logits (an embedding-only ONNX model?): KD is disabled", stacklevel=2)
-            kd_weight = 0.0
-        self.kd_weight = kd_weight
-        self.kd_temperature = kd_temperature
-        self.darkrank = darkrank if darkrank_weight else None
-        self.darkrank_weight = darkrank_weight
-        weights = {k: v for k, v in (embedding_weights or {}).items() if v}
-        unknown = sorted(set(weights) - set(EMBEDDING_TERMS))
-        if unknown:
-            raise DistillError(f"unknown distillation term(s) {', '.join(unknown)}; valid: {', '.join(EMBEDDING_TERMS)}")
-        self.embedding_weights = {k: weights[k] for k in EMBEDDING_TERMS if k in weights}
-        teacher_dim = teacher_embed_dim or embed_dim
-        if "compat" in weights and teacher_dim != embed_dim:
-            raise DistillError(
-                f"the compat loss puts the student in the teacher's embedding space, so the student's embed_dim "
-                f"must be the teacher's: got {embed_dim} and {teacher_dim} (set --embed-dim {teacher_dim})"
-            )
-        self.regression = EmbeddingRegression(embed_dim, teacher_dim) if "regression" in weights else None
+        terms = [(name, weight) for name, weight in parse_spec(distill, "distill") if weight]
+        params = check_params("distill", distill_options or {})
+        if logits_unusable:
+            blind = [name for name, _ in terms if "teacher_logits" in entries("distill")[name].needs]
+            if blind:
+                warnings.warn(
+                    f"{logits_unusable}: {', '.join(blind)} {'is' if len(blind) == 1 else 'are'} off "
+                    "(the embedding-level terms still apply)", stacklevel=2,
+                )
+            terms = [t for t in terms if t[0] not in blind]
+        self.distill = WeightedSum("distill", terms, params, embed_dim=embed_dim, teacher_dim=teacher_embed_dim or embed_dim)
 
     def forward(
         self, emb: Tensor, logits: Tensor, labels: Tensor, teacher_out: tuple[Tensor, Tensor | None] | None = None
     ) -> tuple[Tensor, dict[str, float]]:
         t_emb, t_logits = teacher_out if teacher_out is not None else (None, None)
         loss, parts = self._task(emb, logits, labels, t_emb)
-        if self.kd_weight and t_logits is not None:
-            kd = kd_loss(logits, t_logits, self.kd_temperature)
-            loss = loss + self.kd_weight * kd
-            parts["kd"] = kd.item()
-        if self.darkrank is not None and t_emb is not None:
-            dr = self.darkrank(emb, t_emb)
-            loss = loss + self.darkrank_weight * dr
-            parts["darkrank"] = dr.item()
-        if t_emb is not None:
-            for name, weight in self.embedding_weights.items():
-                value = self._embedding_term(name, emb, t_emb, labels)
-                loss = loss + weight * value
-                parts[name] = value.item()
+        if self.distill.terms:  # added one by one onto the task total
+            loss, distilled, _ = self.distill.add_to(LossInputs(emb, logits, labels, t_emb, t_logits), loss)
+            parts |= floats(distilled)
         return loss, parts
 
     def _task(self, emb: Tensor, logits: Tensor, labels: Tensor, t_emb: Tensor | None) -> tuple[Tensor, dict[str, float]]:
@@ -98,38 +73,37 @@ class StudentObjective(nn.Module):
             return emb.sum() * 0.0, {}
         return self.task(emb[labeled], logits[labeled], labels[labeled], teacher_emb=None if t_emb is None else t_emb[labeled])
 
-    def _embedding_term(self, name: str, emb: Tensor, t_emb: Tensor, labels: Tensor) -> Tensor:
-        if name == "regression":
-            return self.regression(emb, t_emb)
-        if name == "compat":  # an unlabeled image's one positive is its own teacher embedding
-            own = -1 - torch.arange(len(labels), device=labels.device)
-            return compatibility_loss(emb, t_emb, torch.where(labels >= 0, labels, own))
-        return _PAIR_LOSSES[name](emb, t_emb)
+
+def unusable_logits(teacher: Any, num_classes: int) -> str | None:
+    """Why the teacher's logits cannot teach a task of ``num_classes`` classes (0: no labeled data, the
+    student takes the teacher's classes), or None when they can."""
+    classes = getattr(teacher, "num_classes", None)
+    if num_classes and classes is not None and classes != num_classes:
+        return f"the teacher has {classes} classes, the task {num_classes}"
+    if not teacher.has_logits:
+        return "the teacher has no classifier logits"
+    return None
+
+
+def distillation_fields() -> tuple[str, ...]:
+    """The Config fields that shape the distillation terms: ``distill`` and their hyper-parameters."""
+    return ("distill", *hyperparameters("distill"))
 
 
 def build_objective(cfg: Config, num_classes: int, teacher: Any = None) -> StudentObjective:
     """The objective of a run: the task losses alone without a teacher (the baseline student, or the
-    teacher itself), plus KD, DarkRank and the embedding-level terms with the config's weights when a
-    ``teacher`` is given (its ``embed_dim`` sizes the regression's projection; KD needs its
-    ``has_logits``)."""
+    teacher itself), plus the ``--distill`` terms with the config's hyper-parameters when a ``teacher``
+    is given (its ``embed_dim`` sizes the regression's projection; its logits teach KD when
+    ``unusable_logits`` finds nothing against them)."""
     if teacher is None:
         return StudentObjective(cfg.loss, cfg.embed_dim, num_classes, loss_options=cfg.loss_options)
-    darkrank = None
-    if cfg.darkrank != "none":
-        darkrank = DarkRankLoss(
-            cfg.darkrank_alpha, cfg.darkrank_beta, mode=cfg.darkrank, list_size=cfg.darkrank_list_size,
-            method=cfg.darkrank_method, num_samples=cfg.darkrank_samples, topk=cfg.darkrank_topk,
-        )
     return StudentObjective(
         cfg.loss,
         cfg.embed_dim,
         num_classes,
-        kd_weight=cfg.kd_weight,
-        kd_temperature=cfg.kd_temperature,
-        darkrank=darkrank,
-        darkrank_weight=cfg.darkrank_weight,
-        teacher_has_logits=teacher.has_logits,
+        distill=cfg.distill,
         loss_options=cfg.loss_options,
-        embedding_weights={name: getattr(cfg, f"{name}_weight") for name in EMBEDDING_TERMS},
+        distill_options={k: getattr(cfg, k) for k in hyperparameters("distill") if hasattr(cfg, k)},
         teacher_embed_dim=teacher.embed_dim,
+        logits_unusable=unusable_logits(teacher, num_classes),
     )

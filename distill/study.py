@@ -50,10 +50,10 @@ from distill.teachers.acquire import acquire_teacher
 BASELINE = "baseline"
 # The lead adds more (rkd, pkt, compat): a plain dict of name -> Config overrides on the base config.
 RECIPES: dict[str, dict[str, Any]] = {
-    BASELINE: {"kd_weight": 0.0, "darkrank": "none"},  # trained without a teacher
-    "kd": {"darkrank": "none"},
-    "darkrank-hard": {"kd_weight": 0.0, "darkrank": "hard"},
-    "darkrank-soft": {"kd_weight": 0.0, "darkrank": "soft", "darkrank_list_size": 8, "darkrank_weight": 0.1},  # exact over 8!
+    BASELINE: {"distill": "none"},  # trained without a teacher
+    "kd": {"distill": "kd=3"},
+    "darkrank-hard": {"distill": "darkrank=0.02", "darkrank": "hard"},
+    "darkrank-soft": {"distill": "darkrank=0.1", "darkrank": "soft", "darkrank_list_size": 8},  # exact over 8!
     "kd+darkrank": {},  # the base config as given: distill run's defaults
 }
 DEFAULT_RECIPES = (BASELINE, "kd+darkrank")

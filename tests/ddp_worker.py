@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from distill.bench import benchmark_threads
 from distill.data.samplers import PKSampler
 from distill.engine import TrainSettings, fit
-from distill.losses.darkrank import DarkRankLoss
 from distill.objective import StudentObjective
 from distill.parallel import AllGather
 
@@ -85,8 +84,7 @@ def build(bn: bool = False, loss: str = LOSS) -> tuple[nn.Module, StudentObjecti
     torch.manual_seed(0)
     model = TinyNet(bn).double()
     objective = StudentObjective(
-        loss, EMBED, NUM_IDS, kd_weight=1.0, darkrank=DarkRankLoss(mode="hard", list_size=None), darkrank_weight=0.1,
-        embedding_weights={"rkd_distance": 1.0, "regression": 1.0}, teacher_embed_dim=TEACHER_DIM,
+        loss, EMBED, NUM_IDS, distill="kd=1,darkrank=0.1,rkd_distance=1,regression=1", teacher_embed_dim=TEACHER_DIM,
     ).double()
     return model, objective
 

@@ -330,13 +330,14 @@ def test_compat_with_another_embedding_size_fails_before_any_student_trains():
     from distill.errors import DistillError
     from distill.teachers.acquire import check_compat
 
-    cfg = load_config(None, compat_weight=1.0, embed_dim=64)
+    cfg = load_config(None, distill="kd=3,compat=1", embed_dim=64)
     with pytest.raises(DistillError) as err:
         check_compat(cfg, SimpleNamespace(embed_dim=1024), "backbone.blocks.5b")
     assert str(err.value) == (
-        "--compat-weight puts the student in the teacher's embedding space, so --embed-dim must be its size: got "
-        "--embed-dim 64, the teacher's backbone.blocks.5b layer gives 1024 (set --embed-dim 1024, or --compat-weight 0)"
+        "--distill compat puts the student in the teacher's embedding space, so --embed-dim must be its size: got "
+        "--embed-dim 64, the teacher's backbone.blocks.5b layer gives 1024 (set --embed-dim 1024, or leave compat out of --distill)"
     )
+    assert check_compat(load_config(None, distill="kd=3,compat=0", embed_dim=64), SimpleNamespace(embed_dim=1024), "x")
 
 
 def test_compat_uses_the_teachers_own_embedding_not_a_searched_layer(tmp_path, monkeypatch):
@@ -346,7 +347,7 @@ def test_compat_uses_the_teachers_own_embedding_not_a_searched_layer(tmp_path, m
 
     small = dict(train_ids=8, test_ids=4, images_per_id=8, height=32, width=16)
     monkeypatch.setitem(base._LOADERS, "synthetic", lambda path=None, **o: load_synthetic(path, **small))
-    cfg = load_config(None, compat_weight=1.0, embed_dim=64, image_size="32x16", teacher_epochs=1, teacher_min_steps=0,
+    cfg = load_config(None, distill="compat=1", embed_dim=64, image_size="32x16", teacher_epochs=1, teacher_min_steps=0,
                       batch_size=16, out=str(tmp_path / "o"), device="cpu")
     from distill.run import setup
     from distill.teachers.acquire import acquire_teacher

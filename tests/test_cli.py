@@ -152,7 +152,7 @@ def test_two_students_each_with_and_without_distillation_every_onnx_row_scored_i
     [
         (["--teacher", "resnet_huge"], "unknown teacher 'resnet_huge'; known: inception_bn"),
         (["--student", "tiny"], "unknown student 'tiny'; known: nin_bn"),
-        (["--darkrank", "medium"], "--darkrank must be one of hard, soft, none"),
+        (["--darkrank", "medium"], "--darkrank must be one of hard, soft, got 'medium'"),
         (["--teacher", "timm:resnet18"], "needs local weights (nothing is downloaded)"),
         (["--teacher", "onnx:/nonexistent/t.onnx"], "ONNX teacher file not found"),
         (["--data", "nowhere"], "unknown data set 'nowhere'"),
@@ -184,10 +184,33 @@ def test_unwritable_out_dir(tmp_path):
 
 
 def test_list_shows_every_registry():
-    result = runner.invoke(app, ["list"])
+    from distill.losses.registry import entries
+
+    result = runner.invoke(app, ["list"], env={"COLUMNS": "400"})  # one line per loss
     assert result.exit_code == 0
     for name in ("inception_bn", "nin_bn", "synthetic", "market1501", "triplet", "hdml-triplet"):
         assert name in result.output
+    rows = {line.split("│")[2].strip(): line for line in result.output.splitlines() if line.count("│") == 5}
+    for kind, option in (("task", "--loss"), ("distill", "--distill")):
+        for name, entry in entries(kind).items():  # every loss, with each of its defaults
+            assert option in rows[name] and entry.summary in rows[name]
+            assert all(f"{k}={'unset' if v is None else v}" in rows[name] for k, v in entry.defaults.items())
+    assert "triplet_margin=0.2, triplet_mining=hard" in rows["triplet"] and "kd_temperature=4.0" in rows["kd"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kd-weight", "1"], 'error: kd_weight was replaced by --distill: use --distill kd=1,darkrank=0.02 (in a TOML file: distill = "kd=1,darkrank=0.02")'),
+        (["--darkrank", "none", "--pkt-weight", "2"], 'error: pkt_weight, darkrank = "none" were replaced by --distill: use --distill kd=3,pkt=2 '),
+        (["--compat-weight", "1"], "error: compat_weight was replaced by --distill: use --distill kd=3,darkrank=0.02,compat=1 "),
+    ],
+)
+def test_replaced_options_fail_with_one_line_naming_the_distill_spec(args, message, tmp_path):
+    result = runner.invoke(app, ["run", "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2 and not (tmp_path / "o").exists()
+    assert " ".join(result.output.split()).startswith(message)
+    assert "--kd-weight" not in runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output  # hidden
 
 
 def test_the_teacher_gate_warns_records_and_can_fail_the_run(tiny_data, tmp_path):

@@ -33,12 +33,13 @@ def commands() -> dict:
 
 
 def option_names(command) -> set[str]:
-    """Every ``--name`` of a command, ``--no-name`` switches included."""
-    return {name for p in command.params for name in (*p.opts, *p.secondary_opts) if name.startswith("--")}
+    """Every ``--name`` a command shows, ``--no-name`` switches included (not the hidden, replaced ones)."""
+    shown = [p for p in command.params if not getattr(p, "hidden", False)]
+    return {name for p in shown for name in (*p.opts, *p.secondary_opts) if name.startswith("--")}
 
 
 def primary_names(command) -> set[str]:
-    return {p.opts[0] for p in command.params if p.opts[0].startswith("--")}
+    return {p.opts[0] for p in command.params if p.opts[0].startswith("--") and not getattr(p, "hidden", False)}
 
 
 def config_flags(names) -> set[str]:
@@ -81,14 +82,14 @@ def test_each_command_has_exactly_the_config_options_it_reads(command):
 
 def test_train_teacher_takes_no_student_distillation_or_export_option(tmp_path):
     names = option_names(commands()["train-teacher"])
-    for flag in ("--export-precision", "--bench-iters", "--target-accuracy", "--kd-weight", "--darkrank", "--student",
+    for flag in ("--export-precision", "--bench-iters", "--target-accuracy", "--distill", "--darkrank", "--student",
                  "--epochs", "--lr", "--unlabeled", "--baseline", "--gate-margin", "--clustering"):
         assert flag not in names, flag
     for flag in ("--teacher", "--teacher-epochs", "--teacher-lr", "--data", "--image-size", "--batch-size", "--seed", "--out"):
         assert flag in names, flag
     train = option_names(commands()["train"])
     assert not {"--export-precision", "--bench-iters", "--target-accuracy", "--clustering", "--gate-margin"} & train
-    assert {"--kd-weight", "--student", "--unlabeled", "--lr"} <= train
+    assert {"--distill", "--student", "--unlabeled", "--lr"} <= train
     result = runner.invoke(app, ["train-teacher", "--export-precision", "fp16", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "No such option: --export-precision" in " ".join(result.output.split())
     assert not (tmp_path / "o").exists()
@@ -163,6 +164,10 @@ def test_a_command_redirected_to_a_file_has_whole_lines_and_one_table(tmp_path):
     lines = (tmp_path / "out.log").read_text().splitlines()
     teachers = next(line for line in lines if "teachers" in line)
     assert "inception_bn, timm:NAME, torchvision:NAME, onnx:PATH" in teachers  # one row, not wrapped
-    assert len({len(line) for line in lines if line.strip()}) == 1  # one block: every line of the table as wide
-    assert len(lines) == 8  # top, header, rule, 4 rows, bottom
+    end = next(i for i, line in enumerate(lines) if line.startswith("└")) + 1
+    names, losses = lines[:end], [line for line in lines[end:] if line.strip()]  # the names table, then the losses
+    assert names[0].startswith("┏") and len(names) == 7  # top, header, rule, 3 rows, bottom
+    for table in (names, losses):
+        assert len({len(line) for line in table}) == 1  # one block: every line of the table as wide
+    assert losses[0].startswith("┏") and losses[-1].startswith("└") and any(" darkrank " in line for line in losses)
     assert (tmp_path / "err.log").read_text() == f"error: ONNX file {missing} does not exist\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distill.config import Config, export_precisions, load_config, student_specs
+from distill.config import Config, distill_terms, export_precisions, load_config, student_specs, validate
 from distill.errors import DistillError
 
 
@@ -26,7 +26,7 @@ def test_run_table_and_hxw_string(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"darkrank": "medium"}, "--darkrank must be one of hard, soft, none"),
+        ({"darkrank": "medium"}, "^--darkrank must be one of hard, soft, got 'medium'$"),
         ({"sampler": "random"}, "--sampler must be one of pk, importance, got 'random'"),
         ({"darkrank_method": "fast"}, "--darkrank-method must be one of exact, bruteforce, sampled, sampled_prefix"),
         ({"image_size": "64"}, "image_size must be HxW"),
@@ -43,8 +43,10 @@ def test_run_table_and_hxw_string(tmp_path):
         ({"teacher_lr": 0.0}, r"^teacher_lr \(--teacher-lr\) must be > 0, got 0$"),
         ({"weight_decay": -1e-4}, r"^weight_decay \(--weight-decay\) must be >= 0, got -0.0001$"),
         ({"kd_temperature": 0}, r"^kd_temperature \(--kd-temperature\) must be > 0, got 0$"),
-        ({"kd_weight": -1}, r"^kd_weight \(--kd-weight\) must be >= 0, got -1$"),
-        ({"darkrank_weight": float("inf")}, r"^darkrank_weight \(--darkrank-weight\) must be >= 0, got inf$"),
+        ({"distill": "kd=-1"}, r"^distillation term weight for 'kd' must be a finite number >= 0, got '-1'$"),
+        ({"distill": "darkrank=inf"}, r"^distillation term weight for 'darkrank' must be a finite number >= 0, got 'inf'$"),
+        ({"distill": "fitnet=1"}, r"^unknown distillation term 'fitnet' in 'fitnet=1'; valid names: darkrank, kd, rkd_distance, rkd_angle, pkt, regression, compat$"),
+        ({"distill": "kd=1,"}, r"^malformed distillation term spec 'kd=1,'; expected NAME\[=WEIGHT\],\.\.\. with NAME one of darkrank, kd, "),
         ({"darkrank_alpha": 0}, r"^darkrank_alpha \(--darkrank-alpha\) must be > 0"),
         ({"darkrank_beta": -2}, r"^darkrank_beta \(--darkrank-beta\) must be > 0"),
         ({"student_width": 0}, r"^student_width \(--student-width\) must be > 0"),
@@ -120,9 +122,6 @@ def test_soft_darkrank_list_size_limits():
         ({"darkrank_topk": 9, "darkrank_list_size": 8}, r"darkrank_topk must be in \[1, 8\] \(the candidates per query\), got 9"),
         ({"darkrank_topk": 0}, r"darkrank_topk must be in \[1, 63\]"),  # all 63 others of a batch of 64
         ({"darkrank_samples": 0}, "darkrank_samples must be >= 1, got 0"),
-        ({"pkt_weight": -1.0}, r"pkt_weight \(--pkt-weight\) must be >= 0, got -1"),
-        ({"compat_weight": float("nan")}, r"compat_weight \(--compat-weight\) must be >= 0, got nan"),
-        ({"rkd_angle_weight": float("inf")}, r"rkd_angle_weight \(--rkd-angle-weight\) must be >= 0, got inf"),
     ],
 )
 def test_bad_distillation_options(overrides, message):
@@ -130,10 +129,46 @@ def test_bad_distillation_options(overrides, message):
         load_config(None, **overrides)
 
 
-def test_new_distillation_terms_are_off_by_default():
+def test_the_default_distillation_is_kd_and_hard_darkrank():
     cfg = Config()
-    assert (cfg.rkd_distance_weight, cfg.rkd_angle_weight, cfg.pkt_weight, cfg.regression_weight, cfg.compat_weight) == (0, 0, 0, 0, 0)
+    assert (cfg.distill, cfg.darkrank, cfg.kd_temperature) == ("kd=3,darkrank=0.02", "hard", 4.0)
     assert cfg.darkrank_topk is None and cfg.darkrank_samples == 128
+    assert distill_terms(cfg) == {"kd": 3.0, "darkrank": 0.02}
+    assert distill_terms(load_config(None, distill="none")) == {} and distill_terms(load_config(None, distill=" ")) == {}
+    assert distill_terms(load_config(None, distill="kd=0,pkt")) == {"pkt": 1.0}  # a weight of 0 is off
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"kd_weight": 1.0}, 'kd_weight was replaced by --distill: use --distill kd=1,darkrank=0.02 (in a TOML file: distill = "kd=1,darkrank=0.02")'),
+        ({"kd_weight": 0.0, "darkrank": "none"}, 'kd_weight, darkrank = "none" were replaced by --distill: use --distill none (in a TOML file: distill = "none")'),
+        ({"darkrank": "none"}, 'darkrank = "none" was replaced by --distill: use --distill kd=3 (in a TOML file: distill = "kd=3")'),
+        ({"kd_weight": 3.0, "darkrank": "none", "rkd_distance_weight": 10, "rkd_angle_weight": 20},
+         "kd_weight, rkd_distance_weight, rkd_angle_weight, darkrank = \"none\" were replaced by --distill: use --distill kd=3,rkd_distance=10,rkd_angle=20 "),
+        ({"pkt_weight": 1.0, "regression_weight": 0.5, "compat_weight": 2}, "pkt_weight, regression_weight, compat_weight were replaced by --distill: use --distill kd=3,darkrank=0.02,pkt=1,regression=0.5,compat=2 "),
+        ({"kd_weight": "high"}, "kd_weight was replaced by --distill: use --distill kd=high,darkrank=0.02 "),
+    ],
+)
+def test_replaced_options_name_the_distill_spec(values, message, tmp_path):
+    """Old options fail with one line giving the --distill spec that means what they said, from the
+    command line (or a study recipe) and from a TOML file alike."""
+    with pytest.raises(DistillError) as err:
+        load_config(None, **values)
+    assert str(err.value).startswith(message)
+    path = tmp_path / "old.toml"
+    path.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in values.items()))
+    with pytest.raises(DistillError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"config file {path}: {message}")
+    with pytest.raises(DistillError, match=r'^darkrank = "none" was replaced by --distill: use --distill kd=3 '):
+        validate(Config(darkrank="none"))  # a Config built in Python
+
+
+def test_a_run_on_unlabeled_images_alone_needs_distillation_terms():
+    with pytest.raises(DistillError, match=r"^--data none trains the student through the distillation terms alone, and --distill is 'none': give some"):
+        load_config(None, data="none", unlabeled="imgs", distill="none")
+    assert load_config(None, data="none", unlabeled="imgs", distill="pkt=1").distill == "pkt=1"
 
 
 @pytest.mark.parametrize("name", ["market1501.toml", "cub200.toml"])
@@ -185,10 +220,7 @@ def test_the_lists_of_fields_come_from_their_metadata():
     above = {f.name for f in fields(Config) if field_info(f.name)["above"] == 0.0}
     at_least = {f.name for f in fields(Config) if field_info(f.name)["at_least"] == 0.0}
     assert above == {"lr", "teacher_lr", "student_width", "kd_temperature", "darkrank_alpha", "darkrank_beta"}
-    assert at_least == {
-        "weight_decay", "gate_margin", "kd_weight", "darkrank_weight", "rkd_distance_weight", "rkd_angle_weight",
-        "pkt_weight", "regression_weight", "compat_weight",
-    }
+    assert at_least == {"weight_decay", "gate_margin"}
     assert all(field_info(n)["stage"] == "teacher" for n in teacher_fields())  # train-teacher takes them all
 
 

@@ -79,7 +79,7 @@ def test_every_rank_ends_with_the_same_model_and_objective(ranks, case):
     a, b = load(ranks, case, 0), load(ranks, case, 1)
     assert a["objective"].keys() == b["objective"].keys()
     if case != "unused":
-        assert {"task.heads.verification.fc.weight", "regression.projection.weight"} <= set(a["objective"])
+        assert {"task.losses.verification.head.fc.weight", "distill.losses.regression.regression.projection.weight"} <= set(a["objective"])
     for part in ("model", "objective"):
         for name in a[part]:
             assert torch.equal(a[part][name], b[part][name]), f"{case}: {part}.{name} differs between ranks"

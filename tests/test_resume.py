@@ -92,10 +92,11 @@ def test_cli_resume_with_another_seed_or_loss_is_refused_and_keeps_teacher_pt(ti
     assert line.startswith(f"error: cannot resume from {out / 'teacher.ckpt'}: it was made with other settings or data: seed=0 (now 1)")
     assert (out / "teacher.pt").read_bytes() == teacher  # its recipe still says seed 0
 
-    no_kd = runner.invoke(app, ["run", "--out", str(out), "--kd-weight", "0", "--darkrank", "none", "--resume", *TINY])
+    no_kd = runner.invoke(app, ["run", "--out", str(out), "--distill", "darkrank=0.02", "--darkrank", "soft", "--darkrank-list-size", "8", "--resume", *TINY])
     assert no_kd.exit_code == 2
     text = " ".join(no_kd.output.split())
-    assert f"error: cannot resume from {out / 'student.ckpt'}: it was made with other settings or data: kd_weight=3.0 (now 0.0); darkrank=\"hard\" (now \"none\")" in text
+    assert (f"error: cannot resume from {out / 'student.ckpt'}: it was made with other settings or data: "
+            f"distill=\"kd=3,darkrank=0.02\" (now \"darkrank=0.02\"); darkrank=\"hard\" (now \"soft\"); darkrank_list_size=null (now 8)") in text
     assert (out / "teacher.pt").read_bytes() == teacher
 
 

@@ -99,26 +99,28 @@ def test_summarize_per_recipe_mean_std_and_paired_gain():
 
 
 def test_builtin_recipes_and_the_baseline_is_always_first():
-    base = load_config(None, kd_weight=2.0)
+    base = load_config(None, distill="kd=2,darkrank=0.02", kd_temperature=2.0)
     default = study.recipe_configs(base)
     assert list(default) == ["baseline", "kd+darkrank"]
     overrides, cfg = default["baseline"]
-    assert overrides == {"kd_weight": 0.0, "darkrank": "none"} and cfg.kd_weight == 0.0 and cfg.darkrank == "none"
+    assert overrides == {"distill": "none"} and cfg.distill == "none" and cfg.kd_temperature == 2.0
     assert default["kd+darkrank"][1] == base  # the base config as given
 
-    chosen = study.recipe_configs(base, ["darkrank-soft", "kd", "kd"])
-    assert list(chosen) == ["baseline", "darkrank-soft", "kd"]
-    assert (chosen["darkrank-soft"][1].darkrank, chosen["darkrank-soft"][1].kd_weight) == ("soft", 0.0)
-    assert (chosen["kd"][1].darkrank, chosen["kd"][1].kd_weight) == ("none", 2.0)
+    chosen = study.recipe_configs(base, ["darkrank-soft", "kd", "kd", "darkrank-hard"])
+    assert list(chosen) == ["baseline", "darkrank-soft", "kd", "darkrank-hard"]
+    assert (chosen["darkrank-soft"][1].darkrank, chosen["darkrank-soft"][1].distill) == ("soft", "darkrank=0.1")
+    assert chosen["darkrank-soft"][1].darkrank_list_size == 8
+    assert (chosen["kd"][1].distill, chosen["kd"][1].kd_temperature) == ("kd=3", 2.0)
+    assert (chosen["darkrank-hard"][1].darkrank, chosen["darkrank-hard"][1].distill) == ("hard", "darkrank=0.02")
 
 
 def test_recipes_file(tmp_path):
     path = tmp_path / "recipes.toml"
-    path.write_text('[[recipe]]\nname = "kd-t2"\nkd_weight = 1\nkd_temperature = 2.0\n\n'
-                    '[[recipe]]\nname = "dr.soft_w0.5"\ndarkrank = "soft"\ndarkrank_list_size = 8\ndarkrank_weight = 0.5\nloss_options = {triplet_margin = 0.3}\n')
+    path.write_text('[[recipe]]\nname = "kd-t2"\ndistill = "kd=1"\nkd_temperature = 2.0\n\n'
+                    '[[recipe]]\nname = "dr.soft_w0.5"\ndarkrank = "soft"\ndarkrank_list_size = 8\ndistill = "darkrank=0.5"\nloss_options = {triplet_margin = 0.3}\n')
     recipes = study.load_recipes_file(path)
-    assert recipes == {"kd-t2": {"kd_weight": 1, "kd_temperature": 2.0},
-                       "dr.soft_w0.5": {"darkrank": "soft", "darkrank_list_size": 8, "darkrank_weight": 0.5, "loss_options": {"triplet_margin": 0.3}}}
+    assert recipes == {"kd-t2": {"distill": "kd=1", "kd_temperature": 2.0},
+                       "dr.soft_w0.5": {"darkrank": "soft", "darkrank_list_size": 8, "distill": "darkrank=0.5", "loss_options": {"triplet_margin": 0.3}}}
     configs = study.recipe_configs(load_config(None), None, recipes)
     assert list(configs) == ["baseline", "kd-t2", "dr.soft_w0.5"]
     assert configs["kd-t2"][1].kd_temperature == 2.0 and configs["kd-t2"][1].darkrank == "hard"
@@ -131,7 +133,7 @@ def test_example_recipes_file_is_valid():
     configs = study.recipe_configs(load_config(None), None, study.load_recipes_file(path))
     assert list(configs) == ["baseline", "kd-w1", "kd-w3", "kd-w3+soft-darkrank", "kd-w3+rkd", "kd-w3+darkrank-full-list"]
     assert configs["kd-w3+soft-darkrank"][1].darkrank == "soft"
-    assert configs["kd-w3+rkd"][1].rkd_angle_weight == 20.0
+    assert configs["kd-w3+rkd"][1].distill == "kd=3,rkd_distance=10,rkd_angle=20"
     assert configs["kd-w3+darkrank-full-list"][1].darkrank_list_size is None  # "all": every other sample
 
 
@@ -139,7 +141,9 @@ def test_example_recipes_file_is_valid():
     "text, message",
     [
         ('[[recipe]]\nname = "x"\nkd_wieght = 1\n', "recipe 'x': unknown config key(s): kd_wieght; known: "),
-        ('[[recipe]]\nname = "x"\nkd_weight = "high"\n', "recipe 'x': kd_weight (--kd-weight) must be a number, got 'high'"),
+        ('[[recipe]]\nname = "x"\nkd_temperature = "high"\n', "recipe 'x': kd_temperature (--kd-temperature) must be a number, got 'high'"),
+        ('[[recipe]]\nname = "x"\nkd_weight = 1\n', "recipe 'x': kd_weight was replaced by --distill: use --distill kd=1,darkrank=0.02 (in a TOML file: distill = \"kd=1,darkrank=0.02\")"),
+        ('[[recipe]]\nname = "x"\ndistill = "kd=1,dark=2"\n', "recipe 'x': unknown distillation term 'dark' in 'kd=1,dark=2'; valid names: darkrank, kd, "),
         ('[[recipe]]\nname = "x"\nepochs = 2.5\n', "recipe 'x': epochs (--epochs) must be an integer, got 2.5"),
         ('[[recipe]]\nname = "x"\nloss_options = 5\n', "recipe 'x': loss_options (--loss-opt) must be a table of KEY = VALUE (e.g. triplet_margin = 0.3), got 5"),
         ('[[recipe]]\nname = "x"\nbaseline = "no"\n', "recipe 'x': baseline (--baseline) must be true or false, got 'no'"),
@@ -223,7 +227,7 @@ def test_pairs_share_init_and_batches_and_an_interrupted_study_resumes(tiny_data
     again = study.run_study(base, recipes, seeds=2)
     assert sorted(trained) == [b0, "study/models/kd-seed1"]
     assert again["results"] == first["results"] and again["summary"] == first["summary"]
-    assert json.loads((results / "kd" / "seed-1.json").read_text())["overrides"] == {"darkrank": "none"}
+    assert json.loads((results / "kd" / "seed-1.json").read_text())["overrides"] == {"distill": "kd=3"}
 
 
 def test_cli_study_writes_its_files_and_repeats_its_numbers(tiny_data, tmp_path):

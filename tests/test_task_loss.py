@@ -59,7 +59,7 @@ def test_bad_specs(spec, message):
 
 
 def test_bad_hparams():
-    with pytest.raises(DistillError, match="unknown task-loss hyper-parameter.*margin.*valid: triplet_margin"):
+    with pytest.raises(DistillError, match="unknown task-loss hyper-parameter.*margin.*valid: verification_balanced, lsoftmax_margin, lsoftmax_lambda, triplet_margin"):
         build_task_loss("triplet", 8, 4, margin=0.3)
     with pytest.raises(DistillError, match="triplet_mining must be one of all, hard, semihard"):
         build_task_loss("triplet", 8, 4, triplet_mining="easy")
@@ -77,8 +77,8 @@ def test_total_is_weighted_sum_of_the_losses(seed):
     total, parts = task(emb, logits, labels, teacher_emb=teacher)
     ref = {
         "softmax": F.cross_entropy(logits, labels),
-        "verification": verification_loss(emb, labels, task.heads["verification"]),
-        "lsoftmax": F.cross_entropy(large_margin_logits(emb, task.heads["lsoftmax"].weight, labels, 3), labels),
+        "verification": verification_loss(emb, labels, task.losses["verification"].head),
+        "lsoftmax": F.cross_entropy(large_margin_logits(emb, task.losses["lsoftmax"].classifier.weight, labels, 3), labels),
         "triplet": batch_triplet_loss(emb, labels, 0.3, "semihard"),
         "lifted": lifted_structured_loss(emb, labels, 1.0),
         "npair": batch_n_pair_loss(emb, labels, HPARAMS["npair_scale"]),
@@ -95,13 +95,13 @@ def test_hdml_parts_are_logged_and_learnable_parts_are_parameters():
     task = build_task_loss("softmax,verification,lsoftmax,hdml-triplet,hdml-npair", 8, 6)
     names = {n.split(".")[1] for n, _ in task.named_parameters()}
     assert names == {"verification", "lsoftmax", "hdml-triplet", "hdml-npair"}
-    assert {"heads.hdml-triplet.j_avg", "heads.hdml-npair.j_gen"} <= set(task.state_dict())
+    assert {"losses.hdml-triplet.hdml.j_avg", "losses.hdml-npair.hdml.j_gen"} <= set(task.state_dict())
     emb, logits, labels, _ = pk_batch(0, dtype=torch.float32)
     total, parts = task(emb.requires_grad_(), logits, labels)
     total.backward()
     assert {"hdml-triplet.lambda", "hdml-npair.w_real", "hdml-triplet.gen"} <= set(parts)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in task.parameters())
-    assert build_task_loss("softmax,triplet,lifted", 8, 6).heads.keys() == set()
+    assert not list(build_task_loss("softmax,triplet,lifted,npair,logratio", 8, 6).parameters())
 
 
 def test_logratio_needs_a_teacher():
@@ -145,7 +145,7 @@ def test_low_precision_inputs_are_computed_in_float32():
 def test_weight_penalty():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     task = build_task_loss("verification", 8, 3, weight_l2=1e-3)
-    ref = 1e-3 * sum((w**2).sum() for w in (model[0].weight, model[2].weight, task.heads["verification"].fc.weight))
+    ref = 1e-3 * sum((w**2).sum() for w in (model[0].weight, model[2].weight, task.losses["verification"].head.fc.weight))
     torch.testing.assert_close(task.weight_penalty(model), ref)
     assert HPARAMS["weight_l2"] == 0.0 and build_task_loss("softmax", 8, 3).weight_penalty(model).item() == 0.0
 

@@ -144,10 +144,7 @@ def test_task_losses_see_the_labeled_rows_and_distillation_every_row():
     emb, logits, labels, t_emb, t_logits = batch()
     torch.manual_seed(0)
     darkrank = DarkRankLoss(mode="hard", list_size=None)
-    objective = StudentObjective(
-        "softmax=1,triplet=1", 6, 3, kd_weight=2.0, darkrank=darkrank, darkrank_weight=0.5,
-        embedding_weights={"rkd_distance": 0.3, "pkt": 0.7},
-    ).double()
+    objective = StudentObjective("softmax=1,triplet=1", 6, 3, distill="kd=2,darkrank=0.5,rkd_distance=0.3,pkt=0.7").double()
     loss, parts = objective(emb, logits, labels, (t_emb, t_logits))
     lab = labels >= 0
     task, _ = objective.task(emb[lab], logits[lab], labels[lab], teacher_emb=t_emb[lab])
@@ -168,7 +165,7 @@ def test_task_losses_see_the_labeled_rows_and_distillation_every_row():
 
 def test_a_batch_without_labels_has_distillation_terms_only():
     emb, logits, labels, t_emb, t_logits = batch(unlabeled=12)
-    objective = StudentObjective("softmax=1,triplet=1", 6, 3, kd_weight=1.5).double()
+    objective = StudentObjective("softmax=1,triplet=1", 6, 3, distill="kd=1.5").double()
     loss, parts = objective(emb, logits, labels, (t_emb, t_logits))
     torch.testing.assert_close(loss, 1.5 * kd_loss(logits, t_logits, 4.0), rtol=1e-12, atol=0)
     assert set(parts) == {"kd"}
@@ -178,7 +175,7 @@ def test_compat_takes_each_unlabeled_image_as_its_own_identity():
     """Slow reference: row i's positives are the teacher embeddings of its labeled identity, or only
     its own when it is unlabeled (two unlabeled images are not the same person)."""
     emb, logits, labels, t_emb, t_logits = batch(unlabeled=4)
-    objective = StudentObjective("softmax=1", 6, 3, embedding_weights={"compat": 1.0}).double()
+    objective = StudentObjective("softmax=1", 6, 3, distill="compat=1").double()
     loss, parts = objective(emb, logits, labels, (t_emb, None))
     sims = F.normalize(emb, dim=1) @ F.normalize(t_emb, dim=1).T / 0.1
     terms = []

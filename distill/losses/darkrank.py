@@ -35,6 +35,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from distill.errors import DistillError
+from distill.losses.common import check_pair, full_precision
+from distill.losses.registry import LossInputs, register_loss
 
 METHODS = ("exact", "bruteforce", "sampled", "sampled_prefix")
 MODES = ("hard", "soft")
@@ -71,7 +73,7 @@ def darkrank_scores(query_emb: Tensor, cand_emb: Tensor, alpha: float = 3.0, bet
 
 
 def _prepare(s_scores: Tensor, t_scores: Tensor) -> tuple[Tensor, Tensor]:
-    """Check [Q, M] shapes; return (student, detached teacher) in float32, or float64 if given."""
+    """Check [Q, M] shapes; return (student, detached teacher)."""
     if s_scores.dim() != 2 or s_scores.shape != t_scores.shape:
         raise DistillError(
             f"DarkRank scores must be [Q, M] tensors of the same shape; got student "
@@ -81,8 +83,7 @@ def _prepare(s_scores: Tensor, t_scores: Tensor) -> tuple[Tensor, Tensor]:
         raise DistillError(f"DarkRank needs at least one query and one candidate; got scores {list(s_scores.shape)}")
     if not (s_scores.is_floating_point() and t_scores.is_floating_point()):
         raise DistillError(f"DarkRank scores must be floating point; got {s_scores.dtype} and {t_scores.dtype}")
-    dtype = torch.promote_types(torch.promote_types(s_scores.dtype, t_scores.dtype), torch.float32)
-    return s_scores.to(dtype), t_scores.detach().to(dtype)
+    return s_scores, t_scores.detach()
 
 
 def _log_plackett_luce(last_first: Tensor) -> Tensor:
@@ -91,6 +92,7 @@ def _log_plackett_luce(last_first: Tensor) -> Tensor:
     return (last_first - last_first.logcumsumexp(-1)).sum(-1)
 
 
+@full_precision
 def hard_darkrank(s_scores: Tensor, t_scores: Tensor, topk: int | None = None) -> Tensor:
     """Hard DarkRank: mean over rows of ``-log P(pi_t | s)``, pi_t = teacher scores sorted
     descending (ties keep candidate order).
@@ -102,13 +104,12 @@ def hard_darkrank(s_scores: Tensor, t_scores: Tensor, topk: int | None = None) -
     s, t = _prepare(s_scores, t_scores)
     if topk is not None and topk < 1:
         raise DistillError(f"DarkRank topk must be >= 1 (or None for the whole ranking); got {topk}")
-    with torch.autocast(s.device.type, enabled=False):
-        order = t.sort(dim=1, descending=True, stable=True).indices
-        last_first = s.gather(1, order.flip(1))
-        steps = last_first - last_first.logcumsumexp(-1)  # log-softmax of each pick, last pick first
-        if topk is not None:
-            steps = steps[:, -topk:]
-        return -steps.sum(-1).mean()
+    order = t.sort(dim=1, descending=True, stable=True).indices
+    last_first = s.gather(1, order.flip(1))
+    steps = last_first - last_first.logcumsumexp(-1)  # log-softmax of each pick, last pick first
+    if topk is not None:
+        steps = steps[:, -topk:]
+    return -steps.sum(-1).mean()
 
 
 # Exact soft DarkRank runs in plain probabilities (no logs or exps per subset) when each row's
@@ -337,6 +338,7 @@ def _soft_sampled_prefix_rows(s: Tensor, t: Tensor, need_grad: bool, num_samples
     return kl, grad
 
 
+@full_precision
 def soft_darkrank(s_scores: Tensor, t_scores: Tensor, method: str = "exact", num_samples: int = 128) -> Tensor:
     """Soft DarkRank: mean over rows of KL(P(.|t) || P(.|s)) over all M! rankings.
 
@@ -349,32 +351,31 @@ def soft_darkrank(s_scores: Tensor, t_scores: Tensor, method: str = "exact", num
         raise DistillError(f"unknown DarkRank method {method!r}; choose one of {', '.join(METHODS)}")
     s, t = _prepare(s_scores, t_scores)
     m = s.shape[1]
-    with torch.autocast(s.device.type, enabled=False):
-        if method == "sampled":
-            if num_samples < 1:
-                raise DistillError(f"DarkRank num_samples must be >= 1; got {num_samples}")
-            return _soft_sampled(s, t, num_samples).mean()
-        if method == "sampled_prefix":
-            if num_samples < 1:
-                raise DistillError(f"DarkRank num_samples must be >= 1; got {num_samples}")
-            rows_fn = functools.partial(_soft_sampled_prefix_rows, num_samples=num_samples)
-            chunk = _chunk_rows(num_samples * m * m, s.element_size(), 6)
-            return _RowwiseKL.apply(s, t, rows_fn, chunk).mean()
-        if method == "exact":
-            if m > MAX_EXACT_M:
-                raise DistillError(
-                    f"exact soft DarkRank supports at most {MAX_EXACT_M} candidates per query (got M={m}); "
-                    f"use a list size <= {MAX_EXACT_M} or method 'sampled_prefix'"
-                )
-            chunk = _chunk_rows(math.comb(m, m // 2) * m + 2**m, s.element_size(), 8)
-            return _RowwiseKL.apply(s, t, _soft_exact_rows, chunk).mean()
-        if m > MAX_BRUTEFORCE_M:
+    if method == "sampled":
+        if num_samples < 1:
+            raise DistillError(f"DarkRank num_samples must be >= 1; got {num_samples}")
+        return _soft_sampled(s, t, num_samples).mean()
+    if method == "sampled_prefix":
+        if num_samples < 1:
+            raise DistillError(f"DarkRank num_samples must be >= 1; got {num_samples}")
+        rows_fn = functools.partial(_soft_sampled_prefix_rows, num_samples=num_samples)
+        chunk = _chunk_rows(num_samples * m * m, s.element_size(), 6)
+        return _RowwiseKL.apply(s, t, rows_fn, chunk).mean()
+    if method == "exact":
+        if m > MAX_EXACT_M:
             raise DistillError(
-                f"bruteforce soft DarkRank enumerates M! rankings and supports M <= {MAX_BRUTEFORCE_M} "
-                f"(got M={m}); use method 'exact'"
+                f"exact soft DarkRank supports at most {MAX_EXACT_M} candidates per query (got M={m}); "
+                f"use a list size <= {MAX_EXACT_M} or method 'sampled_prefix'"
             )
-        chunk = _chunk_rows(math.factorial(m) * m, s.element_size(), 8)
-        return _RowwiseKL.apply(s, t, _soft_bruteforce_rows, chunk).mean()
+        chunk = _chunk_rows(math.comb(m, m // 2) * m + 2**m, s.element_size(), 8)
+        return _RowwiseKL.apply(s, t, _soft_exact_rows, chunk).mean()
+    if m > MAX_BRUTEFORCE_M:
+        raise DistillError(
+            f"bruteforce soft DarkRank enumerates M! rankings and supports M <= {MAX_BRUTEFORCE_M} "
+            f"(got M={m}); use method 'exact'"
+        )
+    chunk = _chunk_rows(math.factorial(m) * m, s.element_size(), 8)
+    return _RowwiseKL.apply(s, t, _soft_bruteforce_rows, chunk).mean()
 
 
 class DarkRankLoss(nn.Module):
@@ -431,20 +432,15 @@ class DarkRankLoss(nn.Module):
         dist = torch.cdist(teacher_emb, teacher_emb).fill_diagonal_(float("inf"))
         return dist.sort(dim=1, stable=True).indices[:, :m]
 
+    @full_precision
     def forward(self, student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
-        if student_emb.dim() != 2 or teacher_emb.dim() != 2 or student_emb.shape[0] != teacher_emb.shape[0]:
-            raise DistillError(
-                f"DarkRankLoss needs student and teacher embeddings [N, D] of the same batch size; got "
-                f"{list(student_emb.shape)} and {list(teacher_emb.shape)}"
-            )
-        with torch.autocast(student_emb.device.type, enabled=False):
-            dtype = torch.promote_types(student_emb.dtype, torch.float32)
-            student, teacher = student_emb.to(dtype), teacher_emb.detach().to(dtype)
-            idx = self.candidates(teacher)
-            # all pairs, then each row's candidates: a row-wise gather is summed in a fixed order on
-            # the backward pass (indexing student[idx] accumulates with atomics on a multi-threaded CPU)
-            s = darkrank_scores(student, student, self.alpha, self.beta).gather(1, idx)
-            t = darkrank_scores(teacher, teacher, self.alpha, self.beta).gather(1, idx)
+        check_pair(student_emb, teacher_emb, "DarkRankLoss")
+        teacher = teacher_emb.detach()
+        idx = self.candidates(teacher)
+        # all pairs, then each row's candidates: a row-wise gather is summed in a fixed order on
+        # the backward pass (indexing student[idx] accumulates with atomics on a multi-threaded CPU)
+        s = darkrank_scores(student_emb, student_emb, self.alpha, self.beta).gather(1, idx)
+        t = darkrank_scores(teacher, teacher, self.alpha, self.beta).gather(1, idx)
         if self.mode == "hard":
             return hard_darkrank(s, t, self.topk)
         return soft_darkrank(s, t, self.method, self.num_samples)
@@ -454,3 +450,28 @@ class DarkRankLoss(nn.Module):
             f"alpha={self.alpha}, beta={self.beta}, mode={self.mode!r}, list_size={self.list_size}, "
             f"method={self.method!r}, num_samples={self.num_samples}, topk={self.topk}"
         )
+
+
+@register_loss(
+    "darkrank", kind="distill",
+    defaults={
+        "darkrank": "hard", "darkrank_alpha": 3.0, "darkrank_beta": 3.0, "darkrank_list_size": None,
+        "darkrank_topk": None, "darkrank_method": "exact", "darkrank_samples": 128,
+    },
+    needs=("teacher_emb",),
+)
+class DarkRank(nn.Module):
+    """DarkRank: each sample's neighbours ranked as the teacher ranks them (hard: ListMLE, soft: KL over rankings)"""
+
+    def __init__(
+        self, darkrank: str, darkrank_alpha: float, darkrank_beta: float, darkrank_list_size: int | None,
+        darkrank_topk: int | None, darkrank_method: str, darkrank_samples: int,
+    ) -> None:
+        super().__init__()  # every value is checked by DarkRankLoss
+        self.loss = DarkRankLoss(
+            darkrank_alpha, darkrank_beta, mode=darkrank, list_size=darkrank_list_size, method=darkrank_method,
+            num_samples=darkrank_samples, topk=darkrank_topk,
+        )
+
+    def forward(self, x: LossInputs) -> Tensor:
+        return self.loss(x.emb, x.teacher_emb)

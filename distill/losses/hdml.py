@@ -23,8 +23,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from distill.errors import DistillError
+from distill.losses.common import check_labels
 from distill.losses.metric import n_pair_indices, n_pair_loss, triplet_loss
-from distill.losses.mining import check_labels, positive_negative_masks
+from distill.losses.mining import positive_negative_masks
+from distill.losses.registry import LossInputs, Term, number, register_loss
 
 BASES = ("triplet", "npair")
 DEFAULT_ALPHA = {"triplet": 0.05, "npair": 2.0}
@@ -147,3 +149,47 @@ class HDMLLoss(nn.Module):
         stats = {"real": j_real, "syn": j_syn, "gen": j_gen, "cls": j_cls, "lambda": lam, "w_real": w_real}
         values = torch.stack([v.detach().float() for v in stats.values()]).tolist()  # one device sync
         return j_metric + j_gen + j_cls, dict(zip(stats, values))
+
+
+_HDML_DEFAULTS = {"hdml_alpha": None, "hdml_beta": 1.0, "hdml_soft_weight": 1.0, "hdml_decay": 0.99}
+_HDML_CHECKS = {
+    "hdml_alpha": number(0.0, strict=True, optional=True),  # None = DEFAULT_ALPHA of the base
+    "hdml_beta": number(0.0, strict=True),
+    "hdml_soft_weight": number(0.0),
+    "hdml_decay": number(0.0, high=1.0),  # EMA decay of J_avg and J_gen
+}
+
+
+class _HDMLTerm(nn.Module):
+    base = "triplet"
+
+    def __init__(
+        self, embed_dim: int, num_classes: int, hdml_alpha: float | None, hdml_beta: float, hdml_soft_weight: float,
+        hdml_decay: float, triplet_margin: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.hdml = HDMLLoss(
+            embed_dim, num_classes, base=self.base, margin=triplet_margin, alpha=hdml_alpha, beta=hdml_beta,
+            soft_weight=hdml_soft_weight, decay=hdml_decay,
+        )
+
+    def forward(self, x: LossInputs) -> Term:
+        value, stats = self.hdml(x.emb, x.labels)
+        return Term(value, stats)
+
+
+@register_loss(
+    "hdml-triplet", kind="task", defaults={"triplet_margin": 0.2, **_HDML_DEFAULTS}, checks=_HDML_CHECKS,
+    needs=("labels", "positives"), learnable=True,
+)
+class HDMLTriplet(_HDMLTerm):
+    """HDML around the triplet loss"""
+
+    base = "triplet"
+
+
+@register_loss("hdml-npair", kind="task", defaults=_HDML_DEFAULTS, checks=_HDML_CHECKS, needs=("labels", "positives"), learnable=True)
+class HDMLNPair(_HDMLTerm):
+    """HDML around the N-pair loss"""
+
+    base = "npair"

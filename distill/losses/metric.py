@@ -1,4 +1,5 @@
-"""Task losses of the seed papers, vectorised over the minibatch.
+"""Task losses of the seed papers, vectorised over the minibatch, and their registered classes
+(``--loss softmax=1,triplet=1``; HDML's are in :mod:`distill.losses.hdml`).
 
 Embeddings are ``[N, D]``, labels integer ``[N]``. Losses that need a tuple the batch does not hold
 (no positive pair, no negative, a single class) return a documented zero that keeps the graph,
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import DistillError
-from distill.losses.mining import check_labels, dense_triplet_mask, pairwise_sq_dist, positive_negative_masks
+from distill.losses.common import check_labels
+from distill.losses.mining import dense_triplet_mask, pairwise_sq_dist, positive_negative_masks
+from distill.losses.registry import LossInputs, Term, boolean, integer, number, one_of, register_loss
 
 MINING = ("all", "hard", "semihard")
 
@@ -244,3 +247,106 @@ def batch_n_pair_loss(emb: Tensor, labels: Tensor, scale: float = 1.0) -> Tensor
     check_labels(emb, labels)
     a, p = n_pair_indices(labels)
     return n_pair_loss(emb[a], emb[p], scale)
+
+
+# ---------------------------------------------------------------- registered task losses
+
+
+@register_loss("softmax", kind="task", needs=("labels",))
+class Softmax(nn.Module):
+    """cross-entropy on the classifier logits"""
+
+    def forward(self, x: LossInputs) -> Tensor:
+        return softmax_loss(x.logits, x.labels)
+
+
+@register_loss(
+    "verification", kind="task", defaults={"verification_balanced": True}, checks={"verification_balanced": boolean},
+    needs=("labels", "positives"), learnable=True,
+)
+class Verification(nn.Module):
+    """same/different identity on (f_i - f_j)^2 of minibatch pairs"""
+
+    def __init__(self, verification_balanced: bool, embed_dim: int) -> None:
+        super().__init__()
+        self.balanced = verification_balanced  # positive and negative pairs weigh one half each
+        self.head = VerificationHead(embed_dim)
+
+    def forward(self, x: LossInputs) -> Tensor:
+        return verification_loss(x.emb, x.labels, self.head, self.balanced)
+
+
+@register_loss(
+    "lsoftmax", kind="task", defaults={"lsoftmax_margin": 2, "lsoftmax_lambda": 0.0},
+    checks={"lsoftmax_margin": integer(1), "lsoftmax_lambda": number(0.0)}, needs=("labels",), learnable=True,
+)
+class LSoftmax(nn.Module):
+    """large-margin softmax (L-Softmax) on the embedding"""
+
+    def __init__(self, lsoftmax_margin: int, lsoftmax_lambda: float, embed_dim: int, num_classes: int) -> None:
+        super().__init__()  # margin: integer m, 1 = plain softmax; lambda: the training trick, 0 = pure L-Softmax
+        self.classifier = LargeMarginSoftmax(embed_dim, num_classes, lsoftmax_margin, lsoftmax_lambda)
+
+    def forward(self, x: LossInputs) -> Tensor:
+        return self.classifier(x.emb, x.labels)
+
+
+@register_loss(
+    "triplet", kind="task", defaults={"triplet_margin": 0.2, "triplet_mining": "hard"},
+    checks={"triplet_margin": number(0.0, strict=True), "triplet_mining": one_of(*MINING)}, needs=("labels", "positives"),
+)
+class Triplet(nn.Module):
+    """triplet hinge on squared distances with batch mining"""
+
+    def __init__(self, triplet_margin: float, triplet_mining: str) -> None:
+        super().__init__()  # margin g on squared distances of L2-normalised embeddings; mining all | hard | semihard
+        self.margin, self.mining = triplet_margin, triplet_mining
+
+    def forward(self, x: LossInputs) -> Term:
+        hinges, counted = batch_triplet_terms(x.emb, x.labels, self.margin, self.mining)
+        return Term(_masked_mean(hinges, counted), count=counted.sum())
+
+
+@register_loss(
+    "lifted", kind="task", defaults={"lifted_margin": 1.0}, checks={"lifted_margin": number(0.0, strict=True)},
+    needs=("labels", "positives"),
+)
+class Lifted(nn.Module):
+    """lifted structured loss"""
+
+    def __init__(self, lifted_margin: float) -> None:
+        super().__init__()
+        self.margin = lifted_margin  # alpha
+
+    def forward(self, x: LossInputs) -> Tensor:
+        return lifted_structured_loss(x.emb, x.labels, self.margin)
+
+
+@register_loss(
+    "npair", kind="task", defaults={"npair_scale": 16.0}, checks={"npair_scale": number(0.0, strict=True)},
+    needs=("labels", "positives"),
+)
+class NPair(nn.Module):
+    """multi-class N-pair loss"""
+
+    def __init__(self, npair_scale: float) -> None:
+        super().__init__()
+        self.scale = npair_scale  # similarities x scale on L2-normalised embeddings (1 = Sohn's unscaled form)
+
+    def forward(self, x: LossInputs) -> Tensor:
+        return batch_n_pair_loss(x.emb, x.labels, self.scale)
+
+
+@register_loss(
+    "logratio", kind="task", defaults={"logratio_eps": 1e-6}, checks={"logratio_eps": number(0.0, strict=True)},
+    needs=("labels", "teacher_emb"),
+)
+class LogRatio(nn.Module):
+    """log-ratio loss on the teacher's embedding distances"""
+
+    def __init__(self, logratio_eps: float) -> None:
+        super().__init__()
+        self.eps = logratio_eps  # inside the logs
+
+    def forward(self, x: LossInputs) -> Tensor:
+        return log_ratio_loss(x.emb, x.teacher_emb, self.eps)

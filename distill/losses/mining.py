@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distill.errors import DistillError
 
 
 def pairwise_sq_dist(x: Tensor, y: Tensor | None = None) -> Tensor:
@@ -18,19 +17,6 @@ def pairwise_sq_dist(x: Tensor, y: Tensor | None = None) -> Tensor:
     y = x if y is None else y
     d2 = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * x @ y.T
     return d2.clamp_min(0.0)
-
-
-def check_labels(emb: Tensor, labels: Tensor, what: str = "labels") -> None:
-    """Raise a clear ``DistillError`` unless ``emb`` is ``[N, D]`` and ``labels`` an integer ``[N]``."""
-    if emb.dim() != 2:
-        raise DistillError(f"embeddings must be a 2-D tensor [N, D], got shape {tuple(emb.shape)}")
-    if labels.dim() != 1 or labels.shape[0] != emb.shape[0]:
-        raise DistillError(
-            f"{what} must be a 1-D tensor with one entry per embedding ({emb.shape[0]}), "
-            f"got shape {tuple(labels.shape)}"
-        )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise DistillError(f"{what} must be integer class indices, got dtype {labels.dtype}")
 
 
 def positive_negative_masks(labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ from distill.data.prepare import Prepared, unlabeled_images
 from distill.data.unlabeled import JointDataset, UnlabeledBatchSampler, unlabeled_fingerprint
 from distill.engine import BatchSampler, distributed, extract, is_main_process
 from distill.models import save_model
-from distill.objective import build_objective
+from distill.objective import build_objective, distillation_fields
 from distill.students import create_student
 from distill.students.weights import load_student_weights, student_weights_file
 from distill.teachers import Teacher, file_fingerprint
@@ -35,9 +35,8 @@ console = make_console(stderr=True)
 
 # Config fields that change no trained weight, left out of a student checkpoint's recipe; the
 # teacher's own fields are left out too (its fingerprint stands for them), and for a baseline, which
-# has no teacher, the distillation terms' (DISTILLATION_PREFIXES).
+# has no teacher, the distillation terms' (distillation_fields).
 NOT_TRAINING_FIELDS = fields_where("trains", False)
-DISTILLATION_PREFIXES = ("kd_", "darkrank", "rkd_", "pkt_", "regression_", "compat_")
 
 
 @dataclass
@@ -126,8 +125,8 @@ def train_student(
 def student_recipe(cfg: Config, data: Prepared, teacher: Teacher | None) -> dict[str, Any]:
     """Everything that shapes a student's training (recorded in its checkpoint; ``--resume`` refuses a
     checkpoint whose record differs): its options, the teacher's fingerprint, the training data's."""
-    skip = ("teacher",) + (DISTILLATION_PREFIXES if teacher is None else ())
-    options = {k: v for k, v in cfg.to_dict().items() if k not in NOT_TRAINING_FIELDS and not k.startswith(skip)}
+    skip = NOT_TRAINING_FIELDS + (distillation_fields() if teacher is None else ())
+    options = {k: v for k, v in cfg.to_dict().items() if k not in skip and not k.startswith("teacher")}
     return options | {"teacher_fingerprint": teacher.fingerprint if teacher else None,
                       "data_fingerprint": data_fingerprint(data.train.samples)}
 

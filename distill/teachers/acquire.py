@@ -21,7 +21,7 @@ from torch import nn
 from rich.markup import escape
 
 from distill import engine
-from distill.config import Config, teacher_fields
+from distill.config import Config, distill_terms, teacher_fields
 from distill.console import make_console
 from distill.data import data_fingerprint
 from distill.data.prepare import Prepared
@@ -29,7 +29,7 @@ from distill.engine import barrier, is_main_process
 from distill.errors import DistillError
 from distill.models import NotAModelFile, build_model, parse_spec, read_model_file, save_model
 from distill.models.file import load_backbone_weights
-from distill.objective import build_objective
+from distill.objective import build_objective, unusable_logits
 from distill.teachers import Teacher, file_fingerprint, load_teacher
 from distill.teachers.layers import EMBEDDING, PooledLayers, choose_layer, feature_layers
 from distill.training import batch_sampler, chance_check, finished_checkpoint, train_settings, weight_penalty
@@ -62,7 +62,7 @@ def acquire_teacher(cfg: Config, data: Prepared, device: torch.device) -> Acquir
     def load(layer: str) -> Teacher:
         return load_teacher(cfg.teacher, weights=weights, device=str(device), layer=None if layer == EMBEDDING else layer)
 
-    layer = EMBEDDING if cfg.teacher_layer == "auto" and cfg.compat_weight else cfg.teacher_layer
+    layer = EMBEDDING if cfg.teacher_layer == "auto" and "compat" in distill_terms(cfg) else cfg.teacher_layer
     if layer != "auto":
         teacher = check_compat(cfg, task_logits(load(layer), data.num_classes), layer)
         return AcquiredTeacher(teacher, timings={"teacher": time.perf_counter() - started})
@@ -98,26 +98,23 @@ def layer_scores(teacher: Teacher, layers: list[str], data: Prepared, device: to
 
 
 def check_compat(cfg: Config, teacher: Teacher, layer: str) -> Teacher:
-    """Fail before any student trains when ``--compat-weight`` cannot work: the student's embedding
+    """Fail before any student trains when ``--distill compat`` cannot work: the student's embedding
     must live in the teacher's space, so the sizes must match."""
-    if cfg.compat_weight and teacher.embed_dim != cfg.embed_dim:
+    if "compat" in distill_terms(cfg) and teacher.embed_dim != cfg.embed_dim:
         raise DistillError(
-            f"--compat-weight puts the student in the teacher's embedding space, so --embed-dim must be its size: "
+            f"--distill compat puts the student in the teacher's embedding space, so --embed-dim must be its size: "
             f"got --embed-dim {cfg.embed_dim}, the teacher's {layer} layer gives {teacher.embed_dim} "
-            f"(set --embed-dim {teacher.embed_dim}, or --compat-weight 0)"
+            f"(set --embed-dim {teacher.embed_dim}, or leave compat out of --distill)"
         )
     return teacher
 
 
 def task_logits(teacher: Teacher, num_classes: int) -> Teacher:
-    """Turn off the teacher's logits (so KD) when its classes are not the task's, saying so in one line.
-    ``num_classes`` 0 (no labeled data): the student takes the teacher's classes, KD stays on."""
-    if num_classes and teacher.has_logits and teacher.num_classes != num_classes:
+    """Turn off the teacher's logits when they cannot teach the task (``unusable_logits``: its classes are
+    not the task's), so they are neither computed nor cached; ``build_objective`` says what that turns off.
+    ``num_classes`` 0 (no labeled data): the student takes the teacher's classes, its logits stay on."""
+    if teacher.has_logits and unusable_logits(teacher, num_classes):
         teacher.has_logits = False
-        console.print(
-            f"[yellow]the teacher has {teacher.num_classes} classes, the task {num_classes}: KD is off[/] "
-            "(the embedding-level losses still apply)"
-        )
     return teacher
 
 
