@@ -23,19 +23,23 @@ CONFIG_COMMANDS = ("run", "study", "train", "train-teacher")
 FILE_SUFFIXES = (".pt", ".pth", ".safetensors", ".onnx")
 
 
+SHELL_BLOCKS = ("", "bash", "sh", "console", "shell")
+
+
 def documented_commands() -> list[tuple[str, list[str]]]:
     """``(where, argv after 'distill')`` for each command line in the fenced code blocks of the docs.
 
-    Lines joined at a trailing backslash, comments dropped; ``torchrun ... -m distill.cli ARGS`` counts
+    Shell blocks only (no language, bash, sh, console). Lines joined at a trailing backslash, comments dropped; ``torchrun ... -m distill.cli ARGS`` counts
     as ``distill ARGS``. Lines with placeholders (``...``, ``a|b`` alternatives) are not commands."""
     found = []
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        fenced, pending = False, ""
+        fenced, shell, pending = False, False, ""
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.lstrip().startswith("```"):
                 fenced = not fenced
+                shell = fenced and line.strip()[3:] in SHELL_BLOCKS
                 continue
-            if not fenced:
+            if not shell:  # prose, or a block of TOML or Python (``distill = "kd=3"`` is not a command)
                 continue
             line = pending + line.strip()
             if line.endswith("\\"):
