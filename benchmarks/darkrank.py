@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.atomic import atomic_write_text
-from distill.losses import darkrank
+from distill.losses import plackett_luce
 from distill.losses.darkrank import soft_darkrank
 
 SAMPLE_COUNTS = (16, 64, 256, 1024, 4096)
@@ -47,7 +47,7 @@ def _scores(q: int, m: int, device: torch.device, seed: int = 0) -> tuple[torch.
 
 def log_space_dp(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Exact soft DarkRank by the log-space subset DP alone (what ``exact`` uses for wide rows)."""
-    return darkrank._RowwiseKL.apply(s, t.detach(), darkrank._soft_exact_log, s.shape[0]).mean()
+    return plackett_luce._RowwiseKL.apply(s, t.detach(), plackett_luce._soft_exact_log, s.shape[0]).mean()
 
 
 def time_step(s: torch.Tensor, t: torch.Tensor, repeats: int, fn=soft_darkrank, **kw) -> float:
