@@ -93,6 +93,8 @@ def _cpu_peaks(q: int, ms: list[int]) -> list[float | None]:
 
 def peak_memory_mib(device: torch.device, q: int, ms: list[int]) -> list[float | None]:
     """Peak extra memory of one exact forward + backward per M, in MiB."""
+    if not ms:  # --max-m below 10: no exact-DP row to measure
+        return []
     if device.type == "cpu":
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             return pool.apply(_cpu_peaks, (q, ms))
