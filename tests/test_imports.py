@@ -114,7 +114,7 @@ def test_models_and_teachers_know_no_data_set():
 LAYERS = [
     ("distill.errors", "distill.atomic", "distill.models", "distill.multiscale", "distill.embedding",
      "distill.selection", "distill.checkpoint", "distill.timing", "distill.outdir", "distill.headlines",
-     "distill.resume"),
+     "distill.resume", "distill.console"),
     ("distill.config", "distill.data", "distill.losses", "distill.students.registry", "distill.students.weights", "distill.students",
      "distill.teachers.frozen", "distill.teachers.finished", "distill.teachers.layers", "distill.teachers.cache",
      "distill.teachers", "distill.parallel", "distill.export", "distill.bench"),
@@ -124,7 +124,7 @@ LAYERS = [
     ("distill.students.train",),
     ("distill.rows", "distill.run"),
     ("distill.study",),
-    ("distill.cli",),
+    ("distill.cli", "distill.cli_help", "distill.cli_reference"),
 ]
 
 
