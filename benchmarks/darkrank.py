@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.atomic import atomic_write_text
-from distill.losses import darkrank
+from distill.losses import plackett_luce
 from distill.losses.darkrank import soft_darkrank
 
 SAMPLE_COUNTS = (16, 64, 256, 1024, 4096)
@@ -47,7 +47,7 @@ def _scores(q: int, m: int, device: torch.device, seed: int = 0) -> tuple[torch.
 
 def log_space_dp(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Exact soft DarkRank by the log-space subset DP alone (what ``exact`` uses for wide rows)."""
-    return darkrank._RowwiseKL.apply(s, t.detach(), darkrank._soft_exact_log, s.shape[0]).mean()
+    return plackett_luce._RowwiseKL.apply(s, t.detach(), plackett_luce._soft_exact_log, s.shape[0]).mean()
 
 
 def time_step(s: torch.Tensor, t: torch.Tensor, repeats: int, fn=soft_darkrank, **kw) -> float:
@@ -93,6 +93,8 @@ def _cpu_peaks(q: int, ms: list[int]) -> list[float | None]:
 
 def peak_memory_mib(device: torch.device, q: int, ms: list[int]) -> list[float | None]:
     """Peak extra memory of one exact forward + backward per M, in MiB."""
+    if not ms:  # --max-m below 10: no exact-DP row to measure
+        return []
     if device.type == "cpu":
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             return pool.apply(_cpu_peaks, (q, ms))

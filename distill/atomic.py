@@ -12,8 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from distill.errors import DistillError
 
 
@@ -91,4 +89,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    import torch  # here, not at the top: writing a report or a text file needs no torch
+
     return atomic_write(path, lambda f: torch.save(obj, f))

@@ -29,21 +29,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
 from distill.atomic import atomic_write_text
-from distill.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from distill.data.dataset import ImageDataset
 from distill.data.samplers import loader_settings
 from distill import selection
 from distill.errors import DistillError
 from distill.parallel import TrainStep, data_parallel, sum_over_ranks
+from distill.resume import restore, save, training_recipe
 
 TeacherFn = Callable[[Tensor, Tensor], Any]
 BatchSampler = Sampler[list[int]]  # yields lists of dataset indices; has set_epoch(epoch)
 Validator = Callable[[nn.Module], "float | Sequence[float] | Tensor"]  # per-query scores, or one
 MAX_VALIDATIONS = 20  # validation rounds per training at most (small data sets run hundreds of epochs)
-# What shapes a training when the caller gives no recipe, and what fit derives from it and the data:
-# a checkpoint records them, and --resume refuses one whose record differs.
-SETTINGS_RECIPE = ("epochs", "steps", "min_steps", "lr", "weight_decay", "seed", "amp", "gather_embeddings")
-DERIVED_RECIPE = ("total_epochs", "steps_per_epoch", "world_size")
 
 
 @dataclass
@@ -142,6 +138,25 @@ def _val_every(epochs: int) -> int:
     return max(1, math.ceil(epochs / MAX_VALIDATIONS))
 
 
+@dataclass
+class _Training:
+    """What ``fit`` sets up before its first epoch: the step to train, where it starts, what it restored."""
+
+    train_step: nn.Module  # model, objective and penalty in one module (DDP-wrapped under torchrun)
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.OneCycleLR
+    device: torch.device
+    recipe: dict[str, Any]
+    epochs: int
+    every: int  # validate and checkpoint every this many epochs (and after the last)
+    start_epoch: int
+    best: dict | None  # the best validated {"score", "epoch", "model"} so far
+    kept_until: int  # an older unfinished checkpoint's last epoch, kept until passed (-1: none)
+    main: bool  # rank 0: prints, writes the checkpoint and the log
+    log: str  # the JSONL log so far (a resumed run's earlier epochs)
+
+
 def fit(
     model: nn.Module,
     objective: nn.Module,
@@ -187,6 +202,26 @@ def fit(
     over all ranks' steps.
     """
     checkpoint = Path(checkpoint)
+    run = _set_up(model, objective, dataset, sampler, settings, checkpoint, penalty, recipe)
+    if run.main and run.start_epoch == 0:
+        note = settings.budget_note(len(sampler))
+        print(f"{desc}: {run.epochs} epochs x {len(sampler)} steps" + (f", validated every {run.every} epoch(s)" if validate else "")
+              + (f"; {note}" if note else ""), file=sys.stderr)
+    best = _train(run, model, objective, sampler, checkpoint, teacher_fn, desc, validate)
+    if best is not None:
+        model.load_state_dict(best["model"])
+        if run.main:
+            print(selection.selection_line(desc, best), file=sys.stderr)
+    model.eval()
+    return model, {"epochs": run.epochs, "steps": run.epochs * len(sampler)} | selection.summary(best)
+
+
+def _set_up(
+    model: nn.Module, objective: nn.Module, dataset: ImageDataset, sampler: BatchSampler, settings: TrainSettings,
+    checkpoint: Path, penalty: Callable[[nn.Module], Tensor] | None, recipe: dict[str, Any] | None,
+) -> _Training:
+    """Seed, move to the device, build the loader, optimiser and train step, and restore what the
+    checkpoint holds (:func:`distill.resume.restore`)."""
     device = torch.device(settings.device)
     rank, world = distributed()
     seed_everything(settings.seed)
@@ -198,7 +233,8 @@ def fit(
     epochs = settings.num_epochs(len(sampler))
     recipe = training_recipe(settings, recipe, epochs, len(sampler), world)
     optimizer, scheduler = _optimiser(model, objective, settings, epochs * len(sampler))
-    start_epoch, best, kept_until = _restore(checkpoint, settings, recipe, model, objective, optimizer, scheduler, sampler)
+    start_epoch, best, kept_until = restore(checkpoint, settings.resume, settings.fresh, recipe, model, objective, optimizer,
+                                            scheduler, sampler)
 
     net = torch.compile(model) if settings.compile else model
     use_amp = settings.amp and device.type == "cuda"
@@ -206,47 +242,58 @@ def fit(
     if world > 1:  # one DDP wrapper: the objective's parameters are averaged like the model's
         train_step = data_parallel(train_step, device)
     log_path = checkpoint.with_suffix(".jsonl")
-    main = rank == 0
     # the log is rewritten whole after each epoch: the previous run's stays until there is a new one
     log = log_path.read_text(encoding="utf-8") if start_epoch > 0 and log_path.exists() else ""
+    return _Training(train_step, loader, optimizer, scheduler, device, recipe, epochs, _val_every(epochs), start_epoch,
+                     best, kept_until, rank == 0, log)
 
-    every = _val_every(epochs)
-    if main and start_epoch == 0:
-        note = settings.budget_note(len(sampler))
-        print(f"{desc}: {epochs} epochs x {len(sampler)} steps" + (f", validated every {every} epoch(s)" if validate else "")
-              + (f"; {note}" if note else ""), file=sys.stderr)
+
+def _train(
+    run: _Training, model: nn.Module, objective: nn.Module, sampler: BatchSampler, checkpoint: Path,
+    teacher_fn: TeacherFn | None, desc: str, validate: Validator | None,
+) -> dict | None:
+    """The epochs from ``run.start_epoch`` on, each validated (at the cadence), logged and
+    checkpointed (at the cadence, on rank 0); returns the best validated epoch's record (or None)."""
+    best, log, log_path = run.best, run.log, checkpoint.with_suffix(".jsonl")
     with _progress(desc) as progress:
-        task = progress.add_task(desc, total=(epochs - start_epoch) * len(sampler), info="", visible=main)
+        task = progress.add_task(desc, total=(run.epochs - run.start_epoch) * len(sampler), info="", visible=run.main)
 
         def show(epoch: int, mean_loss: float) -> None:
             shown = f" val {best['score']:.3f}" if best else ""
-            progress.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {mean_loss:.3f}{shown}")
+            progress.update(task, advance=1, info=f"epoch {epoch + 1}/{run.epochs} loss {mean_loss:.3f}{shown}")
 
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(run.start_epoch, run.epochs):
             sampler.set_epoch(epoch)
             model.train()
             objective.train()
-            record = _train_epoch(train_step, loader, optimizer, scheduler, teacher_fn, device, epoch, desc, checkpoint, show)
-            if validate is not None and ((epoch + 1) % every == 0 or epoch + 1 == epochs):
-                kept, keep = selection.update(best, validate(model), epoch + 1)
-                best = kept | {"model": copy.deepcopy(model.state_dict()) if keep else best["model"]}
-                record.update(val_score=kept["last_score"], best_val_score=best["score"], best_epoch=best["epoch"])
-            if main and progress.disable:
-                val = f" val {record['val_score']:.3f} (best {best['score']:.3f} @ {best['epoch']})" if "val_score" in record else ""
-                print(f"{desc}: epoch {epoch + 1}/{epochs} loss {record['loss']:.4f}{val} {record['images_per_s']:.0f} img/s", file=sys.stderr)
+            record = _train_epoch(run.train_step, run.loader, run.optimizer, run.scheduler, teacher_fn, run.device, epoch, desc,
+                                  checkpoint, show)
+            # validate, checkpoint (and log) at the validation cadence: a 167 MB fsynced checkpoint every epoch
+            # cost the teacher 15% of its training time; an older unfinished checkpoint stays until passed
+            due = (epoch + 1) % run.every == 0 or epoch + 1 == run.epochs
+            if validate is not None and due:
+                best = _validated(validate, model, best, epoch)
+                record.update(val_score=best["last_score"], best_val_score=best["score"], best_epoch=best["epoch"])
+            if run.main and progress.disable:
+                _print_epoch(desc, epoch, run.epochs, record, best)
             log += json.dumps(record) + "\n"
-            # checkpoint (and log) at the validation cadence: a 167 MB fsynced checkpoint every epoch cost the
-            # teacher 15% of its training time; an older unfinished checkpoint stays until passed
-            due = (epoch + 1) % every == 0 or epoch + 1 == epochs
-            if main and due and epoch > kept_until:
-                _save(checkpoint, epoch, recipe, best, model, objective, optimizer, scheduler, sampler)
+            if run.main and due and epoch > run.kept_until:
+                save(checkpoint, epoch, run.recipe, best, model, objective, run.optimizer, run.scheduler, sampler)
                 atomic_write_text(log_path, log)
-    if best is not None:
-        model.load_state_dict(best["model"])
-        if main:
-            print(selection.selection_line(desc, best), file=sys.stderr)
-    model.eval()
-    return model, {"epochs": epochs, "steps": epochs * len(sampler)} | selection.summary(best)
+    return best
+
+
+def _validated(validate: Validator, model: nn.Module, best: dict | None, epoch: int) -> dict:
+    """``best`` after validating ``model`` at ``epoch`` (:func:`distill.selection.update`): the
+    epoch selection keeps, with its weights, and the last score."""
+    kept, keep = selection.update(best, validate(model), epoch + 1)
+    return kept | {"model": copy.deepcopy(model.state_dict()) if keep else best["model"]}
+
+
+def _print_epoch(desc: str, epoch: int, epochs: int, record: dict[str, float], best: dict | None) -> None:
+    """One line per epoch where there is no progress bar (a log file, CI)."""
+    val = f" val {record['val_score']:.3f} (best {best['score']:.3f} @ {best['epoch']})" if "val_score" in record else ""
+    print(f"{desc}: epoch {epoch + 1}/{epochs} loss {record['loss']:.4f}{val} {record['images_per_s']:.0f} img/s", file=sys.stderr)
 
 
 def _optimiser(
@@ -259,81 +306,6 @@ def _optimiser(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=total_steps, pct_start=0.15)
     return optimizer, scheduler
 
-
-def training_recipe(
-    settings: TrainSettings, recipe: dict[str, Any] | None, epochs: int, steps_per_epoch: int, world: int
-) -> dict[str, Any]:
-    """What a checkpoint records as its training's recipe (JSON values): the caller's ``recipe`` (or the
-    settings in ``SETTINGS_RECIPE``) plus the epochs, steps per epoch and processes it resolved to."""
-    own = recipe if recipe is not None else {k: getattr(settings, k) for k in SETTINGS_RECIPE}
-    derived = {"total_epochs": epochs, "steps_per_epoch": steps_per_epoch, "world_size": world}
-    return json.loads(json.dumps(own | derived))
-
-
-def recipe_differences(stored: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
-    """``key=stored (now value)`` for each difference; those derived from the options (epochs, steps
-    per epoch, processes) only when nothing else differs, as they follow from the rest."""
-    if not isinstance(stored, dict):
-        return ["it records no settings (written by an older distill)"]
-    missing = object()
-    keys = [k for k in dict.fromkeys([*now, *stored]) if stored.get(k, missing) != now.get(k, missing)]
-    primary = [k for k in keys if k not in DERIVED_RECIPE]
-
-    def show(value: Any) -> str:
-        text = json.dumps(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-
-    return [f"{k}={show(stored.get(k))} (now {show(now.get(k))})" for k in primary or keys]
-
-
-def _unfinished(checkpoint: Path, fresh: bool, recipe: dict[str, Any]) -> int:
-    """For a run without ``resume``: the last epoch of the unfinished training in ``checkpoint``, which
-    a ``fresh`` run keeps until it has passed it (-1: none, or a finished or unreadable checkpoint,
-    which may be replaced); without ``fresh`` an unfinished one is refused, saying how to go on."""
-    try:
-        state = load_checkpoint(checkpoint)
-    except DistillError:
-        return -1
-    done, total = state["epoch"] + 1, state.get("recipe", {}).get("total_epochs")
-    if total is None or done >= total:
-        return -1
-    if fresh:
-        return state["epoch"]
-    diffs = recipe_differences(state.get("recipe"), recipe)
-    how = ("continue it with --resume" if not diffs else
-           f"it was made with other settings or data ({'; '.join(diffs)}): rerun with those and --resume to continue it")
-    raise DistillError(
-        f"{checkpoint} holds an unfinished training ({done} of {total} epochs done): {how}, or start over with --fresh "
-        f"(it is kept until the new run passes epoch {done})"
-    )
-
-
-def _restore(
-    checkpoint: Path, settings: TrainSettings, recipe: dict[str, Any], model: nn.Module, objective: nn.Module, optimizer,
-    scheduler, sampler,
-) -> tuple[int, dict | None, int]:
-    """Load the checkpoint's states (with ``resume`` and when it exists): ``(first epoch to train,
-    best validated {"score", "epoch", "model"} or None, -1)``; for a fresh run ``(0, None, the last
-    epoch of an unfinished checkpoint to keep until passed, or -1)``."""
-    if not checkpoint.exists():
-        return 0, None, -1
-    if not settings.resume:
-        return 0, None, _unfinished(checkpoint, settings.fresh, recipe)
-    state = load_checkpoint(checkpoint)
-    diffs = recipe_differences(state.get("recipe"), recipe)
-    if diffs:
-        raise DistillError(
-            f"cannot resume from {checkpoint}: it was made with other settings or data: {'; '.join(diffs)} "
-            "(rerun with those to continue it, or start over with --fresh)"
-        )
-    model.load_state_dict(state["model"])
-    objective.load_state_dict(state["objective"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if "sampler" in state:
-        sampler.load_state_dict(state["sampler"])
-    set_rng_state(state["rng"])
-    return state["epoch"] + 1, state.get("best"), -1
 
 
 def _train_epoch(
@@ -377,25 +349,6 @@ def _train_epoch(
     record.update(epoch=epoch + 1, lr=scheduler.get_last_lr()[0], images_per_s=summed[-1] / (time.perf_counter() - t0))
     return record
 
-
-def _save(
-    checkpoint: Path, epoch: int, recipe: dict[str, Any], best: dict | None, model: nn.Module,
-    objective: nn.Module, optimizer, scheduler, sampler,
-) -> None:
-    """Write every state ``_restore`` needs (the sampler's when it has one) and the recipe atomically."""
-    state = {
-        "recipe": recipe,
-        "model": model.state_dict(),
-        "objective": objective.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-        "epoch": epoch,
-        "best": best,
-    }
-    if hasattr(sampler, "state_dict"):
-        state["sampler"] = sampler.state_dict()
-    save_checkpoint(checkpoint, state)
 
 
 @torch.inference_mode()

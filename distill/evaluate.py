@@ -124,23 +124,7 @@ def reid_metrics(
         raise DistillError(f"max_rank must be a positive integer, got {max_rank!r}")
     qf, gf = _prepare(qf, metric), _prepare(gf, metric)
     g_sq = (gf * gf).sum(1) if metric == "euclidean" else None
-    step = _chunk_rows(chunk_size, len(gf))
-
-    # written into preallocated outputs: no small tensor outlives a block (keeps the allocator's heap compact)
-    ap = torch.zeros(len(qf), dtype=torch.float64, device=qf.device)
-    first = torch.zeros(len(qf), dtype=torch.long, device=qf.device)  # rank of the first match; G + 1 = none
-    for start in range(0, len(qf), step):
-        q = slice(start, start + step)
-        order = _scores(qf[q], gf, g_sq).sort(dim=1, stable=True).indices
-        same_pid = g_pids[order] == q_pids[q, None]
-        keep = ~(same_pid & (g_cams[order] == q_cams[q, None]))
-        match = same_pid & keep
-        rank = keep.cumsum(1)  # 1-based rank among the kept gallery images
-        hits = match.cumsum(1)
-        precision = torch.where(match, hits.double() / rank, 0.0)
-        ap[q] = precision.sum(1) / hits[:, -1].clamp(min=1)
-        first[q] = torch.where(match, rank, len(gf) + 1).amin(1)
-
+    ap, first = _ap_and_first_match(qf, gf, g_sq, q_pids, g_pids, q_cams, g_cams, _chunk_rows(chunk_size, len(gf)))
     valid = first <= len(gf)
     ap, first = ap[valid], first[valid]
     if len(first) == 0:
@@ -155,6 +139,28 @@ def reid_metrics(
         **{f"rank{k}": (first <= k).double().mean().item() for k in (1, 5, 10)},
         "num_valid_queries": len(first),
     } | ({"ap": ap.tolist()} if per_query else {})
+
+
+def _ap_and_first_match(
+    qf: Tensor, gf: Tensor, g_sq: Tensor | None, q_pids: Tensor, g_pids: Tensor, q_cams: Tensor, g_cams: Tensor, step: int,
+) -> tuple[Tensor, Tensor]:
+    """Per query (``step`` queries at a time), its AP and the rank of its first correct match (G + 1:
+    none) in the gallery ranked by distance, same-pid same-camera images removed."""
+    # written into preallocated outputs: no small tensor outlives a block (keeps the allocator's heap compact)
+    ap = torch.zeros(len(qf), dtype=torch.float64, device=qf.device)
+    first = torch.zeros(len(qf), dtype=torch.long, device=qf.device)  # rank of the first match; G + 1 = none
+    for start in range(0, len(qf), step):
+        q = slice(start, start + step)
+        order = _scores(qf[q], gf, g_sq).sort(dim=1, stable=True).indices
+        same_pid = g_pids[order] == q_pids[q, None]
+        keep = ~(same_pid & (g_cams[order] == q_cams[q, None]))
+        match = same_pid & keep
+        rank = keep.cumsum(1)  # 1-based rank among the kept gallery images
+        hits = match.cumsum(1)
+        precision = torch.where(match, hits.double() / rank, 0.0)
+        ap[q] = precision.sum(1) / hits[:, -1].clamp(min=1)
+        first[q] = torch.where(match, rank, len(gf) + 1).amin(1)
+    return ap, first
 
 
 def _first_hit_ranks(emb: Tensor, labels: Tensor, step: int, g_sq: Tensor | None, gallery: Tensor | None = None) -> Tensor:

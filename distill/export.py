@@ -193,34 +193,14 @@ def export_onnx(
 
     with tempfile.TemporaryDirectory(prefix=f"{EXPORT_PREFIX}{os.getpid()}-") as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's; tracer warnings still show
-                torch.onnx.export(
-                    net, (inputs[0],), str(fp32), input_names=["images"], output_names=["embedding"],
-                    dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
-                    opset_version=opset, dynamo=False,
-                )
-            onnx.checker.check_model(str(fp32), full_check=True)
-        except Exception as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise DistillError(f"ONNX export (opset {opset}) failed: {first}") from err
+        _export_fp32(net, inputs[0], fp32, opset)
         diff = _max_abs_diff(fp32, net, inputs)
         if not diff <= atol:
             raise DistillError(f"ONNX parity check failed: ONNX Runtime embeddings differ from PyTorch by {diff:.2e} > atol {atol:.0e}")
         final, tol = fp32, atol
         if precision != "fp32":
             final, tol = Path(tmp) / f"{precision}.onnx", CONVERTED_ATOL[precision]
-            try:
-                if precision == "int8-static":
-                    _to_int8_static(fp32, final, calibration)
-                    inputs = [calibration[:4].float(), calibration[:1].float()]
-                else:
-                    (_to_fp16 if precision == "fp16" else _to_int8)(fp32, final)
-            except DistillError:
-                raise
-            except Exception as err:
-                raise DistillError(f"{precision} conversion of the ONNX model failed: {str(err).strip().splitlines()[0]}; export fp32 instead") from err
+            inputs = _convert(fp32, final, precision, calibration, inputs)
             diff = _max_abs_diff(final, net, inputs)
             if not diff <= tol:
                 raise DistillError(f"{precision} ONNX embeddings differ from PyTorch by {diff:.2e} > {tol:.0e}; use a higher precision")
@@ -230,3 +210,35 @@ def export_onnx(
     except OSError as err:
         raise DistillError(f"cannot write the ONNX file {path}: {err.strerror} (choose another output path)") from None
     return {"path": str(path), "max_abs_diff": diff, "atol": tol, "opset": opset, "precision": precision, "bytes": len(data)}
+
+
+def _export_fp32(net: nn.Module, example: torch.Tensor, fp32: Path, opset: int) -> None:
+    """Trace ``net`` on ``example`` into the fp32 ONNX file ``fp32`` (dynamic batch) and check it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's; tracer warnings still show
+            torch.onnx.export(
+                net, (example,), str(fp32), input_names=["images"], output_names=["embedding"],
+                dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
+                opset_version=opset, dynamo=False,
+            )
+        onnx.checker.check_model(str(fp32), full_check=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DistillError(f"ONNX export (opset {opset}) failed: {first}") from err
+
+
+def _convert(fp32: Path, final: Path, precision: str, calibration: torch.Tensor | None,
+             inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Convert the fp32 ONNX file to ``precision`` at ``final``; returns the images to check its
+    parity on: ``inputs``, or for int8-static some of the calibration images."""
+    try:
+        if precision == "int8-static":
+            _to_int8_static(fp32, final, calibration)
+            return [calibration[:4].float(), calibration[:1].float()]
+        (_to_fp16 if precision == "fp16" else _to_int8)(fp32, final)
+        return inputs
+    except DistillError:
+        raise
+    except Exception as err:
+        raise DistillError(f"{precision} conversion of the ONNX model failed: {str(err).strip().splitlines()[0]}; export fp32 instead") from err

@@ -23,6 +23,7 @@ from distill.data.dataset import ImageDataset, stack_labels
 from distill.engine import extract
 from distill.errors import DistillError
 from distill.evaluate import reid_metrics, retrieval_metrics
+from distill.headlines import HEADLINE, NOTE, PARETO_METRIC
 from distill.selection import random_ranking_ap
 
 DISTRACTOR_METRIC = "map with training distractors"
@@ -108,13 +109,9 @@ def _metrics(retrieval: dict, reid: dict) -> dict[str, float]:
 
 
 class ReidProtocol(Protocol):
-    name, headline, pareto_metric = "reid", ("rank1", "map"), "map"
+    name = "reid"
+    headline, pareto_metric, note = HEADLINE[name], PARETO_METRIC[name], NOTE[name]
     words = ("identities", "identity")
-    note = (
-        "re-ID data: drop, gain and kept use rank-1 (each query searched in the gallery with its same-camera "
-        "matches removed, the Market-1501 protocol), not R@1 (query and gallery pooled, no camera filter), "
-        "because same-camera near-duplicates make pooled R@1 easy for every model"
-    )
 
     def test_metrics(self, fn: Embedder, splits: Splits, transform: Callable, device: torch.device,
                      clustering: bool = True) -> dict[str, float]:
@@ -139,7 +136,8 @@ class ReidProtocol(Protocol):
 
 
 class RetrievalProtocol(Protocol):
-    name, headline, pareto_metric = "retrieval", ("recall@1", "map"), "recall@1"
+    name = "retrieval"
+    headline, pareto_metric, note = HEADLINE[name], PARETO_METRIC[name], NOTE[name]
 
     def test_metrics(self, fn: Embedder, splits: Splits, transform: Callable, device: torch.device,
                      clustering: bool = True) -> dict[str, float]:

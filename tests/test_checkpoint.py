@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from distill import atomic
 from distill.checkpoint import load_checkpoint, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state
 from distill.engine import fit
 from distill.errors import DistillError
@@ -98,7 +97,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
         f.write(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(atomic.torch, "save", full)
+    monkeypatch.setattr(torch, "save", full)  # atomic_torch_save imports torch when it saves
     with pytest.raises(DistillError, match=r"^cannot write checkpoint .*m\.ckpt: No space left on device; the previous"):
         save_checkpoint(ckpt, {"epoch": 2})
     assert torch.load(ckpt, weights_only=True) == {"epoch": 1}

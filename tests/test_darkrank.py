@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import distill.losses.darkrank as darkrank
+import distill.losses.plackett_luce as plackett_luce
 from distill.errors import DistillError
 from distill.losses.darkrank import DarkRankLoss, darkrank_scores, hard_darkrank, soft_darkrank
 
@@ -73,7 +73,7 @@ def test_exact_equals_bruteforce(kind: str, m: int) -> None:
 def test_each_exact_path_equals_bruteforce(monkeypatch: pytest.MonkeyPatch, path: str, m: int) -> None:
     """Rows too wide for probabilities take the log-space DP; narrow float32 rows run in float32."""
     if path == "log":
-        monkeypatch.setattr(darkrank, "F64_SPREAD", -1.0)
+        monkeypatch.setattr(plackett_luce, "F64_SPREAD", -1.0)
         s, t = make_scores("large", 5, m, m)
         tol = {"rtol": 1e-10, "atol": 1e-10}
     else:
@@ -100,8 +100,8 @@ def test_rows_of_both_paths_in_one_batch_equal_each_row_alone() -> None:
 def test_probability_dp_equals_log_space_dp_beyond_enumeration(m: int) -> None:
     """At M where enumeration is impossible, the two DPs (independent code) agree to 1e-10."""
     s, t = (x * 3 for x in make_scores("normal", 2, m, m))
-    kl_p, g_p = darkrank._soft_exact_probs(s, t, True)
-    kl_l, g_l = darkrank._soft_exact_log(s, t, True)
+    kl_p, g_p = plackett_luce._soft_exact_probs(s, t, True)
+    kl_l, g_l = plackett_luce._soft_exact_log(s, t, True)
     torch.testing.assert_close(kl_p, kl_l, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(g_p, g_l, rtol=1e-10, atol=1e-10)
 
@@ -176,7 +176,7 @@ def test_gradcheck() -> None:
 def test_exact_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
     s, t = make_scores("normal", 7, 9, 9)
     whole, g_whole = value_and_grad(soft_darkrank, s, t)
-    monkeypatch.setattr(darkrank, "_CHUNK_BYTES", 1)  # one query per chunk
+    monkeypatch.setattr(plackett_luce, "_CHUNK_BYTES", 1)  # one query per chunk
     chunked, g_chunked = value_and_grad(soft_darkrank, s, t)
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_chunked, g_whole, rtol=1e-12, atol=1e-12)
@@ -185,7 +185,7 @@ def test_exact_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPat
 def test_exact_inner_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
     s, t = make_scores("normal", 7, 9, 19)
     whole, g_whole = value_and_grad(soft_darkrank, s, t)
-    monkeypatch.setattr(darkrank, "_EXACT_CHUNK_BYTES", 1)  # one row per chunk of the probability DP
+    monkeypatch.setattr(plackett_luce, "_EXACT_CHUNK_BYTES", 1)  # one row per chunk of the probability DP
     chunked, g_chunked = value_and_grad(soft_darkrank, s, t)
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_chunked, g_whole, rtol=1e-12, atol=1e-12)
@@ -439,7 +439,7 @@ def test_sampled_prefix_gradcheck_and_chunking(monkeypatch: pytest.MonkeyPatch) 
 
     assert torch.autograd.gradcheck(seeded, (s.clone().requires_grad_(True),))
     whole = seeded(s)
-    monkeypatch.setattr(darkrank, "_CHUNK_BYTES", 1)  # one row per chunk: other draws, same mean
+    monkeypatch.setattr(plackett_luce, "_CHUNK_BYTES", 1)  # one row per chunk: other draws, same mean
     assert torch.isfinite(seeded(s)) and seeded(s).item() == pytest.approx(whole.item(), rel=0.5)
 
 

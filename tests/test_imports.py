@@ -113,7 +113,8 @@ def test_models_and_teachers_know_no_data_set():
 # Layers, lowest first: a module imports only from its own layer or lower ones.
 LAYERS = [
     ("distill.errors", "distill.atomic", "distill.models", "distill.multiscale", "distill.embedding",
-     "distill.selection", "distill.checkpoint", "distill.timing", "distill.outdir", "distill.console"),
+     "distill.selection", "distill.checkpoint", "distill.timing", "distill.outdir", "distill.headlines",
+     "distill.resume", "distill.console"),
     ("distill.config", "distill.data", "distill.losses", "distill.students.registry", "distill.students.weights", "distill.students",
      "distill.teachers.frozen", "distill.teachers.finished", "distill.teachers.layers", "distill.teachers.cache",
      "distill.teachers", "distill.parallel", "distill.export", "distill.bench"),

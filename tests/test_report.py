@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import random
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -375,3 +377,14 @@ def test_without_a_baseline_the_verdict_says_it_cannot_tell():
     verdict = build_report(models, CONFIG, ONNX, target_accuracy=0.9)["verdict"]
     assert verdict["students"][0]["helped"] is None
     assert verdict["message"].startswith("no baseline was trained for nin_bn@0.5, so whether distillation helped it is unknown; ship /r/student.onnx")
+
+
+def test_reprinting_a_saved_report_loads_no_torch(tmp_path):
+    """``distill report`` re-prints a report without torch or scikit-learn (seconds of start-up):
+    the report reads each protocol's headline metrics from ``distill.headlines``."""
+    write_report(build_report(fake_models(0), CONFIG, ONNX, protocol="reid"), tmp_path)
+    code = ("import sys; from typer.testing import CliRunner; from distill.cli import app; "
+            "result = CliRunner().invoke(app, ['report', sys.argv[1]]); "
+            "print(result.exit_code, 'deployment speedup' in result.output, [m for m in ('torch', 'sklearn') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1:] == ["0 True []"], done.stdout + done.stderr
