@@ -59,6 +59,7 @@ def test_run_records_every_stage_within_its_wall_time(tiny_data, tmp_path, monke
     assert set(stages) == expected
     assert all(seconds >= 0 for seconds in stages.values())
     assert sum(stages.values()) <= timings["total_s"] + 1e-3 <= wall + 1e-3
-    assert timings["other_s"] == pytest.approx(timings["total_s"] - sum(stages.values()), abs=2e-3)
+    # each figure is rounded to 1 ms: the sum of n rounded stages may be off by up to n / 2 ms
+    assert timings["other_s"] == pytest.approx(timings["total_s"] - sum(stages.values()), abs=5e-4 * (len(stages) + 2))
     assert report["config"]["wall_time_s"] <= timings["total_s"] + 0.05
     assert "time " in result.output and "s: " in result.output
