@@ -38,7 +38,8 @@ from rich.table import Table
 from scipy import stats
 
 from distill.atomic import atomic_write_bytes, atomic_write_text
-from distill.config import Config, fields_where, load_config, read_toml
+from distill.config import Config, fields_where
+from distill.config_load import load_config, read_toml
 from distill.console import make_console
 from distill.data import data_fingerprint
 from distill.data.prepare import Prepared, choose_inputs

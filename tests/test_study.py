@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from distill import engine, study, training
 from distill.students import train
 from distill.cli import app
-from distill.config import load_config
+from distill.config_load import load_config
 from distill.data import base as data_base
 from distill.data.synthetic import load_synthetic
 from distill.errors import DistillError
