@@ -174,13 +174,14 @@ def study(
 ) -> None:
     """Recipes x seeds on one teacher: mean ± std per recipe and the paired gain over the baseline (95% CI)."""
     from distill import study as study_
+    from distill.study_output import print_study
 
     names = [n.strip() for n in recipes.split(",") if n.strip()] if recipes is not None else None
     file_recipes = study_.load_recipes_file(recipes_file) if recipes_file is not None else None
     recipes_ = study_.recipe_configs(cfg, names, file_recipes)  # a bad recipe is refused before --out is created
     with _locked(cfg):
         result = study_.run_study(cfg, recipes_, seeds=seeds, jobs=jobs, keep_models=keep_models)
-    study_.print_study(result)
+    print_study(result)
     err_console.print(f"study: {escape(str(cfg.out_dir / 'study.json'))}, study.md, study.png")
 
 

@@ -123,7 +123,7 @@ LAYERS = [
     ("distill.teachers.acquire", "distill.teachers.gate"),
     ("distill.students.train",),
     ("distill.rows", "distill.run"),
-    ("distill.study",),
+    ("distill.study", "distill.study_stats", "distill.study_output"),
     ("distill.cli", "distill.cli_help", "distill.cli_reference"),
 ]
 
