@@ -141,8 +141,8 @@ def test_long_trainings_checkpoint_at_the_validation_cadence_and_resume_bit_for_
     state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 2  # epochs 1-3 done (0-based 2): epoch 4 was not checkpointed
     assert len(ckpt.with_suffix(".jsonl").read_text().splitlines()) == 3  # the log matches the checkpoint
-    resumed = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(42, resume=True), ckpt)
-    straight = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(42), tmp_path / "s.ckpt")
+    resumed, _ = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(42, resume=True), ckpt)
+    straight, _ = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(42), tmp_path / "s.ckpt")
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
 
