@@ -19,7 +19,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from distill.config import REPLACED_WEIGHTS, Config, command_fields, default_value, field_info, flag_name
+from distill.config import Config, command_fields, default_value, field_info, flag_name
+from distill.config_load import REPLACED_WEIGHTS
 from distill.cli_help import SectionedCommand
 from distill.console import make_console
 from distill.errors import DistillError
@@ -76,7 +77,7 @@ def _trained_size(header: dict) -> list[int]:
 
 
 def _config(config: Optional[Path], **overrides):
-    from distill.config import load_config
+    from distill.config_load import load_config
 
     return load_config(config, **overrides)
 
@@ -173,13 +174,14 @@ def study(
 ) -> None:
     """Recipes x seeds on one teacher: mean ± std per recipe and the paired gain over the baseline (95% CI)."""
     from distill import study as study_
+    from distill.study_output import print_study
 
     names = [n.strip() for n in recipes.split(",") if n.strip()] if recipes is not None else None
     file_recipes = study_.load_recipes_file(recipes_file) if recipes_file is not None else None
     recipes_ = study_.recipe_configs(cfg, names, file_recipes)  # a bad recipe is refused before --out is created
     with _locked(cfg):
         result = study_.run_study(cfg, recipes_, seeds=seeds, jobs=jobs, keep_models=keep_models)
-    study_.print_study(result)
+    print_study(result)
     err_console.print(f"study: {escape(str(cfg.out_dir / 'study.json'))}, study.md, study.png")
 
 
@@ -276,12 +278,12 @@ def export(
     precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (int8-static needs calibration images: use `distill run --export-precision`)."),
 ) -> None:
     """Export a model file to ONNX (dynamic batch), check it and its parity with ONNX Runtime."""
-    from distill.config import _coerce
+    from distill.config_load import check_type
     from distill.export import export_onnx
     from distill.models import load_model
 
     model, header = load_model(checkpoint)
-    info = export_onnx(model, output, _coerce("image_size", image_size or _trained_size(header)), precision=precision)
+    info = export_onnx(model, output, check_type("image_size", image_size or _trained_size(header)), precision=precision)
     make_console().print(f"wrote {escape(info['path'])} (max abs diff vs PyTorch {info['max_abs_diff']:.2e})")
 
 
@@ -300,7 +302,7 @@ def bench(
 
     from distill.atomic import atomic_write_text
     from distill.bench import benchmark_onnx, benchmark_torch, machine_info, onnx_input_size
-    from distill.config import _coerce
+    from distill.config_load import check_type
     from distill.engine import resolve_device
     from distill.models import load_model
 
@@ -308,10 +310,10 @@ def bench(
         raise DistillError("give exactly one of --checkpoint or --onnx")
     if checkpoint is not None:
         model, header = load_model(checkpoint)
-        size = _coerce("image_size", image_size or _trained_size(header))
+        size = check_type("image_size", image_size or _trained_size(header))
         result = benchmark_torch(model, size, iters=iters, device=str(resolve_device(device)))
     else:
-        size = _coerce("image_size", image_size) if image_size else onnx_input_size(onnx)
+        size = check_type("image_size", image_size) if image_size else onnx_input_size(onnx)
         if size is None:
             raise DistillError(f"{onnx} has no fixed input size in its graph: give --image-size HxW")
         result = benchmark_onnx(onnx, size, iters=iters)

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from rich.markup import escape
 
-from distill.config import Config, export_precisions, label_free, student_specs
+from distill.config import Config
+from distill.config_load import export_precisions, label_free, student_specs
 from distill.console import make_console
 from distill.data.prepare import Prepared, prepare_data, prepare_out_dir
 from distill.engine import is_main_process, resolve_device

@@ -36,7 +36,7 @@ def no_training(monkeypatch):
 
 def test_no_training_stops_the_teachers_and_the_students_training(tmp_path, no_training):
     """The fixture above can fail a test: both trainings go through the ``engine.fit`` it replaces."""
-    from distill.config import load_config
+    from distill.config_load import load_config
     from distill.run import setup
     from distill.students.train import train_student
     from distill.teachers.acquire import acquire_teacher
@@ -282,7 +282,7 @@ def test_a_good_report_prints(tmp_path, good_report):
 
 
 def test_a_width_default_applies_to_builtin_students_only():
-    from distill.config import load_config, student_specs
+    from distill.config_load import load_config, student_specs
     from distill.run import check_models
 
     cfg = load_config(None, student="nin_bn@0.25,nin_bn,timm:mobilenetv3_small_050", student_width=0.5)
@@ -318,7 +318,7 @@ def test_refused_before_training(tmp_path, no_training, args, message):
 
 
 def test_softmax_alone_takes_one_image_per_identity():
-    from distill.config import load_config
+    from distill.config_load import load_config
 
     assert load_config(None, images_per_id=1, loss="softmax").images_per_id == 1
 
@@ -326,7 +326,7 @@ def test_softmax_alone_takes_one_image_per_identity():
 def test_compat_with_another_embedding_size_fails_before_any_student_trains():
     from types import SimpleNamespace
 
-    from distill.config import load_config
+    from distill.config_load import load_config
     from distill.errors import DistillError
     from distill.teachers.acquire import check_compat
 
@@ -341,7 +341,7 @@ def test_compat_with_another_embedding_size_fails_before_any_student_trains():
 
 
 def test_compat_uses_the_teachers_own_embedding_not_a_searched_layer(tmp_path, monkeypatch):
-    from distill.config import load_config
+    from distill.config_load import load_config
     from distill.data import base
     from distill.data.synthetic import load_synthetic
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, load_config
+from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS
+from distill.config_load import load_config
 from distill.engine import TrainSettings, fit
 from distill.training import train_settings
 from tests.test_engine import CrossEntropy, batches, dataset, steps_per_epoch, tiny_model  # noqa: F401 (fixture)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from distill import bench
 from distill.cli import app
-from distill.config import load_config
+from distill.config_load import load_config
 from distill.data import base
 from distill.data.dataset import ImageDataset, stack_labels
 from distill.data.synthetic import load_synthetic

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from distill.config import Config, distill_terms, export_precisions, load_config, student_specs, validate
+from distill.config import Config
+from distill.config_load import distill_terms, export_precisions, load_config, student_specs, validate
 from distill.errors import DistillError
 
 

@@ -89,10 +89,10 @@ def test_data_imports_nothing_from_losses():
     assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
     data = [m for m in graph if m == "distill.data" or m.startswith("distill.data.")]
     assert "distill.data.importance" in data
-    # distill.data.prepare reads the run's Config, which checks the loss names it is given (a lazy import
-    # of distill.losses.task): that edge is the config's, not the data's
-    without_config = {m: deps - {"distill.config"} for m, deps in graph.items()}
-    assert "distill.config" in graph["distill.data.prepare"] and "distill.losses.task" in graph["distill.config"]
+    # distill.data.prepare reads the run's Config, whose checks look up the loss names it is given (a lazy
+    # import of distill.losses.task in distill.config_load): that edge is the config's, not the data's
+    without_config = {m: deps - {"distill.config", "distill.config_load"} for m, deps in graph.items()}
+    assert "distill.config_load" in graph["distill.data.prepare"] and "distill.losses.task" in graph["distill.config_load"]
     leaks = {m: sorted(d for d in reachable(without_config, m) if d.startswith("distill.losses")) for m in data}
     leaks = {m: d for m, d in leaks.items() if d}
     assert not leaks, f"distill.data reaches distill.losses: {leaks}"
@@ -115,7 +115,8 @@ LAYERS = [
     ("distill.errors", "distill.atomic", "distill.models", "distill.multiscale", "distill.embedding",
      "distill.selection", "distill.checkpoint", "distill.timing", "distill.outdir", "distill.headlines",
      "distill.resume", "distill.console"),
-    ("distill.config", "distill.data", "distill.losses", "distill.students.registry", "distill.students.weights", "distill.students",
+    ("distill.config", "distill.config_load", "distill.data", "distill.losses", "distill.students.registry",
+     "distill.students.weights", "distill.students",
      "distill.teachers.frozen", "distill.teachers.finished", "distill.teachers.layers", "distill.teachers.cache",
      "distill.teachers", "distill.parallel", "distill.export", "distill.bench"),
     ("distill.engine", "distill.evaluate", "distill.objective"),
@@ -123,7 +124,7 @@ LAYERS = [
     ("distill.teachers.acquire", "distill.teachers.gate"),
     ("distill.students.train",),
     ("distill.rows", "distill.run"),
-    ("distill.study",),
+    ("distill.study", "distill.study_stats", "distill.study_output"),
     ("distill.cli", "distill.cli_help", "distill.cli_reference"),
 ]
 

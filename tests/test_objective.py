@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.config import Config, load_config
+from distill.config import Config
+from distill.config_load import load_config
 from distill.errors import DistillError
 from distill.losses import registry
 from distill.losses.darkrank import DarkRankLoss

@@ -70,7 +70,7 @@ def test_the_docs_show_commands():
 def sandbox(tmp_path, monkeypatch):
     """A working directory with the repository's examples, where a command's outputs go, and
     stand-ins for the pipeline stages after the checks (nothing trains)."""
-    from distill import run, study
+    from distill import run, study, study_output
     from distill.students import train
     from distill.teachers import acquire
 
@@ -88,7 +88,7 @@ def sandbox(tmp_path, monkeypatch):
     monkeypatch.setattr(acquire, "acquire_teacher", lambda *a, **k: SimpleNamespace(teacher=None))
     monkeypatch.setattr(train, "train_student", lambda *a, **k: None)
     monkeypatch.setattr(study, "run_study", lambda base, recipes, **k: checked.extend([base, *(c for _, c in recipes.values())]))
-    monkeypatch.setattr(study, "print_study", lambda result: None)
+    monkeypatch.setattr(study_output, "print_study", lambda result: None)
     return checked
 
 

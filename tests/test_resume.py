@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from distill import bench, engine, study
 from distill.cli import app
-from distill.config import load_config
+from distill.config_load import load_config
 from distill.data import base
 from distill.data.synthetic import load_synthetic
 from distill.engine import TrainSettings, fit

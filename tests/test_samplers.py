@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from distill.config import load_config
+from distill.config_load import load_config
 from distill.data import samplers
 from distill.data.importance import ImportanceBatchSampler
 from distill.data.samplers import PKSampler, loader_settings

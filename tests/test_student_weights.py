@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from distill import engine
 from distill.cli import app
-from distill.config import load_config
+from distill.config_load import load_config
 from distill.errors import DistillError
 from distill.models import save_model
 from distill.run import check_models, setup

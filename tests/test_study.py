@@ -13,10 +13,10 @@ import torch
 from scipy import stats
 from typer.testing import CliRunner
 
-from distill import engine, study, training
+from distill import engine, study, study_stats, training
 from distill.students import train
 from distill.cli import app
-from distill.config import load_config
+from distill.config_load import load_config
 from distill.data import base as data_base
 from distill.data.synthetic import load_synthetic
 from distill.errors import DistillError
@@ -42,7 +42,7 @@ def test_paired_gain_matches_a_hand_worked_example():
     # t(0.975, 4) = 2.7764 (t table), half width = 2.7764 * 0.015811 / sqrt(5) = 0.019632
     baseline = {0: 0.50, 1: 0.60, 2: 0.55, 3: 0.70, 4: 0.65}
     recipe = {0: 0.52, 1: 0.64, 2: 0.58, 3: 0.75, 4: 0.66}
-    gain = study.paired_gain(recipe, baseline)
+    gain = study_stats.paired_gain(recipe, baseline)
     assert gain["n"] == 5
     assert gain["mean"] == pytest.approx(0.03)
     assert gain["std"] == pytest.approx(0.0158114, abs=1e-6)
@@ -56,7 +56,7 @@ def test_paired_gain_matches_a_hand_worked_example():
 def test_paired_gain_counts_wins_losses_ties_and_pairs_by_seed():
     # d = +0.1 (seed 1), -0.2 (seed 2), 0 (seed 3); seeds 0 and 4 have no partner and are left out.
     # mean -1/30, sd = sqrt((0.1333^2 + 0.1667^2 + 0.0333^2) / 2) = 0.152753, t(0.975, 2) = 4.3027
-    gain = study.paired_gain({0: 0.9, 1: 0.6, 2: 0.3, 3: 0.5}, {1: 0.5, 2: 0.5, 3: 0.5, 4: 0.1})
+    gain = study_stats.paired_gain({0: 0.9, 1: 0.6, 2: 0.3, 3: 0.5}, {1: 0.5, 2: 0.5, 3: 0.5, 4: 0.1})
     assert (gain["n"], gain["wins"], gain["losses"], gain["ties"]) == (3, 1, 1, 1)
     assert gain["mean"] == pytest.approx(-1 / 30)
     assert gain["std"] == pytest.approx(0.152753, abs=1e-6)
@@ -65,16 +65,16 @@ def test_paired_gain_counts_wins_losses_ties_and_pairs_by_seed():
 
 
 def test_one_seed_has_no_spread_and_no_interval():
-    gain = study.paired_gain({7: 0.4}, {7: 0.3})
+    gain = study_stats.paired_gain({7: 0.4}, {7: 0.3})
     assert gain["n"] == 1 and gain["mean"] == pytest.approx(0.1)
     assert gain["std"] is None and gain["ci"] is None and gain["wins"] == 1
-    assert study.mean_std([0.25]) == (0.25, None)
+    assert study_stats.mean_std([0.25]) == (0.25, None)
     with pytest.raises(ValueError, match="no seed in common"):
-        study.paired_gain({0: 0.4}, {1: 0.3})
+        study_stats.paired_gain({0: 0.4}, {1: 0.3})
 
 
 def test_mean_std_is_the_sample_std():
-    mean, std = study.mean_std([1.0, 2.0, 3.0, 4.0])
+    mean, std = study_stats.mean_std([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5 and std == pytest.approx(math.sqrt(5 / 3))  # sum of squares 5, over n - 1 = 3
 
 
@@ -84,12 +84,12 @@ def test_summarize_per_recipe_mean_std_and_paired_gain():
     ] + [
         {"recipe": "kd", "seed": s, "metrics": {"recall@1": r, "map": r / 2, "nmi": 0.1 * s}} for s, r in enumerate([0.6, 0.6, 0.5])
     ]
-    summary = study.summarize(results)
+    summary = study_stats.summarize(results)
     assert list(summary) == ["baseline", "kd"]
     assert summary["baseline"]["gain"] is None and summary["baseline"]["n"] == 3
     assert summary["kd"]["metrics"]["recall@1"]["mean"] == pytest.approx(17 / 30)
-    assert summary["kd"]["metrics"]["recall@1"]["std"] == pytest.approx(study.mean_std([0.6, 0.6, 0.5])[1])
-    assert summary["kd"]["gain"]["recall@1"] == study.paired_gain({0: 0.6, 1: 0.6, 2: 0.5}, {0: 0.5, 1: 0.6, 2: 0.4})
+    assert summary["kd"]["metrics"]["recall@1"]["std"] == pytest.approx(study_stats.mean_std([0.6, 0.6, 0.5])[1])
+    assert summary["kd"]["gain"]["recall@1"] == study_stats.paired_gain({0: 0.6, 1: 0.6, 2: 0.5}, {0: 0.5, 1: 0.6, 2: 0.4})
     assert summary["kd"]["gain"]["recall@1"]["ties"] == 1
     assert summary["kd"]["gain"]["map"]["mean"] == pytest.approx(1 / 30)
     assert "nmi" in summary["kd"]["metrics"] and "nmi" not in summary["kd"]["gain"]  # the baseline has no NMI

@@ -17,7 +17,8 @@ import torch
 from rich.markup import escape
 from torch import Tensor
 
-from distill.config import Config, label_free
+from distill.config import Config
+from distill.config_load import label_free
 from distill.console import make_console
 from distill.data import Sample, Splits, hold_out_identities, load_dataset
 from distill.data.dataset import ImageDataset, make_label_map

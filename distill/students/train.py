@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from distill import engine
-from distill.config import Config, fields_where, student_specs
+from distill.config import Config, fields_where
+from distill.config_load import student_specs
 from distill.console import make_console
 from distill.data import Sample, data_fingerprint
 from distill.data.prepare import Prepared, unlabeled_images

@@ -21,7 +21,8 @@ from torch import nn
 from rich.markup import escape
 
 from distill import engine
-from distill.config import Config, distill_terms, teacher_fields
+from distill.config import Config, teacher_fields
+from distill.config_load import distill_terms
 from distill.console import make_console
 from distill.data import data_fingerprint
 from distill.data.prepare import Prepared
