@@ -6,11 +6,9 @@ import json
 import pickle
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
@@ -24,15 +22,6 @@ from distill.teachers.finished import FinishedModel
 from test_cli import TINY, tiny_data  # noqa: F401  (fixture)
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def timm_r18(tmp_path_factory):
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18", pretrained=False).eval()
-    path = tmp_path_factory.mktemp("timm") / "r18.safetensors"
-    save_file(model.state_dict(), path)
-    return model, path
 
 
 @pytest.fixture(scope="module")

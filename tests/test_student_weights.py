@@ -7,9 +7,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
-import timm
 import torch
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from distill import engine
@@ -25,20 +23,10 @@ from distill.students.weights import load_student_weights, pretrained_file
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def r18_file(tmp_path_factory):
-    """A randomly initialised timm resnet18 (the reference) and its state dict as .safetensors."""
-    torch.manual_seed(1)
-    ref = timm.create_model("resnet18", pretrained=False).eval()
-    path = tmp_path_factory.mktemp("w") / "r18.safetensors"
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
-    return ref, path
-
-
-def test_run_starts_the_timm_student_from_its_weights(r18_file, tmp_path, monkeypatch):
+def test_run_starts_the_timm_student_from_its_weights(timm_r18, tmp_path, monkeypatch):
     """`distill run --student timm:resnet18 --student-weights r18.safetensors`: the model that
     training starts from has timm's backbone features, within 1e-5."""
-    ref, path = r18_file
+    ref, path = timm_r18
     started = {}
 
     def capture(model, *args, **kwargs):
@@ -92,8 +80,8 @@ def test_a_distill_model_file_keeps_backbone_and_matching_heads_and_refreshes_th
     assert torch.equal(again.proj.weight, trained.proj.weight)
 
 
-def test_wrong_architecture_width_and_shapes_fail_in_one_message(r18_file, tmp_path):
-    _, r18 = r18_file
+def test_wrong_architecture_width_and_shapes_fail_in_one_message(timm_r18, tmp_path):
+    _, r18 = timm_r18
     nin = create_student("nin_bn", 16, 5, width=0.5)
     path = save_model(tmp_path / "nin.pt", nin, arch="nin_bn", width=0.5)
     with pytest.raises(DistillError, match=r"nin.pt holds a 'nin_bn@0.5' model, not the student 'nin_bn@0.25': pass --student nin_bn@0.5$"):
@@ -141,7 +129,7 @@ def test_missing_or_doubled_student_weights(tmp_path):
     assert result.exit_code == 2 and "give --student-weights or --student-pretrained, not both" in result.output
 
 
-def test_student_pretrained_reads_the_local_cache_only(tmp_path, r18_file):
+def test_student_pretrained_reads_the_local_cache_only(tmp_path, timm_r18):
     """Never downloads: an empty cache names the file to fetch; timm's hub layout in the cache is used."""
     with pytest.raises(DistillError) as err:
         pretrained_file("timm:resnet18", cache_dir=tmp_path / "hub")
@@ -157,7 +145,7 @@ def test_student_pretrained_reads_the_local_cache_only(tmp_path, r18_file):
     (repo / "refs" / "main").write_text("abc123")
     snapshot = repo / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
-    (snapshot / "model.safetensors").write_bytes(r18_file[1].read_bytes())
+    (snapshot / "model.safetensors").write_bytes(timm_r18[1].read_bytes())
     found = pretrained_file("timm:resnet18", cache_dir=tmp_path / "hub")
     assert found == str(snapshot / "model.safetensors")
     load_student_weights(create_student("timm:resnet18", 16, 3), found, "timm:resnet18")
