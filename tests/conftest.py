@@ -10,6 +10,18 @@ import torch
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead, and CI has 2 shared cores
 
 
+def image_folder(root, images_per_class: dict[str, int]):
+    """An ImageFolder under ``root``: a folder per class name with that many 16x32 PNGs, a different
+    colour per image. Returns ``root``."""
+    from PIL import Image
+
+    for c, n in images_per_class.items():
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (16, 32), (20 * i, 40, 9 * len(c))).save(root / c / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def timm_r18(tmp_path_factory):
     """A randomly initialised timm resnet18 (the reference) and its state dict saved as .safetensors:

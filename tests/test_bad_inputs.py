@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
+from conftest import image_folder
 from distill.cli import app
 
 runner = CliRunner()
@@ -182,13 +183,7 @@ def hostile_folder(tmp_path):
     import os
     import signal
 
-    from PIL import Image
-
-    root = tmp_path / "folder"
-    for c in range(4):
-        (root / f"c{c:02d}").mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (16, 32), (60 * c, 20 * i, 90)).save(root / f"c{c:02d}" / f"{i}.png")
+    root = image_folder(tmp_path / "folder", {f"c{c:02d}": 3 for c in range(4)})
     bomb_png(root / "c00" / "bomb.png")
     os.mkfifo(root / "c00" / "pipe.png")
     signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading the image folder hung"))

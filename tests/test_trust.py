@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import image_folder
 from distill.cli import app
 from distill.models import save_model
 from distill.students import create_student
@@ -134,13 +135,7 @@ def test_stale_temp_files_in_out_are_removed_on_the_next_start(tiny_data, tmp_pa
 
 
 def test_warnings_are_one_line_without_their_source(tmp_path):
-    root = tmp_path / "folder"
-    from PIL import Image
-
-    for c in range(4):
-        (root / f"c{c}").mkdir(parents=True)
-        for i in range(6):
-            Image.new("RGB", (16, 32), (60 * c, 10 * i, 0)).save(root / f"c{c}" / f"{i}.png")
+    root = image_folder(tmp_path / "folder", {f"c{c}": 6 for c in range(4)})
     (root / "c3" / "broken.png").write_bytes(b"not a png")
     model = tmp_path / "m.pt"
     save_model(model, create_student("nin_bn", 8, 4, width=0.25), "nin_bn", width=0.25, image_size=[32, 16])
@@ -158,16 +153,6 @@ def test_a_batch_larger_than_the_identities_is_fitted_to_them_and_said(tiny_data
     assert "batch 24 (6 identities x 4)" in " ".join(result.output.split())
     for command in ("train-teacher", "train"):
         assert "--batch-size" in runner.invoke(app, [command, "--help"]).output
-
-
-def image_folder(root, images_per_class: dict[str, int]):
-    from PIL import Image
-
-    for c, n in images_per_class.items():
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            Image.new("RGB", (16, 32), (20 * i, 40, 9 * len(c))).save(root / c / f"{i}.png")
-    return root
 
 
 @pytest.mark.parametrize(
