@@ -24,7 +24,7 @@ from distill.models import build_model, model_cfg, parse_spec
 from distill.students import create_student
 from distill.students.train import train_students
 from distill.students.weights import load_student_weights, student_weights_file
-from distill.teachers.acquire import acquire_teacher, teacher_fit
+from distill.teachers.acquire import acquire_teacher
 from distill.teachers.layers import EMBEDDING
 from distill.timing import StageClock, summary_line
 
@@ -62,7 +62,7 @@ def run(cfg: Config) -> dict:
         report = build_report(rows + student, config, onnx_infos[0], protocol=data.splits.protocol,
                               target_accuracy=cfg.target_accuracy, machine=machine_info())
         report |= {"teacher_gate": gate, "teacher_layer": acquired.layer_choice}
-        fits = {"teacher": teacher_fit(cfg)}
+        fits = {"teacher": acquired.fit}
         for t in trained:
             fits |= {f"student_baseline{t.suffix}": t.baseline_fit, f"student{t.suffix}": t.fit}
         report |= selection_report(fits)

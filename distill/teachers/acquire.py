@@ -46,11 +46,13 @@ TEACHER_FIELDS = teacher_fields()
 class AcquiredTeacher:
     """The frozen teacher of a run, what ``--teacher-layer auto`` measured (``layer_choice``: the
     chosen layer, the metric and every layer's score; None when nothing was chosen) and the seconds
-    of its stages (``teacher``: training it or reading its weights; ``teacher layer choice``)."""
+    of its stages (``teacher``: training it or reading its weights; ``teacher layer choice``), and the
+    training summary of a teacher trained here (``fit``; None for one used as given)."""
 
     teacher: Teacher
     layer_choice: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    fit: dict | None = None
 
 
 def acquire_teacher(cfg: Config, data: Prepared, device: torch.device) -> AcquiredTeacher:
@@ -58,7 +60,7 @@ def acquire_teacher(cfg: Config, data: Prepared, device: torch.device) -> Acquir
     comes from the layer that scores best on validation (``teachers.layers``); the compat loss needs
     the teacher's own embedding space, so with it no layer is searched."""
     started = time.perf_counter()
-    weights = teacher_weights(cfg, data, device)
+    weights, fit = teacher_weights(cfg, data, device)
 
     def load(layer: str) -> Teacher:
         return load_teacher(cfg.teacher, weights=weights, device=str(device), layer=None if layer == EMBEDDING else layer)
@@ -66,12 +68,12 @@ def acquire_teacher(cfg: Config, data: Prepared, device: torch.device) -> Acquir
     layer = EMBEDDING if cfg.teacher_layer == "auto" and "compat" in distill_terms(cfg) else cfg.teacher_layer
     if layer != "auto":
         teacher = check_compat(cfg, task_logits(load(layer), data.num_classes), layer)
-        return AcquiredTeacher(teacher, timings={"teacher": time.perf_counter() - started})
+        return AcquiredTeacher(teacher, timings={"teacher": time.perf_counter() - started}, fit=fit)
     teacher = load(EMBEDDING)
     timings = {"teacher": time.perf_counter() - started}
     layers = feature_layers(cfg.teacher, teacher.module)
     if not layers or not data.val:
-        return AcquiredTeacher(task_logits(teacher, data.num_classes), timings=timings)
+        return AcquiredTeacher(task_logits(teacher, data.num_classes), timings=timings, fit=fit)
     started = time.perf_counter()
     scores = layer_scores(teacher, layers, data, device)
     chosen = choose_layer(scores)
@@ -83,7 +85,7 @@ def acquire_teacher(cfg: Config, data: Prepared, device: torch.device) -> Acquir
     )
     timings["teacher layer choice"] = time.perf_counter() - started
     choice = {"chosen": chosen, "metric": metric, "scores": scores}
-    return AcquiredTeacher(task_logits(teacher, data.num_classes), choice, timings)
+    return AcquiredTeacher(task_logits(teacher, data.num_classes), choice, timings, fit)
 
 
 def layer_scores(teacher: Teacher, layers: list[str], data: Prepared, device: torch.device) -> dict[str, float]:
@@ -119,20 +121,21 @@ def task_logits(teacher: Teacher, num_classes: int) -> Teacher:
     return teacher
 
 
-def teacher_weights(cfg: Config, data: Prepared, device: torch.device) -> str | None:
+def teacher_weights(cfg: Config, data: Prepared, device: torch.device) -> tuple[str | None, dict | None]:
     """Where the teacher's weights are: None for ``onnx:``, the given file when it is used as it is,
-    else ``<out>/teacher.pt``, trained here first unless the cached one matches the recipe."""
+    else ``<out>/teacher.pt``, trained here first unless the cached one matches the recipe; and the
+    training summary of a teacher trained here (this time or the cached one's; None otherwise)."""
     if parse_spec(cfg.teacher).kind == "onnx":
-        return None
+        return None, None
     if cfg.teacher_weights and is_distill_model_file(cfg.teacher_weights):
         if cfg.teacher_finetune:
             raise DistillError(
                 f"{cfg.teacher_weights} is a distill model file, used as it is: --teacher-finetune fine-tunes a plain "
                 "state dict; drop it"
             )
-        return cfg.teacher_weights
+        return cfg.teacher_weights, None
     if cfg.teacher_weights and not cfg.teacher_finetune:
-        return cfg.teacher_weights
+        return cfg.teacher_weights, None
     torch.manual_seed(cfg.seed)  # the same --seed gives the same teacher
     model = build_model(cfg.teacher, cfg.embed_dim, data.num_classes)
     if cfg.teacher_weights:  # given weights are read and checked first, even when the cached teacher is reused
@@ -140,22 +143,23 @@ def teacher_weights(cfg: Config, data: Prepared, device: torch.device) -> str | 
     path = cfg.out_dir / "teacher.pt"
     fingerprint = data_fingerprint(data.train.samples)
     recipe = teacher_recipe(cfg)
-    diffs = cached_teacher_differences(path, recipe, fingerprint)
+    diffs, cached = cached_teacher_differences(path, recipe, fingerprint)
     if diffs == []:
         console.print(f"[green]reusing the teacher trained earlier:[/] {escape(str(path))}")
-        if (note := (teacher_fit(cfg) or {}).get("chance_note")) and is_main_process():
+        fit = cached.get("fit")
+        if (note := (fit or {}).get("chance_note")) and is_main_process():
             console.print(f"[yellow]warning:[/] {note}")
-        return str(path)
+        return str(path), fit
     if diffs:
         console.print(f"[yellow]{escape(str(path))} was trained with other settings ({escape('; '.join(diffs))}): training a new one")
-    train_teacher(cfg, model, data, device, path, recipe, fingerprint)
-    return str(path)
+    return str(path), train_teacher(cfg, model, data, device, path, recipe, fingerprint)
 
 
 def train_teacher(cfg: Config, model: nn.Module, data: Prepared, device: torch.device, path: Path,
-                  recipe: dict[str, Any], fingerprint: str) -> None:
+                  recipe: dict[str, Any], fingerprint: str) -> dict:
     """Train the teacher ``model`` (built from scratch, or from ``teacher_weights`` to fine-tune) and
-    save it at ``path`` with its ``recipe``, the training data's ``fingerprint`` and its training summary."""
+    save it at ``path`` with its ``recipe``, the training data's ``fingerprint`` and its training
+    summary, which it returns."""
     objective = build_objective(cfg, data.num_classes)
     checkpoint = cfg.out_dir / "teacher.ckpt"
     model, summary = engine.fit(
@@ -168,6 +172,7 @@ def train_teacher(cfg: Config, model: nn.Module, data: Prepared, device: torch.d
         save_model(path, model, arch=cfg.teacher, data=fingerprint, image_size=list(cfg.image_size), recipe=recipe, fit=summary)
         finished_checkpoint(checkpoint, cfg)
     barrier()
+    return summary
 
 
 def teacher_recipe(cfg: Config) -> dict[str, Any]:
@@ -178,32 +183,23 @@ def teacher_recipe(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps(recipe))
 
 
-def cached_teacher_differences(path: Path, recipe: dict[str, Any], fingerprint: str) -> list[str] | None:
+def cached_teacher_differences(path: Path, recipe: dict[str, Any], fingerprint: str) -> tuple[list[str] | None, dict]:
     """What differs between the teacher cached at ``path`` and the one asked for ([] when it can be
-    reused); None when there is no usable cache (missing or unreadable: it is then trained anew)."""
+    reused; None when there is no usable cache: missing or unreadable, it is then trained anew), and
+    the cached file's ``meta`` (its recipe, data fingerprint and training summary; {} without one)."""
     if not path.exists():
-        return None
+        return None, {}
     try:
         info, _ = read_model_file(path)
     except DistillError as err:
         console.print(f"[yellow]the cached teacher is unusable ({escape(str(err))}): training a new one")
-        return None
+        return None, {}
     meta = info.get("meta", {})
     cached = meta.get("recipe", {})
     diffs = [f"{k}={cached.get(k)!r} (now {v!r})" for k, v in recipe.items() if cached.get(k) != v]
     if meta.get("data") != fingerprint:
         diffs.append("the training data")
-    return diffs
-
-
-def teacher_fit(cfg: Config) -> dict | None:
-    """The training summary of a teacher trained here (``<out>/teacher.pt``; None for a teacher used as given)."""
-    if parse_spec(cfg.teacher).kind == "onnx" or (cfg.teacher_weights and not cfg.teacher_finetune):
-        return None
-    try:
-        return read_model_file(cfg.out_dir / "teacher.pt")[0].get("meta", {}).get("fit")
-    except DistillError:  # none yet, or unreadable
-        return None
+    return diffs, meta
 
 
 def is_distill_model_file(path: str) -> bool:
