@@ -54,7 +54,9 @@ class Protocol:
 
     def distractor_map(self, fn: Embedder, data: Any, device: torch.device, max_distractors: int = 1000) -> float:
         """mAP of every validation image searching the other validation images plus (up to
-        ``max_distractors``, evenly spread) un-augmented training images as distractors.
+        ``max_distractors``, evenly spread) un-augmented training images as distractors; on re-ID data
+        with cameras, matches from the query's own camera are removed as in the test protocol
+        (:meth:`validation_cameras`).
 
         What the teacher gate and ``--teacher-layer auto`` compare by. With a handful of held-out
         identities, Recall@1 among them alone is close to a coin toss between two people; the training
@@ -71,9 +73,8 @@ class Protocol:
         distractors = _distractors(data, max_distractors)
         val = extract(fn, ImageDataset(data.val, data.eval_transform), device)
         train = extract(fn, ImageDataset(distractors, data.eval_transform), device)
-        labels = torch.tensor([s.label for s in data.val])
+        labels, cams = torch.tensor([s.label for s in data.val]), self.validation_cameras(data)
         gallery_labels = torch.cat([labels, torch.full((len(distractors),), int(labels.min()) - 1)])  # no query's label
-        cams = torch.arange(len(labels))  # a distinct "camera" per image removes only the query itself
         gallery_cams = torch.cat([cams, torch.full((len(distractors),), -1)])
         results = [
             reid_metrics(v, torch.cat([v, t]), labels, gallery_labels, cams, gallery_cams, per_query=per_query)
@@ -84,11 +85,18 @@ class Protocol:
     def distractor_chance(self, data: Any, max_distractors: int = 1000) -> float:
         """:meth:`distractor_map` of a random ranking (its expectation): the chance level of the
         validation score, from how many images each validation identity has and the gallery size."""
-        counts = Counter(s.label for s in data.val)
-        relevant = torch.tensor([counts[s.label] - 1 for s in data.val])
-        relevant = relevant[relevant > 0]  # queries without a match are not scored
-        gallery = len(data.val) - 1 + len(_distractors(data, max_distractors))
-        return float(random_ranking_ap(relevant, gallery).mean())
+        labels, cams = torch.tensor([s.label for s in data.val]), self.validation_cameras(data)
+        same_id, same_cam = labels[:, None] == labels[None, :], cams[:, None] == cams[None, :]
+        removed = (same_id & same_cam).sum(1)  # the query itself and its same-camera matches
+        relevant = (same_id & ~same_cam).sum(1)
+        gallery = len(data.val) + len(_distractors(data, max_distractors)) - removed
+        scored = relevant > 0  # queries without a match are not scored
+        return float(random_ranking_ap(relevant[scored], gallery[scored]).mean())
+
+    def validation_cameras(self, data: Any) -> Tensor:
+        """The camera of each validation image for :meth:`distractor_maps`: a distinct one per image,
+        so only the query itself is removed from its gallery."""
+        return torch.arange(len(data.val))
 
     def validator(self, data: Any, device: torch.device) -> Callable[[nn.Module], list[float]] | None:
         """The ``fit`` hook that scores a model on the validation identities (None when there are none):
@@ -123,6 +131,19 @@ class ReidProtocol(Protocol):
         reid = reid_metrics(qf, gf, q_labels, g_labels, q_cams, g_cams)
         retrieval = retrieval_metrics(torch.cat([qf, gf]), torch.cat([q_labels, g_labels]), clustering=clustering)
         return _metrics(retrieval, reid)
+
+    def validation_cameras(self, data: Any) -> Tensor:
+        """The validation images' own cameras when every image has one and some identity was seen by
+        two: then validation removes same-camera matches like the test protocol does (a near-duplicate
+        frame from the same camera is found by a network that learnt nothing, so a broken student
+        would score well above chance); else a distinct one per image."""
+        cams = torch.tensor([s.camera for s in data.val])
+        seen_by: dict[int, set[int]] = {}
+        for s in data.val:
+            seen_by.setdefault(s.label, set()).add(s.camera)
+        if bool((cams >= 0).all()) and any(len(c) > 1 for c in seen_by.values()):
+            return cams
+        return super().validation_cameras(data)
 
     def check_test(self, splits: Splits, spec: str) -> None:
         cameras: dict[int, set[int]] = {}

@@ -115,11 +115,16 @@ def test_distractor_map_against_a_loop_over_validation_queries(tiny_data, tmp_pa
     val, train = embed(data.val), embed([data.train_plain.samples[int(i)] for i in picks])
     aps = []
     for i, query in enumerate(val):
-        gallery = [(float(query @ g), data.val[j].label == data.val[i].label) for j, g in enumerate(val) if j != i]
+        same_person = [data.val[j].label == data.val[i].label for j in range(len(val))]
+        # re-ID: the query's own camera is not searched for its matches (as in the test protocol)
+        gallery = [(float(query @ g), same_person[j]) for j, g in enumerate(val)
+                   if not (same_person[j] and data.val[j].camera == data.val[i].camera)]
         gallery += [(float(query @ g), False) for g in train]
         ranked = [match for _, match in sorted(gallery, key=lambda pair: -pair[0])]
         hits = [k for k, match in enumerate(ranked) if match]
-        aps.append(sum((n + 1) / (k + 1) for n, k in enumerate(hits)) / len(hits))
+        if hits:
+            aps.append(sum((n + 1) / (k + 1) for n, k in enumerate(hits)) / len(hits))
+    assert len({s.camera for s in data.val}) > 1 and 0 < len(aps) <= len(val)
     assert got == pytest.approx(sum(aps) / len(aps), abs=1e-5)
 
 
