@@ -255,11 +255,13 @@ def _train(
     """The epochs from ``run.start_epoch`` on, each validated (at the cadence), logged and
     checkpointed (at the cadence, on rank 0); returns the best validated epoch's record (or None)."""
     best, log, log_path = run.best, run.log, checkpoint.with_suffix(".jsonl")
+    if validate is not None and best is None:
+        best = _untrained(validate, model)
     with _progress(desc) as progress:
         task = progress.add_task(desc, total=(run.epochs - run.start_epoch) * len(sampler), info="", visible=run.main)
 
         def show(epoch: int, mean_loss: float) -> None:
-            shown = f" val {best['score']:.3f}" if best else ""
+            shown = f" val {best['score']:.3f}" if best and "score" in best else ""
             progress.update(task, advance=1, info=f"epoch {epoch + 1}/{run.epochs} loss {mean_loss:.3f}{shown}")
 
         for epoch in range(run.start_epoch, run.epochs):
@@ -281,6 +283,13 @@ def _train(
                 save(checkpoint, epoch, run.recipe, best, model, objective, run.optimizer, run.scheduler, sampler)
                 atomic_write_text(log_path, log)
     return best
+
+
+def _untrained(validate: Validator, model: nn.Module) -> dict:
+    """The selection record before training: the untrained model validated (the reference a trained
+    one must beat), with the random-number state left as it was, so training draws what it would have."""
+    with torch.random.fork_rng(devices=[]):
+        return selection.untrained(validate(model))
 
 
 def _validated(validate: Validator, model: nn.Module, best: dict | None, epoch: int) -> dict:

@@ -41,42 +41,56 @@ def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
     return float(t.mean()), se
 
 
+def untrained(scores: float | Sequence[float] | Tensor) -> dict:
+    """The selection record before the first epoch: the untrained model's validation round, the
+    reference :func:`summary` checks the kept round against (never a round that can be kept)."""
+    queries = _as_queries(scores)
+    return {"untrained": {"score": mean_and_se(queries)[0], "queries": queries}}
+
+
 def update(record: dict | None, scores: float | Sequence[float] | Tensor, epoch: int) -> tuple[dict, bool]:
-    """Fold one validation round (``scores``: per query, or one number) into the selection ``record``.
+    """Fold one validation round (``scores``: per query, or one number) into the selection ``record``
+    (None, or :func:`untrained`'s, before the first round).
 
     Returns the new record and whether this round's weights are now the kept ones. The record (plain
     numbers and lists, so it checkpoints with ``weights_only``) holds the kept round (``epoch``,
-    ``score``, ``se``), the highest-scoring round (``top``, with its per-query scores) and the last
-    round (``last_epoch``, ``last_score``).
+    ``score``, ``se``, ``queries``), the highest-scoring round (``top``, with its per-query scores),
+    the last round (``last_epoch``, ``last_score``) and the untrained round when there was one.
     """
     queries = _as_queries(scores)
     score, se = mean_and_se(queries)
-    top = record.get("top") if record else None
+    first = record is None or "epoch" not in record
+    top = None if first else record["top"]
     if top is None or score > top["score"]:
         top = {"epoch": epoch, "score": score, "queries": queries}
-    keep = record is None or top["epoch"] == epoch or not earlier_is_better(top["queries"], queries)
-    kept = {"epoch": epoch, "score": score, "se": se} if keep else {"epoch": record["epoch"], "score": record["score"], "se": record.get("se", 0.0)}
-    return kept | {"top": top, "last_epoch": epoch, "last_score": score}, keep
+    keep = first or top["epoch"] == epoch or not clearly_better(top["queries"], queries)
+    kept = ({"epoch": epoch, "score": score, "se": se, "queries": queries} if keep
+            else {k: record[k] for k in ("epoch", "score", "se", "queries")})
+    reference = {"untrained": record["untrained"]} if record and "untrained" in record else {}
+    return kept | {"top": top, "last_epoch": epoch, "last_score": score} | reference, keep
 
 
-def earlier_is_better(earlier: Sequence[float], later: Sequence[float]) -> bool:
-    """Is ``earlier`` better than ``later`` by more than ``NOISE_SE`` standard errors of the paired
+def clearly_better(first: Sequence[float], second: Sequence[float]) -> bool:
+    """Is ``first`` better than ``second`` by more than ``NOISE_SE`` standard errors of the paired
     per-query difference? With one number each (no noise estimate): simply higher."""
-    if len(earlier) != len(later):
-        raise ValueError(f"validation rounds scored {len(earlier)} and {len(later)} queries: they must be the same queries")
-    diff, se = mean_and_se([a - b for a, b in zip(earlier, later)])
+    if len(first) != len(second):
+        raise ValueError(f"validation rounds scored {len(first)} and {len(second)} queries: they must be the same queries")
+    diff, se = mean_and_se([a - b for a, b in zip(first, second)])
     return diff > NOISE_SE * se
 
 
 def summary(record: dict | None) -> dict:
-    """The selection as ``fit_summary`` reports it (empty without validation)."""
-    if record is None:
+    """The selection as ``fit_summary`` reports it (empty without validation). With an untrained
+    round: its score and ``learnt``, whether the kept round beats it by more than the noise."""
+    if record is None or "epoch" not in record:
         return {}
+    reference = record.get("untrained")
     return {
         "best_epoch": record["epoch"], "best_score": record["score"], "best_score_se": record["se"],
         "top_epoch": record["top"]["epoch"], "top_score": record["top"]["score"],
         "last_epoch": record["last_epoch"], "last_score": record["last_score"],
-    }
+    } | ({"untrained_score": reference["score"], "learnt": clearly_better(record["queries"], reference["queries"])}
+         if reference else {})
 
 
 def selection_line(desc: str, record: dict) -> str:
@@ -114,11 +128,16 @@ def near_chance(score: float, se: float, chance: float) -> bool:
 
 
 def chance_note(name: str, fit: dict, chance: float) -> str | None:
-    """A warning sentence when the kept model of ``name`` is near chance (None otherwise)."""
-    if "best_score" not in fit or not near_chance(fit["best_score"], fit.get("best_score_se", 0.0), chance):
+    """A warning sentence when the kept model of ``name`` is near chance, or no better than it was
+    untrained (None otherwise)."""
+    if "best_score" not in fit:
         return None
-    return (
-        f"{name} is near chance on validation: kept score {fit['best_score']:.3f} (epoch {fit['best_epoch']}) vs "
-        f"{chance:.3f} for a random ranking; it has not learnt to tell these identities apart: train it longer "
-        "or with another learning rate, or check the data"
-    )
+    kept = f"kept score {fit['best_score']:.3f} (epoch {fit['best_epoch']})"
+    advice = "train it longer or with another learning rate, or check the data"
+    if near_chance(fit["best_score"], fit.get("best_score_se", 0.0), chance):
+        return (f"{name} is near chance on validation: {kept} vs {chance:.3f} for a random ranking; it has not "
+                f"learnt to tell these identities apart: {advice}")
+    if fit.get("learnt") is False:
+        return (f"{name} is no better on validation than before training: {kept} vs {fit['untrained_score']:.3f} "
+                f"untrained, within {NOISE_SE:g} standard errors; it has not learnt from the data: {advice}")
+    return None

@@ -252,6 +252,10 @@ def good_report() -> dict:
         (lambda r: r["models"][0].update(name=7), "models[0].name must be a string, got 7"),
         (lambda r: r.update(teacher_gate={"verdict": "better"}), "'teacher_gate' must be an object with metric, teacher, baseline, margin and verdict, got {'verdict': 'better'}"),
         (lambda r: r.update(accuracy_metrics=["speed"]), "accuracy_metrics and pareto_metric must name metrics of recall@1, map, rank1"),
+        (lambda r: r.update(selection=[1]), "'selection' must be an object per model, got [1]"),
+        (lambda r: r.update(selection={"student": {"best_epoch": 3, "best_score": "high"}}),
+         "selection.student must hold numbers best_epoch, best_score, last_score, top_score, top_epoch (chance, untrained_score: "
+         "numbers or null), got {'best_epoch': 3, 'best_score': 'high'}"),
     ],
 )
 def test_malformed_report_is_one_line(tmp_path, good_report, edit, problem):

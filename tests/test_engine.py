@@ -171,22 +171,24 @@ class Scripted:
 
 def test_the_best_validated_epoch_is_kept_and_logged(dataset, tmp_path):
     ckpt = tmp_path / "m.ckpt"
-    validate = Scripted([0.2, 0.6, 0.5, 0.6, 0.1])  # up, down, a tie (the later one wins), down
+    # untrained 0.7 (the reference, never kept), then up, down, a tie (the later one wins), down
+    validate = Scripted([0.7, 0.2, 0.6, 0.5, 0.6, 0.1])
     model, summary = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(5), ckpt, validate=validate)
     assert summary == {"epochs": 5, "steps": 5 * steps_per_epoch(dataset), "best_epoch": 4, "best_score": 0.6,
-                       "best_score_se": 0.0, "top_epoch": 2, "top_score": 0.6, "last_epoch": 5, "last_score": 0.1}
+                       "best_score_se": 0.0, "top_epoch": 2, "top_score": 0.6, "last_epoch": 5, "last_score": 0.1,
+                       "untrained_score": 0.7, "learnt": False}
     for name, value in model.state_dict().items():
-        assert torch.equal(value, validate.seen[3][name]), name
+        assert torch.equal(value, validate.seen[4][name]), name
     log = [json.loads(line) for line in ckpt.with_suffix(".jsonl").read_text().splitlines()]
     assert [r["val_score"] for r in log] == [0.2, 0.6, 0.5, 0.6, 0.1]
     assert [r["best_epoch"] for r in log] == [1, 2, 2, 4, 4]
 
 
 def test_resume_keeps_the_best_checkpoint(dataset, tmp_path):
-    straight, _ = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(3), tmp_path / "a.ckpt", validate=Scripted([0.9, 0.1, 0.2]))
+    straight, _ = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(3), tmp_path / "a.ckpt", validate=Scripted([0.0, 0.9, 0.1, 0.2]))
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_model(6), Interrupted(after=steps_per_epoch(dataset) + 1), dataset, batches(dataset), settings(3), tmp_path / "b.ckpt",
-            validate=Scripted([0.9]))
+            validate=Scripted([0.0, 0.9]))
     resumed, summary = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(3, resume=True), tmp_path / "b.ckpt", validate=Scripted([0.1, 0.2]))
     assert summary["best_epoch"] == 1
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
@@ -197,7 +199,7 @@ def test_validation_runs_at_most_max_validations_times_and_after_the_last_epoch(
     import distill.engine as engine
 
     monkeypatch.setattr(engine, "MAX_VALIDATIONS", 2)
-    validate = Scripted([0.1, 0.2, 0.3])
+    validate = Scripted([0.0, 0.1, 0.2, 0.3])
     fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(5), tmp_path / "m.ckpt", validate=validate)
     log = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if "val_score" in r] == [3, 5]

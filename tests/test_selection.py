@@ -18,7 +18,7 @@ from distill.run import setup
 from distill.training import chance_check
 from distill.config import Config
 from distill.engine import fit
-from distill.report import build_report, print_report, to_markdown
+from distill.report import build_report, print_report, selection_lines, to_markdown
 from distill.selection import NOISE_SE, random_ranking_ap, update
 from test_cli import tiny_data  # noqa: F401  (fixture)
 from test_engine import CrossEntropy, Scripted, batches, dataset, settings, tiny_model  # noqa: F401  (fixture)
@@ -99,11 +99,13 @@ def test_an_early_lucky_epoch_is_not_kept():
 def test_fit_keeps_the_later_epoch_loads_its_weights_and_says_so(dataset, tmp_path, capsys):  # noqa: F811
     lucky = [0.9, 0.05, 0.8, 0.05, 0.9, 0.05, 0.05, 0.7]
     trained = [0.5, 0.4, 0.45, 0.35, 0.5, 0.4, 0.3, 0.45]
-    validate = Scripted([lucky, trained, [0.0] * 8])  # the last epoch collapses: clearly worse, not kept
+    untrained = [0.1] * 8
+    validate = Scripted([untrained, lucky, trained, [0.0] * 8])  # the last epoch collapses: clearly worse, not kept
     model, summary = fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(3), tmp_path / "m.ckpt", validate=validate, desc="student")
     assert summary["best_epoch"] == 2 and summary["top_epoch"] == 1 and summary["last_score"] == 0.0
+    assert summary["untrained_score"] == pytest.approx(0.1) and summary["learnt"] is True
     for name, value in model.state_dict().items():
-        assert torch.equal(value, validate.seen[1][name]), name
+        assert torch.equal(value, validate.seen[2][name]), name
     err = " ".join(capsys.readouterr().err.split())
     assert "student: kept epoch 2 (validation 0.419 ± 0.025); the highest, 0.438 at epoch 1, is not better by more than 2" in err
     assert "last epoch 3: 0.000" in err
@@ -168,3 +170,70 @@ def test_the_report_shows_the_selection_and_the_warning():
     print_report(report, console)
     text = console.export_text()
     assert "warning: student is near chance on validation" in text and "model selection: student: kept epoch 9 of 12" in text
+
+
+def offline_learnt(kept: list[float], untrained: list[float]) -> bool:
+    """Plainly: the mean per-query gain over the untrained round above NOISE_SE standard errors."""
+    diffs = [a - b for a, b in zip(kept, untrained)]
+    mean = sum(diffs) / len(diffs)
+    sd = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5
+    return mean > NOISE_SE * sd / len(diffs) ** 0.5
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_learnt_is_the_kept_round_beating_the_untrained_one_beyond_the_noise(seed):
+    gen = torch.Generator().manual_seed(seed)
+    untrained = (0.3 * torch.rand(20, generator=gen)).tolist()
+    rounds = [(torch.tensor(untrained) + 0.05 * seed / 11 * e + 0.1 * torch.randn(20, generator=gen)).tolist() for e in range(4)]
+    record = selection.untrained(untrained)
+    for epoch, scores in enumerate(rounds, 1):
+        record, _ = update(record, scores, epoch)
+    summary = selection.summary(record)
+    assert record["epoch"] == keep(rounds)["epoch"]  # the untrained round changes nothing about which epoch is kept
+    assert summary["untrained_score"] == pytest.approx(sum(untrained) / 20)
+    assert summary["learnt"] is offline_learnt(rounds[record["epoch"] - 1], untrained)
+
+
+def test_the_untrained_round_is_never_kept_and_a_model_that_did_not_learn_warns():
+    untrained = [0.30, 0.10, 0.20, 0.25, 0.15, 0.30, 0.10, 0.20]
+    record = selection.untrained(untrained)
+    for epoch in (1, 2):
+        record, keep_it = update(record, [v - 0.01 * (epoch % 2) for v in untrained], epoch)
+    assert record["epoch"] == 2 and keep_it and "untrained" in record
+    fit = selection.summary(record) | {"epochs": 2}
+    assert fit["learnt"] is False
+    note = selection.chance_note("student_baseline", fit, chance=0.01)  # 20x chance: the chance rule alone is silent
+    assert note == ("student_baseline is no better on validation than before training: kept score 0.200 (epoch 2) vs 0.200 "
+                    "untrained, within 2 standard errors; it has not learnt from the data: train it longer or with another "
+                    "learning rate, or check the data")
+    assert not selection.near_chance(fit["best_score"], fit["best_score_se"], 0.01)
+    line = selection_lines({"selection": {"student_baseline": fit | {"chance": 0.01}}})[0]
+    assert line.endswith("at epoch 2, untrained 0.200, a random ranking 0.010 [NOT LEARNT]")
+
+
+class Noisy(CrossEntropy):
+    """Cross-entropy on logits scaled by a random draw: training that uses the global random numbers."""
+
+    def forward(self, emb, logits, labels, teacher_out=None):
+        return super().forward(emb, logits * (1 + torch.rand(())), labels)
+
+
+class FirstCallDraws(Scripted):
+    """A validator that draws random numbers on its first call (the untrained round)."""
+
+    def __call__(self, model):
+        if not self.seen:
+            torch.rand(1000)
+        return super().__call__(model)
+
+
+def test_fit_validates_the_untrained_model_without_shifting_the_training_random_numbers(dataset, tmp_path):  # noqa: F811
+    model = tiny_model(6)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    drawing = FirstCallDraws([0.0, 0.1, 0.2])
+    trained, summary = fit(model, Noisy(), dataset, batches(dataset), settings(2), tmp_path / "a.ckpt", validate=drawing)
+    assert all(torch.equal(drawing.seen[0][k], v) for k, v in initial.items())  # the untrained round saw the initial weights
+    assert summary["untrained_score"] == 0.0 and summary["best_epoch"] == 2
+    plain, _ = fit(tiny_model(6), Noisy(), dataset, batches(dataset), settings(2), tmp_path / "b.ckpt", validate=Scripted([0.0, 0.1, 0.2]))
+    for (name, a), (_, b) in zip(trained.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(a, b), name

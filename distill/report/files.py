@@ -85,4 +85,18 @@ def report_problem(report: dict) -> str | None:
         return f"'teacher_gate' must be an object with metric, teacher, baseline, margin and verdict, got {gate!r}"
     if layer is not None and not (isinstance(layer, dict) and isinstance(layer.get("chosen"), str)):
         return f"'teacher_layer' must be an object with the chosen layer, got {layer!r}"
+    return _selection_problem(report.get("selection"))
+
+
+def _selection_problem(selection: Any) -> str | None:
+    """What in ``report['selection']`` (per model: kept, last and highest epoch scores) cannot be shown."""
+    if selection is None:
+        return None
+    if not isinstance(selection, dict):
+        return f"'selection' must be an object per model, got {selection!r}"
+    for name, fit in selection.items():
+        needed = ("best_epoch", "best_score", "last_score", "top_score", "top_epoch")
+        if not (isinstance(fit, dict) and all(_numbers(fit.get(k)) and fit.get(k) is not None for k in needed)
+                and all(_numbers(fit.get(k)) for k in ("chance", "untrained_score"))):
+            return f"selection.{name} must hold numbers {', '.join(needed)} (chance, untrained_score: numbers or null), got {fit!r}"
     return None

@@ -104,9 +104,11 @@ def selection_lines(report: dict) -> list[str]:
     lines = []
     for name, fit in (report.get("selection") or {}).items():
         chance = f", a random ranking {fit['chance']:.3f}" if fit.get("chance") is not None else ""
+        untrained = f", untrained {fit['untrained_score']:.3f}" if fit.get("untrained_score") is not None else ""
+        flag = " [NEAR CHANCE]" if fit.get("near_chance") else " [NOT LEARNT]" if fit.get("learnt") is False else ""
         lines.append(f"{name}: kept epoch {fit['best_epoch']} of {fit.get('epochs', '?')} ({fit['best_score']:.3f}), "
-                     f"last epoch {fit['last_score']:.3f}, highest {fit['top_score']:.3f} at epoch {fit['top_epoch']}{chance}"
-                     + (" [NEAR CHANCE]" if fit.get("near_chance") else ""))
+                     f"last epoch {fit['last_score']:.3f}, highest {fit['top_score']:.3f} at epoch {fit['top_epoch']}"
+                     f"{untrained}{chance}{flag}")
     return lines
 
 
