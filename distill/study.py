@@ -143,19 +143,23 @@ class _Context:
     teacher: Any
 
 
-def _train_and_evaluate(ctx: _Context, cfg: Config, recipe: str, keep_model: bool = False) -> tuple[dict[str, float], dict[str, float]]:
-    """One student for ``(recipe, cfg.seed)``, its test-set metrics and the seconds it took
-    (``{"train_s", "evaluate_s"}``). The baseline has no teacher, exactly as ``distill run`` trains it.
+def _train_and_evaluate(
+    ctx: _Context, cfg: Config, recipe: str, keep_model: bool = False,
+) -> tuple[dict[str, float], dict[str, float], str | None]:
+    """One student for ``(recipe, cfg.seed)``, its test-set metrics, the seconds it took
+    (``{"train_s", "evaluate_s"}``) and the warning when the kept model is near chance or no better
+    than untrained (else None). The baseline has no teacher, exactly as ``distill run`` trains it.
     Its model file is deleted once scored unless ``keep_model``."""
     started = time.perf_counter()
     teacher = None if recipe == BASELINE else ctx.teacher
     name = f"study/models/{recipe}-seed{cfg.seed}"
-    model, _ = train.train_student(cfg, ctx.data, ctx.device, teacher=teacher, name=name)
+    model, fit = train.train_student(cfg, ctx.data, ctx.device, teacher=teacher, name=name)
     trained = time.perf_counter()
     metrics = ctx.data.protocol.test_metrics(model, ctx.data.splits, ctx.data.eval_transform, ctx.device, cfg.clustering)
     if not keep_model:
         (cfg.out_dir / f"{name}.pt").unlink(missing_ok=True)
-    return metrics, {"train_s": round(trained - started, 3), "evaluate_s": round(time.perf_counter() - trained, 3)}
+    timings = {"train_s": round(trained - started, 3), "evaluate_s": round(time.perf_counter() - trained, 3)}
+    return metrics, timings, fit.get("chance_note")
 
 
 _WORKER: dict[str, _Context] = {}
@@ -165,7 +169,7 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _worker_train(base: Config, cfg: Config, recipe: str, keep_model: bool) -> tuple[dict[str, float], dict[str, float]]:
+def _worker_train(base: Config, cfg: Config, recipe: str, keep_model: bool) -> tuple[dict[str, float], dict[str, float], str | None]:
     """In a worker process: set up data and teacher once (the teacher file the parent wrote), train."""
     if "ctx" not in _WORKER:
         base, data, device = setup(base)
@@ -252,10 +256,11 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
     total = len(recipes) * len(seed_list)
     console.print(f"study: {total - len(todo)} of {total} results stored already, {len(todo)} to train ({jobs} job(s))")
 
-    def store(name: str, cfg: Config, identity: dict[str, Any], metrics: dict[str, float], timings: dict[str, float]) -> None:
+    def store(name: str, cfg: Config, identity: dict[str, Any], metrics: dict[str, float], timings: dict[str, float],
+              warning: str | None) -> None:
         result = {
             "recipe": name, "seed": cfg.seed, "overrides": recipes[name][0], "metrics": metrics,
-            "wall_time_s": round(sum(timings.values()), 1), "timings": timings, "identity": identity,
+            "wall_time_s": round(sum(timings.values()), 1), "timings": timings, "identity": identity, "warning": warning,
         }
         atomic_write_text(result_path(out, name, cfg.seed), json.dumps(result, indent=2) + "\n")
         results[name, cfg.seed] = result
@@ -286,6 +291,7 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
         "summary": summarize(ordered),
         "results": [{k: r[k] for k in ("recipe", "seed", "metrics")} for r in ordered],
         "timings": [{"recipe": r["recipe"], "seed": r["seed"]} | (r.get("timings") or {}) for r in ordered],
+        "warnings": [f"{r['recipe']} seed {r['seed']}: {r['warning']}" for r in ordered if r.get("warning")],
         "config": base.to_dict(),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }

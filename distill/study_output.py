@@ -10,6 +10,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from distill.atomic import atomic_write_bytes, atomic_write_text
@@ -65,7 +66,9 @@ def to_markdown(study: dict[str, Any]) -> str:
     header, cells = _rows(study)
     lines = ["# distill study", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
-    lines += ["", legend(study) + ".", "", "## Recipes", ""]
+    lines += ["", legend(study) + "."]
+    lines += [f"\n**Warning**: {warning}" for warning in study.get("warnings", [])]
+    lines += ["", "## Recipes", ""]
     lines += [f"- `{name}`: `{json.dumps(overrides, sort_keys=True)}`" for name, overrides in study["recipes"].items()]
     lines += ["", f"Seeds: {', '.join(map(str, study['seeds']))}; teacher `{study['teacher']['spec']}` ({study['teacher']['fingerprint']}).", ""]
     return "\n".join(lines)
@@ -127,3 +130,5 @@ def print_study(study: dict[str, Any], console: Console | None = None) -> None:
         for row in cells:
             table.add_row(*(row[c] for c in columns))
         console.print(table)
+    for warning in study.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {escape(warning)}")

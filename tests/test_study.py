@@ -13,7 +13,7 @@ import torch
 from scipy import stats
 from typer.testing import CliRunner
 
-from distill import engine, study, study_stats, training
+from distill import engine, study, study_output, study_stats, training
 from distill.students import train
 from distill.cli import app
 from distill.config_load import load_config
@@ -289,3 +289,30 @@ def test_recipes_train_at_the_inputs_chosen_for_the_data(tiny_data, tmp_path):
     assert {r["recipe"] for r in result["results"]} == {"baseline", "kd"}
     header = load_model(tmp_path / "s" / "study" / "models" / "kd-seed0.pt")[1]
     assert header["meta"]["image_size"] == [64, 32]
+
+
+def test_a_training_that_did_not_learn_is_a_warning_of_the_study(tiny_data, tmp_path, monkeypatch):
+    real_train = train.train_student
+
+    def baseline_seed1_fails(cfg, data, device, teacher=None, name="student"):
+        model, fit = real_train(cfg, data, device, teacher=teacher, name=name)
+        fit = {k: v for k, v in fit.items() if k != "chance_note"}  # the tiny trainings' own notes aside
+        if name == "study/models/baseline-seed1":  # as train_student reports a model no better than untrained
+            fit |= {"chance_note": "study/models/baseline-seed1 is no better on validation than before training"}
+        return model, fit
+
+    monkeypatch.setattr(train, "train_student", baseline_seed1_fails)
+    base = load_config(None, out=str(tmp_path / "s"), **TINY)
+    result = study.run_study(base, study.recipe_configs(base, ["kd"]), seeds=2)
+    expected = "baseline seed 1: study/models/baseline-seed1 is no better on validation than before training"
+    assert result["warnings"] == [expected]
+    assert f"**Warning**: {expected}" in (tmp_path / "s" / "study.md").read_text()
+    stored = json.loads((tmp_path / "s" / "study" / "results" / "baseline" / "seed-1.json").read_text())
+    assert stored["warning"] == expected.removeprefix("baseline seed 1: ")
+    from io import StringIO
+
+    from rich.console import Console
+
+    console = Console(file=StringIO(), width=200, record=True)
+    study_output.print_study(result, console)
+    assert f"warning: {expected}" in console.export_text()
