@@ -315,6 +315,10 @@ def test_softmax_loss():
     torch.testing.assert_close(softmax_loss(logits, y), ref)
     with pytest.raises(DistillError, match="one entry per embedding"):
         softmax_loss(logits, y[:5])
+    eps, c = 0.1, logits.shape[1]  # label smoothing: the target puts eps / C on every class
+    smoothed = torch.stack([-sum(((1 - eps) * (j == y[i]) + eps / c) * torch.log_softmax(logits[i], 0)[j] for j in range(c))
+                            for i in range(6)]).mean()
+    torch.testing.assert_close(softmax_loss(logits, y, smoothing=eps), smoothed)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

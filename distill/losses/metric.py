@@ -33,10 +33,11 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
 
 
-def softmax_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Classification: cross-entropy of the classifier head's logits ``[N, C]``."""
+def softmax_loss(logits: Tensor, labels: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Classification: cross-entropy of the classifier head's logits ``[N, C]``; with ``smoothing``
+    eps the target is ``(1 - eps) one_hot + eps / C`` (label smoothing, Szegedy et al. 2016)."""
     check_labels(logits, labels)
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, labels, label_smoothing=smoothing)
 
 
 class VerificationHead(nn.Module):
@@ -252,12 +253,19 @@ def batch_n_pair_loss(emb: Tensor, labels: Tensor, scale: float = 1.0) -> Tensor
 # ---------------------------------------------------------------- registered task losses
 
 
-@register_loss("softmax", kind="task", needs=("labels",))
+@register_loss(
+    "softmax", kind="task", defaults={"softmax_smoothing": 0.0},
+    checks={"softmax_smoothing": number(0.0, high=1.0)}, needs=("labels",),
+)
 class Softmax(nn.Module):
     """cross-entropy on the classifier logits"""
 
+    def __init__(self, softmax_smoothing: float) -> None:
+        super().__init__()
+        self.smoothing = softmax_smoothing  # label smoothing eps: 0 = plain cross-entropy
+
     def forward(self, x: LossInputs) -> Tensor:
-        return softmax_loss(x.logits, x.labels)
+        return softmax_loss(x.logits, x.labels, self.smoothing)
 
 
 @register_loss(
