@@ -19,6 +19,7 @@ from distill.report import (
     METRICS, REID_NOTE, build_report, load_report, pareto_front, print_report, report_row, speed_accuracy_figure, to_markdown,
     write_report,
 )
+from distill.report.build import percent_beside
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -224,6 +225,14 @@ def test_no_student_meets_the_target_and_the_closest_is_named():
         "no student keeps 95% of the teacher's R@1/mAP; closest: student-b@1 (torch fp32) keeps 94%/94% (2.50x like-for-like)"
     )
     assert "**Target**: no student keeps 95%" in to_markdown(report)
+
+
+@pytest.mark.parametrize("value, target, text", [
+    (0.896, 0.9, "89.6%"), (0.8996, 0.9, "89.96%"), (0.89999, 0.9, "89.999%"), (0.8999999, 0.9, "just under 90%"), (0.9, 0.9, "90%"),
+    (0.904, 0.9, "90%"), (0.936, 0.9, "94%"), (0.5, 0.9, "50%"),
+])
+def test_a_share_just_under_the_target_does_not_print_as_the_target(value, target, text):
+    assert percent_beside(value, target) == text
 
 
 def test_reid_columns_use_rank1_and_the_caption_says_why():

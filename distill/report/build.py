@@ -124,6 +124,16 @@ def _file(row: dict) -> str:
 ACCURACY_TIE = 1e-3
 
 
+def percent_beside(value: float, target: float) -> str:
+    """``value`` as a percentage next to a ``target`` share: whole percent, with as many decimals as
+    it takes (up to 3) not to look like the target from the wrong side (89.6 % is not "90 %")."""
+    for decimals in range(4):
+        text = f"{value:.{decimals}%}"
+        if value >= target or text != f"{target:.{decimals}%}":
+            return text
+    return f"just under {target:.0%}"
+
+
 def _target(rows: list[dict], target: float, pair: tuple[str, str]) -> dict:
     """Which file to ship: among the student rows (baselines included) that keep ``target`` of the
     teacher's accuracy (both metrics of ``pair``), the fastest; of equally fast ones (the same
@@ -150,7 +160,7 @@ def _target(rows: list[dict], target: float, pair: tuple[str, str]) -> dict:
         return graph[(r.get("student"), r["runtime"], r.get("precision"))]
 
     def kept(r: dict) -> str:
-        return "/".join(f"{r['kept'][m]:.0%}" for m in pair)
+        return "/".join(percent_beside(r["kept"][m], target) for m in pair)
 
     def pick(candidates: list[dict]) -> dict:  # the most accurate; of those within ACCURACY_TIE of it, the fastest
         top = max(share(r) for r in candidates)
