@@ -11,8 +11,9 @@ score wins, ties going to the later round.
 
 Learning: the untrained model is validated too (:func:`untrained`, before the first epoch). It is
 never kept; it is the reference a trained model must beat to have learnt: by more than that noise,
-and by at least ``MIN_LEARNT`` of the way from the untrained score to a perfect 1 (a CUHK03 student
-whose classifier never left ``ln C`` kept 0.016 against 0.011 untrained: significant, and useless).
+and either by ``MIN_LEARNT`` of the way from the untrained score to a perfect 1 or by doubling it
+(on hard data every score is low: a CUHK03 student at 0.036 against 0.011 untrained has learnt; one
+whose classifier never left ``ln C`` kept 0.016: significant, and useless).
 
 Chance: the expected average precision of a uniformly random ranking. A query with ``R`` matches
 among ``N`` gallery items has ``E[AP] = (H_N + (R - 1) / (N - 1) * (N - H_N)) / N`` (``H_N`` the
@@ -30,7 +31,8 @@ from torch import Tensor
 
 NOISE_SE = 2.0  # an earlier round must be better by more than this many standard errors to be kept
 CHANCE_FACTOR = 2.0  # a kept score below this many times the chance level is "near chance"
-MIN_LEARNT = 0.05  # a trained model closes at least this share of the way from its untrained score to 1
+MIN_LEARNT = 0.05  # a trained model closes at least this share of the way from its untrained score to 1 ...
+UNTRAINED_FACTOR = 2.0  # ... or scores at least this many times its untrained score (hard data: all scores low)
 EULER_GAMMA = 0.5772156649015329
 
 
@@ -100,10 +102,11 @@ def summary(record: dict | None) -> dict:
 
 
 def has_learnt(kept: Sequence[float], untrained: Sequence[float]) -> bool:
-    """Does the kept round beat the untrained one by more than the noise and by at least
-    ``MIN_LEARNT`` of the way from the untrained score to 1 (scores are APs, at most 1)?"""
-    before = mean_and_se(untrained)[0]
-    return clearly_better(kept, untrained) and mean_and_se(kept)[0] - before >= MIN_LEARNT * (1.0 - before)
+    """Does the kept round beat the untrained one by more than the noise, and either by ``MIN_LEARNT``
+    of the way from the untrained score to 1 (scores are APs, at most 1) or by ``UNTRAINED_FACTOR``?"""
+    before, after = mean_and_se(untrained)[0], mean_and_se(kept)[0]
+    far_enough = after - before >= MIN_LEARNT * (1.0 - before) or after >= UNTRAINED_FACTOR * before
+    return clearly_better(kept, untrained) and far_enough
 
 
 def selection_line(desc: str, record: dict) -> str:
@@ -152,5 +155,5 @@ def chance_note(name: str, fit: dict, chance: float) -> str | None:
                 f"learnt to tell these identities apart: {advice}")
     if fit.get("learnt") is False:
         return (f"{name} has learnt little or nothing on validation: {kept} vs {fit['untrained_score']:.3f} untrained "
-                f"(a model that learns gets {MIN_LEARNT:.0%} of the way to 1, beyond the noise): {advice}")
+                f"(a model that learns doubles it or gets {MIN_LEARNT:.0%} of the way to 1, beyond the noise): {advice}")
     return None
