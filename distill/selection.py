@@ -110,14 +110,15 @@ def has_learnt(kept: Sequence[float], untrained: Sequence[float]) -> bool:
 
 
 def selection_line(desc: str, record: dict) -> str:
-    """One line saying which epoch was kept and why (the highest and the last score beside it)."""
+    """One line saying which epoch was kept and why (the highest, the last and the untrained score beside it)."""
     s = summary(record)
     line = f"{desc}: kept epoch {s['best_epoch']} (validation {s['best_score']:.3f}"
     line += f" ± {s['best_score_se']:.3f})" if s["best_score_se"] else ")"
     if s["top_epoch"] != s["best_epoch"]:
         line += (f"; the highest, {s['top_score']:.3f} at epoch {s['top_epoch']}, is not better by more than "
                  f"{NOISE_SE:g} standard errors, so the later epoch is kept")
-    return line + f"; last epoch {s['last_epoch']}: {s['last_score']:.3f}"
+    line += f"; last epoch {s['last_epoch']}: {s['last_score']:.3f}"
+    return line + (f"; untrained: {s['untrained_score']:.3f}" if "untrained_score" in s else "")
 
 
 def harmonic(n: Tensor) -> Tensor:

@@ -108,7 +108,7 @@ def test_fit_keeps_the_later_epoch_loads_its_weights_and_says_so(dataset, tmp_pa
         assert torch.equal(value, validate.seen[2][name]), name
     err = " ".join(capsys.readouterr().err.split())
     assert "student: kept epoch 2 (validation 0.419 ± 0.025); the highest, 0.438 at epoch 1, is not better by more than 2" in err
-    assert "last epoch 3: 0.000" in err
+    assert "last epoch 3: 0.000; untrained: 0.100" in err
     log = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["best_epoch"] for r in log] == [1, 2, 2]
 
