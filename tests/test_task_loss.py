@@ -59,7 +59,7 @@ def test_bad_specs(spec, message):
 
 
 def test_bad_hparams():
-    with pytest.raises(DistillError, match="unknown task-loss hyper-parameter.*margin.*valid: verification_balanced, lsoftmax_margin, lsoftmax_lambda, triplet_margin"):
+    with pytest.raises(DistillError, match="unknown task-loss hyper-parameter.*margin.*valid: softmax_smoothing, verification_balanced, lsoftmax_margin, lsoftmax_lambda, triplet_margin"):
         build_task_loss("triplet", 8, 4, margin=0.3)
     with pytest.raises(DistillError, match="triplet_mining must be one of all, hard, semihard"):
         build_task_loss("triplet", 8, 4, triplet_mining="easy")
