@@ -15,7 +15,6 @@ from distill.config import PRECISIONS, Config, field_info, field_type, flag_name
 from distill.errors import DistillError
 
 
-
 DARKRANK_MODES = ("hard", "soft")
 # options replaced by --distill, with the term each weighed and its old default: old files and commands
 # fail with the spec that means what they said
@@ -227,11 +226,8 @@ def _check_choices(cfg: Config) -> None:
 
 
 def _check_counts(cfg: Config) -> None:
-    """Lengths, batch shape and the validation share: whole numbers in their ranges."""
-    for name in ("epochs", "teacher_epochs", "steps", "teacher_steps", "min_steps", "teacher_min_steps"):
-        value = getattr(cfg, name)  # a TOML file or recipe can give 2.5
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise DistillError(f"{name} must be an integer, got {value!r}")
+    """Lengths, batch shape and the validation share in their ranges (``check_type`` has already
+    refused a length that is not a whole number, e.g. ``epochs = 2.5`` in a TOML file or recipe)."""
     for name in ("epochs", "teacher_epochs", "batch_size", "images_per_id", "embed_dim", "bench_iters"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise DistillError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -284,7 +280,7 @@ def _check_bounds(cfg: Config) -> None:
             continue
         name, value = f.name, getattr(cfg, f.name)
         if not math.isfinite(value) or value < low or (strict and value == low):
-            raise DistillError(f"{name} (--{name.replace('_', '-')}) must be {'>' if strict else '>='} {low:g}, got {value:g}")
+            raise DistillError(f"{option_name(name)} must be {'>' if strict else '>='} {low:g}, got {value:g}")
 
 
 def _check_losses(cfg: Config) -> None:
