@@ -72,8 +72,10 @@ def update(record: dict | None, scores: float | Sequence[float] | Tensor, epoch:
     if top is None or score > top["score"]:
         top = {"epoch": epoch, "score": score, "queries": queries}
     keep = first or top["epoch"] == epoch or not clearly_better(top["queries"], queries)
+    # a record checkpointed before se and the kept round's queries were stored has neither
     kept = ({"epoch": epoch, "score": score, "se": se, "queries": queries} if keep
-            else {k: record[k] for k in ("epoch", "score", "se", "queries")})
+            else {"epoch": record["epoch"], "score": record["score"], "se": record.get("se", 0.0),
+                  "queries": record.get("queries")})
     reference = {"untrained": record["untrained"]} if record and "untrained" in record else {}
     return kept | {"top": top, "last_epoch": epoch, "last_score": score} | reference, keep
 
@@ -98,7 +100,7 @@ def summary(record: dict | None) -> dict:
         "top_epoch": record["top"]["epoch"], "top_score": record["top"]["score"],
         "last_epoch": record["last_epoch"], "last_score": record["last_score"],
     } | ({"untrained_score": reference["score"], "learnt": has_learnt(record["queries"], reference["queries"])}
-         if reference else {})
+         if reference and record.get("queries") is not None else {})
 
 
 def has_learnt(kept: Sequence[float], untrained: Sequence[float]) -> bool:

@@ -251,3 +251,10 @@ def test_fit_validates_the_untrained_model_without_shifting_the_training_random_
     plain, _ = fit(tiny_model(6), Noisy(), dataset, batches(dataset), settings(2), tmp_path / "b.ckpt", validate=Scripted([0.0, 0.1, 0.2]))
     for (name, a), (_, b) in zip(trained.state_dict().items(), plain.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_a_record_checkpointed_before_the_kept_queries_were_stored_still_updates():
+    old = {"epoch": 2, "score": 0.5, "top": {"epoch": 2, "score": 0.5, "queries": [0.5] * 4}, "last_epoch": 2, "last_score": 0.5}
+    record, keep_it = update(old, [0.1] * 4, 3)  # clearly worse: epoch 2 stays kept
+    assert not keep_it and record["epoch"] == 2 and record["se"] == 0.0 and record["queries"] is None
+    assert "learnt" not in selection.summary(record)
