@@ -50,6 +50,11 @@ def _numbers(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
+def _all_measured(values: dict, keys: tuple[str, ...]) -> bool:
+    """Every one of ``keys`` in ``values`` is a number (not null)."""
+    return all(values.get(k) is not None and _numbers(values.get(k)) for k in keys)
+
+
 def report_problem(report: dict) -> str | None:
     """What in a report read from disk (``models`` rows with ``MODEL_KEYS`` and ``metrics``) ``print_report``
     could not show, in words, or None: a hand-edited or foreign ``report.json`` is one clear line."""
@@ -81,7 +86,7 @@ def report_problem(report: dict) -> str | None:
     if target is not None and not (isinstance(target, dict) and isinstance(target.get("message"), str)):
         return f"'target' must be an object with a message, got {target!r}"
     if gate is not None and not (isinstance(gate, dict) and (gate.get("verdict") == "skipped" or (
-            isinstance(gate.get("metric"), str) and all(_numbers(gate.get(k)) and gate.get(k) is not None for k in ("teacher", "baseline", "margin"))))):
+            isinstance(gate.get("metric"), str) and _all_measured(gate, ("teacher", "baseline", "margin"))))):
         return f"'teacher_gate' must be an object with metric, teacher, baseline, margin and verdict, got {gate!r}"
     if layer is not None and not (isinstance(layer, dict) and isinstance(layer.get("chosen"), str)):
         return f"'teacher_layer' must be an object with the chosen layer, got {layer!r}"
@@ -94,9 +99,8 @@ def _selection_problem(selection: Any) -> str | None:
         return None
     if not isinstance(selection, dict):
         return f"'selection' must be an object per model, got {selection!r}"
+    needed = ("best_epoch", "best_score", "last_score", "top_score", "top_epoch")
     for name, fit in selection.items():
-        needed = ("best_epoch", "best_score", "last_score", "top_score", "top_epoch")
-        if not (isinstance(fit, dict) and all(_numbers(fit.get(k)) and fit.get(k) is not None for k in needed)
-                and all(_numbers(fit.get(k)) for k in ("chance", "untrained_score"))):
+        if not (isinstance(fit, dict) and _all_measured(fit, needed) and all(_numbers(fit.get(k)) for k in ("chance", "untrained_score"))):
             return f"selection.{name} must hold numbers {', '.join(needed)} (chance, untrained_score: numbers or null), got {fit!r}"
     return None
