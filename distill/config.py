@@ -192,6 +192,10 @@ class Config:
         "pk", "Batches: pk (P x K) or importance (Deep Ranking's online importance sampling).", section="training", **_TEACHER
     )
     lr: float = option(3e-3, "Student learning rate (AdamW, one-cycle schedule with warm-up).", section="training", above=0.0, **_STUDENT)
+    retry_lr: bool = option(
+        True, "A student that has not learnt (kept validation score not clearly above the untrained model's) is trained "
+        "once more from the start at a third of --lr; both trainings are in the report.", section="training", **_STUDENT,
+    )
     teacher_lr: float = option(5e-3, "Teacher learning rate.", section="training", shared=True, above=0.0, **_TEACHER)
     weight_decay: float = option(5e-4, "AdamW weight decay.", section="training", at_least=0.0, **_TEACHER)
     loss: str = option(

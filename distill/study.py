@@ -38,6 +38,7 @@ from distill.data import data_fingerprint
 from distill.data.prepare import Prepared, choose_inputs
 from distill.errors import DistillError
 from distill.run import setup
+from distill.selection import retry_note
 from distill.students import train
 from distill.study_output import write_study
 from distill.study_stats import BASELINE, summarize
@@ -147,8 +148,8 @@ def _train_and_evaluate(
     ctx: _Context, cfg: Config, recipe: str, keep_model: bool = False,
 ) -> tuple[dict[str, float], dict[str, float], str | None]:
     """One student for ``(recipe, cfg.seed)``, its test-set metrics, the seconds it took
-    (``{"train_s", "evaluate_s"}``) and the warning when the kept model is near chance or no better
-    than untrained (else None). The baseline has no teacher, exactly as ``distill run`` trains it.
+    (``{"train_s", "evaluate_s"}``) and the warning when it was trained again at a lower learning
+    rate or the kept model is near chance or no better than untrained (else None). The baseline has no teacher, exactly as ``distill run`` trains it.
     Its model file is deleted once scored unless ``keep_model``."""
     started = time.perf_counter()
     teacher = None if recipe == BASELINE else ctx.teacher
@@ -159,7 +160,8 @@ def _train_and_evaluate(
     if not keep_model:
         (cfg.out_dir / f"{name}.pt").unlink(missing_ok=True)
     timings = {"train_s": round(trained - started, 3), "evaluate_s": round(time.perf_counter() - trained, 3)}
-    return metrics, timings, fit.get("chance_note")
+    notes = [f"{name} {retry}" if (retry := retry_note(fit)) else None, fit.get("chance_note")]
+    return metrics, timings, "; ".join(n for n in notes if n) or None
 
 
 _WORKER: dict[str, _Context] = {}

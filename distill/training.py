@@ -18,7 +18,7 @@ from distill.engine import BatchSampler, TrainSettings, distributed, is_main_pro
 from distill.errors import DistillError
 from distill.losses.task import HPARAMS
 from distill.objective import StudentObjective
-from distill.selection import chance_note
+from distill.selection import chance_note, near_chance
 
 console = make_console(stderr=True)
 
@@ -86,5 +86,6 @@ def chance_check(name: str, fit_summary: dict, data: Any) -> dict:
     note = chance_note(name, fit_summary, chance)
     if note and is_main_process():
         console.print(f"[yellow]warning:[/] {note}")
-    return {"metric": data.protocol.validation_metric, "chance": chance, "near_chance": note is not None} | (
+    near = near_chance(fit_summary["best_score"], fit_summary.get("best_score_se", 0.0), chance)
+    return {"metric": data.protocol.validation_metric, "chance": chance, "near_chance": near} | (
         {"chance_note": note} if note else {})

@@ -24,7 +24,7 @@ from distill.models.file import load_model
 
 runner = CliRunner()
 SMALL = dict(train_ids=8, test_ids=4, images_per_id=8, height=32, width=16)
-TINY = dict(image_size="32x16", epochs=1, teacher_epochs=1, batch_size=16, min_steps=0, teacher_min_steps=0)
+TINY = dict(image_size="32x16", epochs=1, teacher_epochs=1, batch_size=16, min_steps=0, teacher_min_steps=0, retry_lr=False)
 TINY_ARGS = ["--image-size", "32x16", "--epochs", "1", "--teacher-epochs", "1", "--batch-size", "16", "--min-steps", "0", "--teacher-min-steps", "0"]
 
 

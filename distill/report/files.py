@@ -103,4 +103,9 @@ def _selection_problem(selection: Any) -> str | None:
     for name, fit in selection.items():
         if not (isinstance(fit, dict) and _all_measured(fit, needed) and all(_numbers(fit.get(k)) for k in ("chance", "untrained_score"))):
             return f"selection.{name} must hold numbers {', '.join(needed)} (chance, untrained_score: numbers or null), got {fit!r}"
+        retry = fit.get("retry")
+        if retry is not None and not (isinstance(retry, dict) and _all_measured(retry, ("lr", "first_lr"))
+                                      and isinstance(retry.get("first"), dict) and _all_measured(retry["first"], ("best_score",))
+                                      and _numbers(retry["first"].get("untrained_score"))):
+            return f"selection.{name}.retry must hold numbers lr, first_lr and first.best_score, got {retry!r}"
     return None

@@ -13,6 +13,7 @@ from rich.text import Text
 from distill.console import make_console
 from distill.headlines import NOTE
 from distill.report.build import METRIC_LABELS, UNSTABLE, UNSTABLE_NOTE, _find, _fmt, _timing, _unstable
+from distill.selection import retry_note
 
 
 def legend(report: dict) -> str:
@@ -108,7 +109,7 @@ def selection_lines(report: dict) -> list[str]:
         flag = " [NEAR CHANCE]" if fit.get("near_chance") else " [NOT LEARNT]" if fit.get("learnt") is False else ""
         lines.append(f"{name}: kept epoch {fit['best_epoch']} of {fit.get('epochs', '?')} ({fit['best_score']:.3f}), "
                      f"last epoch {fit['last_score']:.3f}, highest {fit['top_score']:.3f} at epoch {fit['top_epoch']}"
-                     f"{untrained}{chance}{flag}")
+                     f"{untrained}{chance}{flag}" + (f"; {note}" if (note := retry_note(fit)) else ""))
     return lines
 
 

@@ -7,11 +7,13 @@ distillation terms to the task losses and the unlabeled images (``--unlabeled``)
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from rich.markup import escape
 from torch.utils.data import Dataset
 
 from distill import engine
@@ -24,6 +26,7 @@ from distill.data.unlabeled import JointDataset, UnlabeledBatchSampler, unlabele
 from distill.engine import BatchSampler, distributed, extract, is_main_process
 from distill.models import save_model
 from distill.objective import build_objective, distillation_fields
+from distill.selection import has_not_learnt
 from distill.students import create_student
 from distill.students.weights import load_student_weights, student_weights_file
 from distill.teachers import Teacher, file_fingerprint
@@ -89,12 +92,45 @@ def student_runs(cfg: Config) -> list[tuple[str, str, Config]]:
     return runs
 
 
+# --retry-lr: a student that has not learnt is trained again from the start at lr / RETRY_LR_DIVISOR
+# (CUHK03: at 3e-3 the student alone collapsed on 3 of 5 seeds in the warm-up's peak; at 1e-3 on none)
+RETRY_LR_DIVISOR = 3
+
+
 def train_student(
     cfg: Config, data: Prepared, device: torch.device, teacher: Teacher | None = None, name: str = "student"
 ) -> tuple[nn.Module, dict]:
     """Train one student and save it as ``<out>/<name>.pt``; returns it and its training summary
     (``engine.fit``'s, with the chance check). Without labeled data the student takes the teacher's
-    classes (for KD)."""
+    classes (for KD). When the kept model has not learnt (``selection.has_not_learnt``) and
+    ``cfg.retry_lr``, the student is trained once more from the same seed at ``lr / RETRY_LR_DIVISOR``
+    (its checkpoint ``<name>.retry.ckpt``) and that model is kept; the summary's ``retry`` says so
+    and holds the first training's summary."""
+    checkpoints = [cfg.out_dir / f"{name}.ckpt"]
+    model, summary, origin = _fit_student(cfg, data, device, teacher, name, checkpoints[0])
+    if has_not_learnt(summary) and cfg.retry_lr:
+        lr = cfg.lr / RETRY_LR_DIVISOR
+        if is_main_process():
+            console.print(f"[yellow]{escape(name)} has not learnt at lr {cfg.lr:g}:[/] training it again from the start at lr {lr:g}")
+        checkpoints.append(cfg.out_dir / f"{name}.retry.ckpt")
+        first = summary
+        model, summary, origin = _fit_student(replace(cfg, lr=lr), data, device, teacher, name, checkpoints[1])
+        summary["retry"] = {"lr": lr, "first_lr": cfg.lr, "first": first}
+    if is_main_process():
+        save_model(
+            cfg.out_dir / f"{name}.pt", model, arch=cfg.student, width=cfg.student_width,
+            multiscale=cfg.multiscale, image_size=list(cfg.image_size), fit=summary, **origin,
+        )
+        for checkpoint in checkpoints:
+            finished_checkpoint(checkpoint, cfg)
+    return model, summary
+
+
+def _fit_student(
+    cfg: Config, data: Prepared, device: torch.device, teacher: Teacher | None, name: str, checkpoint: Path
+) -> tuple[nn.Module, dict, dict]:
+    """One training of the student from ``cfg.seed`` (a fresh model, objective and batches): the
+    model, its summary and its origin (the fingerprints of its start weights and unlabeled images)."""
     torch.manual_seed(cfg.seed)
     num_classes = data.num_classes or (teacher.num_classes if teacher is not None and teacher.has_logits else 1)
     model = create_student(cfg.student, cfg.embed_dim, num_classes, width=cfg.student_width, multiscale=cfg.multiscale)
@@ -107,20 +143,12 @@ def train_student(
     teacher_fn = teacher_outputs(cfg, teacher, dataset, plain, data.eval_transform, device) if teacher is not None else None
     origin = {"student_weights": file_fingerprint(weights)} if weights else {}
     origin |= {"unlabeled": unlabeled_fingerprint(unlabeled, sampler.batch)} if unlabeled else {}
-    checkpoint = cfg.out_dir / f"{name}.ckpt"
     model, summary = engine.fit(
         model, objective, dataset, sampler, train_settings(cfg, device), checkpoint,
         teacher_fn=teacher_fn, penalty=weight_penalty(objective), desc=name, validate=data.protocol.validator(data, device),
         recipe=student_recipe(cfg, data, teacher) | origin,
     )
-    summary |= chance_check(name, summary, data)
-    if is_main_process():
-        save_model(
-            cfg.out_dir / f"{name}.pt", model, arch=cfg.student, width=cfg.student_width,
-            multiscale=cfg.multiscale, image_size=list(cfg.image_size), fit=summary, **origin,
-        )
-        finished_checkpoint(checkpoint, cfg)
-    return model, summary
+    return model, summary | chance_check(name, summary, data), origin
 
 
 def student_recipe(cfg: Config, data: Prepared, teacher: Teacher | None) -> dict[str, Any]:
