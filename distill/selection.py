@@ -166,13 +166,3 @@ def has_not_learnt(fit: dict) -> bool:
     """A training summary whose kept model is near chance or no better than untrained (``chance_check``)."""
     return bool(fit.get("near_chance")) or fit.get("learnt") is False
 
-
-def retry_note(fit: dict) -> str | None:
-    """The sentence of a training repeated at a lower learning rate (``fit['retry']``), else None."""
-    retry = fit.get("retry")
-    if not retry:
-        return None
-    first = retry["first"]
-    untrained = f", untrained {first['untrained_score']:.3f}" if first.get("untrained_score") is not None else ""
-    return (f"trained again from the start at lr {retry['lr']:g}: at lr {retry['first_lr']:g} it had not learnt "
-            f"(kept {first['best_score']:.3f}{untrained})")

@@ -37,8 +37,8 @@ from distill.console import make_console
 from distill.data import data_fingerprint
 from distill.data.prepare import Prepared, choose_inputs
 from distill.errors import DistillError
+from distill.report.text import retry_note
 from distill.run import setup
-from distill.selection import retry_note
 from distill.students import train
 from distill.study_output import write_study
 from distill.study_stats import BASELINE, summarize

@@ -242,6 +242,9 @@ def good_report() -> dict:
     return build_report(models, {}, {})
 
 
+SELECTED = {"best_epoch": 12, "best_score": 0.09, "last_score": 0.09, "top_score": 0.09, "top_epoch": 12}
+
+
 @pytest.mark.parametrize(
     "edit, problem",
     [
@@ -256,6 +259,10 @@ def good_report() -> dict:
         (lambda r: r.update(selection={"student": {"best_epoch": 3, "best_score": "high"}}),
          "selection.student must hold numbers best_epoch, best_score, last_score, top_score, top_epoch (chance, untrained_score: "
          "numbers or null), got {'best_epoch': 3, 'best_score': 'high'}"),
+        *[(lambda r, retry=retry: r.update(selection={"student": SELECTED | {"retry": retry}}),
+           f"selection.student.retry must hold numbers lr, first_lr and first.best_score, got {retry!r}")
+          for retry in ("x", {"lr": 0.001, "first_lr": None, "first": {"best_score": 0.1}},
+                        {"lr": 0.001, "first_lr": 0.003, "first": []}, {"lr": 0.001, "first_lr": 0.003, "first": {"best_score": "0.1"}})],
     ],
 )
 def test_malformed_report_is_one_line(tmp_path, good_report, edit, problem):

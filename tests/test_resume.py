@@ -25,7 +25,7 @@ from test_engine import CrossEntropy, Interrupted, batches, dataset, steps_per_e
 
 runner = CliRunner()
 TINY = ["--image-size", "32x16", "--epochs", "1", "--teacher-epochs", "2", "--batch-size", "16", "--bench-iters", "2",
-        "--min-steps", "0", "--teacher-min-steps", "0", "--no-clustering"]
+        "--min-steps", "0", "--teacher-min-steps", "0", "--no-clustering", "--no-retry-lr"]
 
 
 @pytest.fixture
@@ -180,16 +180,22 @@ def test_checkpoints_go_after_success_and_stay_after_an_interruption_for_resume(
     resumed = runner.invoke(app, ["run", "--out", str(out), "--resume", *TINY])
     assert resumed.exit_code == 0, resumed.output
     assert sorted(p.name for p in out.glob("*.ckpt")) == []  # each deleted once its model file was written
-    assert {"teacher.pt", "student.pt", "student_baseline.pt", "teacher.jsonl", "student.jsonl"} <= {p.name for p in out.iterdir()}
+    assert {"teacher.pt", "student.pt", "teacher.jsonl", "student.jsonl", "student_baseline.jsonl"} <= {p.name for p in out.iterdir()}
     assert [json.loads(line)["epoch"] for line in (out / "teacher.jsonl").read_text().splitlines()] == [1, 2]
 
     kept_run = runner.invoke(app, ["run", "--out", str(tmp_path / "k"), "--keep-checkpoints", *TINY])
     assert kept_run.exit_code == 0, kept_run.output
     assert sorted(p.name for p in (tmp_path / "k").glob("*.ckpt")) == ["student.ckpt", "student_baseline.ckpt", "teacher.ckpt"]
+    assert (tmp_path / "k" / "cache").is_dir()  # the teacher-output cache too
+    kept_all = runner.invoke(app, ["run", "--out", str(tmp_path / "k"), "--keep-comparison-files", *TINY])
+    assert kept_all.exit_code == 0, kept_all.output
+    assert "removed_files" not in json.loads((tmp_path / "k" / "report.json").read_text())
+    assert all((tmp_path / "k" / name).is_file() for name in ("teacher.onnx", "student_baseline.pt", "student_baseline.onnx"))
 
 
 def test_a_study_keeps_per_seed_models_only_when_asked(tiny_data, tmp_path):
-    tiny = dict(image_size="32x16", epochs=1, teacher_epochs=1, batch_size=16, min_steps=0, teacher_min_steps=0, clustering=False)
+    tiny = dict(image_size="32x16", epochs=1, teacher_epochs=1, batch_size=16, min_steps=0, teacher_min_steps=0, clustering=False,
+                retry_lr=False)
     cfg = load_config(None, out=str(tmp_path / "s"), **tiny)
     study.run_study(cfg, study.recipe_configs(cfg, ["kd"]), seeds=1)
     models = tmp_path / "s" / "study" / "models"

@@ -13,7 +13,6 @@ from rich.text import Text
 from distill.console import make_console
 from distill.headlines import NOTE
 from distill.report.build import METRIC_LABELS, UNSTABLE, UNSTABLE_NOTE, _find, _fmt, _timing, _unstable
-from distill.selection import retry_note
 
 
 def legend(report: dict) -> str:
@@ -99,6 +98,17 @@ def _lead_text(lead: dict) -> str:
     return "/".join(_fmt(v * 100 if v is not None else None, ".0f", "%") for v in lead.values())
 
 
+def retry_note(fit: dict) -> str | None:
+    """The sentence of a training repeated at a lower learning rate (``fit['retry']``), else None."""
+    retry = fit.get("retry")
+    if not retry:
+        return None
+    first = retry["first"]
+    untrained = f", untrained {first['untrained_score']:.3f}" if first.get("untrained_score") is not None else ""
+    return (f"trained again from the start at lr {retry['lr']:g}: at lr {retry['first_lr']:g} it had not learnt "
+            f"(kept {first['best_score']:.3f}{untrained})")
+
+
 def selection_lines(report: dict) -> list[str]:
     """One line per model trained with validation: the epoch kept and its score, the last epoch's
     score and the chance level (``report['selection']``)."""
@@ -153,6 +163,9 @@ def to_markdown(report: dict) -> str:
                   f"- max abs diff vs PyTorch (L2-normalised embeddings): {_fmt(onnx_info.get('max_abs_diff'), '.2e')}"]
         lines += [f"- `{m['onnx_file']}` ({m.get('precision')}): max abs diff {_fmt(m.get('max_abs_diff'), '.2e')}"
                   for m in report["models"] if m.get("onnx_file") and m.get("onnx_file") != onnx_info.get("path")]
+    if report.get("removed_files"):
+        lines += ["", f"Scored, then removed (only their rows are needed; `--keep-comparison-files` keeps them): "
+                  f"{', '.join(f'`{name}`' for name in report['removed_files'])}"]
     if report.get("machine"):
         lines += ["", "## Machine", "", "```json", json.dumps(report["machine"], indent=2, sort_keys=True), "```"]
     lines += ["", "## Config", "", "```json", json.dumps(report.get("config", {}), indent=2, sort_keys=True), "```", ""]
