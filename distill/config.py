@@ -276,8 +276,14 @@ class Config:
         False, "Start training over although an unfinished checkpoint exists (it is kept until the new run passes it).",
         section="run", shared=True, **_OUTPUT_ONLY,
     )
+    keep_comparison_files: bool = option(
+        False, "Keep the files made only to score the report's comparison rows (the teacher's ONNX export, each "
+        "baseline's model file and ONNX exports); removed once the report is written unless the verdict ships one.",
+        section="run", stage="report", **_OUTPUT_ONLY,
+    )
     keep_checkpoints: bool = option(
-        False, "Keep each training's resumable checkpoint (*.ckpt) after its model file is written (deleted by default: they are large).",
+        False, "Keep each training's resumable checkpoint (*.ckpt) after its model file is written, and the teacher-output "
+        "cache (cache/) after the run (deleted by default: they are large).",
         section="run", shared=True, **_OUTPUT_ONLY,
     )
     gather_embeddings: bool = option(

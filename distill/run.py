@@ -8,6 +8,7 @@ benchmarks and writes the report.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -68,10 +69,34 @@ def run(cfg: Config) -> dict:
         report |= selection_report(fits)
         report["test_set"] = data.splits.name if data.splits.query else None  # None: no test set, no accuracy measured
         print_report(report)
+    removed = [] if cfg.keep_comparison_files else comparison_files(report, cfg.out_dir)
+    report |= {"removed_files": [p.name for p in removed]} if removed else {}
     report["timings"] = clock.timings()  # written with the report: what is left is writing the files
     write_report(report, cfg.out_dir)
+    finished_run_files(cfg, removed)
     console.print(summary_line(clock.timings()), highlight=False)
     return report
+
+
+def comparison_files(report: dict, out: Path) -> list[Path]:
+    """The files of ``out`` made only to score a comparison row of ``report``: the teacher's ONNX
+    export and each baseline's model file and ONNX exports, less the one the verdict ships (a given
+    teacher file, outside ``out`` or not written by the run, is never one of them)."""
+    shipped = ((report.get("target") or {}).get("best") or {}).get("file")
+    made = {row.get("onnx_file") or row.get("file") for row in report["models"] if row["role"] in ("teacher", "student_baseline")}
+    return sorted(Path(f) for f in made if f and f != shipped and Path(f).parent == out)
+
+
+def finished_run_files(cfg: Config, comparison: list[Path]) -> None:
+    """Once the report is written: remove the ``comparison`` files (one line names them) and, unless
+    ``keep_checkpoints``, the teacher-output cache (kept for ``--resume`` until the run finished)."""
+    for path in comparison:
+        path.unlink(missing_ok=True)
+    if comparison:
+        console.print(f"removed after scoring, as only their report rows are needed: {', '.join(p.name for p in comparison)} "
+                      "(--keep-comparison-files keeps them)", highlight=False)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(cfg.out_dir / "cache", ignore_errors=True)
 
 
 def selection_report(fits: dict[str, dict | None]) -> dict:

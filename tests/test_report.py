@@ -397,3 +397,18 @@ def test_reprinting_a_saved_report_loads_no_torch(tmp_path):
             "print(result.exit_code, 'deployment speedup' in result.output, [m for m in ('torch', 'sklearn') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip().splitlines()[-1:] == ["0 True []"], done.stdout + done.stderr
+
+
+def test_comparison_files_are_the_teachers_and_baselines_own_less_the_shipped_one(tmp_path):
+    from distill.run import comparison_files
+
+    out = tmp_path / "r"
+    rows = [{"role": "teacher", "name": "teacher"}, {"role": "teacher", "onnx_file": str(out / "teacher.onnx")},
+            {"role": "teacher", "onnx_file": str(tmp_path / "given.onnx")},  # not written by the run: never removed
+            {"role": "student_baseline", "file": str(out / "student_baseline.pt")},
+            {"role": "student_baseline", "onnx_file": str(out / "student_baseline.onnx")},
+            {"role": "student", "file": str(out / "student.pt")}, {"role": "student", "onnx_file": str(out / "student.onnx")}]
+    ships = lambda name: {"models": rows, "target": {"best": {"file": str(out / name)}}}  # noqa: E731
+    assert comparison_files(ships("student.onnx"), out) == [out / "student_baseline.onnx", out / "student_baseline.pt", out / "teacher.onnx"]
+    assert comparison_files(ships("student_baseline.onnx"), out) == [out / "student_baseline.pt", out / "teacher.onnx"]
+    assert comparison_files({"models": rows, "target": {"best": None}}, out)[-1] == out / "teacher.onnx"
