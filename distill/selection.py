@@ -165,4 +165,3 @@ def chance_note(name: str, fit: dict, chance: float) -> str | None:
 def has_not_learnt(fit: dict) -> bool:
     """A training summary whose kept model is near chance or no better than untrained (``chance_check``)."""
     return bool(fit.get("near_chance")) or fit.get("learnt") is False
-

@@ -149,8 +149,9 @@ def _train_and_evaluate(
 ) -> tuple[dict[str, float], dict[str, float], str | None]:
     """One student for ``(recipe, cfg.seed)``, its test-set metrics, the seconds it took
     (``{"train_s", "evaluate_s"}``) and the warning when it was trained again at a lower learning
-    rate or the kept model is near chance or no better than untrained (else None). The baseline has no teacher, exactly as ``distill run`` trains it.
-    Its model file is deleted once scored unless ``keep_model``."""
+    rate or the kept model is near chance or no better than untrained (else None). The baseline has
+    no teacher, exactly as ``distill run`` trains it. Its model file is deleted once scored unless
+    ``keep_model``."""
     started = time.perf_counter()
     teacher = None if recipe == BASELINE else ctx.teacher
     name = f"study/models/{recipe}-seed{cfg.seed}"

@@ -111,7 +111,7 @@ def retry_note(fit: dict) -> str | None:
 
 def selection_lines(report: dict) -> list[str]:
     """One line per model trained with validation: the epoch kept and its score, the last epoch's
-    score and the chance level (``report['selection']``)."""
+    score, the chance level and, for a student trained again, why (``report['selection']``)."""
     lines = []
     for name, fit in (report.get("selection") or {}).items():
         chance = f", a random ranking {fit['chance']:.3f}" if fit.get("chance") is not None else ""

@@ -7,13 +7,13 @@ distillation terms to the task losses and the unlabeled images (``--unlabeled``)
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
 from rich.markup import escape
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from distill import engine
