@@ -212,7 +212,8 @@ def test_the_lists_of_fields_come_from_their_metadata():
         "bbox_crop", "split_file", "device", "seed", "out", "name", "resume", "fresh", "keep_checkpoints",
     }
     assert set(fields_where("result", False)) == {
-        "out", "name", "resume", "fresh", "keep_checkpoints", "baseline", "export_precision", "bench_iters",
+        "out", "name", "resume", "fresh", "keep_checkpoints", "keep_comparison_files", "baseline", "export_precision",
+        "bench_iters",
     }
     assert set(fields_where("trains", False)) == {
         "out", "name", "resume", "fresh", "keep_checkpoints", "baseline", "students", "export_precision", "bench_iters",
