@@ -216,8 +216,8 @@ def test_the_lists_of_fields_come_from_their_metadata():
         "bench_iters",
     }
     assert set(fields_where("trains", False)) == {
-        "out", "name", "resume", "fresh", "keep_checkpoints", "baseline", "students", "export_precision", "bench_iters",
-        "target_accuracy", "clustering", "require_better_teacher", "gate_margin", "device", "workers", "compile",
+        "out", "name", "resume", "fresh", "keep_checkpoints", "keep_comparison_files", "baseline", "students",
+        "export_precision", "bench_iters", "target_accuracy", "clustering", "require_better_teacher", "gate_margin", "device", "workers", "compile",
     }
     above = {f.name for f in fields(Config) if field_info(f.name)["above"] == 0.0}
     at_least = {f.name for f in fields(Config) if field_info(f.name)["at_least"] == 0.0}
