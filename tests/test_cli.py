@@ -91,21 +91,30 @@ def test_run_writes_report_and_a_matching_onnx_and_reuses_the_teacher(tiny_data,
     assert session.get_inputs()[0].shape[2:] == [32, 16]
 
 
-def onnx_metrics_by_hand(path, image_size) -> dict:
-    """Test-set metrics from the ONNX file's own outputs: the eval-transformed test images through an
-    ONNX Runtime session written out here, then the (separately tested) metric functions."""
+def metrics_by_hand(model, image_size) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Test-set metrics from a model's own outputs: the eval-transformed test images through an ONNX
+    Runtime session (``model`` an ONNX file) or a PyTorch module, written out here, then the
+    (separately tested) metric functions. Returns the metrics, the query images and the query embeddings."""
     data = prepare_data(load_config(None, image_size=image_size))
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if isinstance(model, torch.nn.Module):
+        def forward(images):
+            with torch.no_grad():
+                return model.eval()(images)[0]  # (embedding, logits)
+    else:
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+        def forward(images):
+            return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
 
     def embed(samples):
         images = torch.stack([ImageDataset(samples, data.eval_transform)[i][0] for i in range(len(samples))])
-        return torch.from_numpy(session.run(None, {"images": images.numpy()})[0]), images
+        return forward(images), images
 
     (qf, q_images), (gf, _) = embed(data.splits.query), embed(data.splits.gallery)
     (q_labels, q_cams), (g_labels, g_cams) = stack_labels(data.splits.query), stack_labels(data.splits.gallery)
     reid = reid_metrics(qf, gf, q_labels, g_labels, q_cams, g_cams)
     pooled = retrieval_metrics(torch.cat([qf, gf]), torch.cat([q_labels, g_labels]), clustering=False)
-    return {"recall@1": pooled["recall@1"], "map": reid["map"], "rank1": reid["rank1"]}, q_images
+    return {"recall@1": pooled["recall@1"], "map": reid["map"], "rank1": reid["rank1"]}, q_images, qf
 
 
 def test_two_students_each_with_and_without_distillation_every_onnx_row_scored_in_onnx_runtime(tiny_data, tmp_path):
@@ -137,7 +146,7 @@ def test_two_students_each_with_and_without_distillation_every_onnx_row_scored_i
     # the int8 row's metrics are those of the int8 file run in ONNX Runtime, not copied from PyTorch
     row = rows["student-nin_bn@0.5", "onnxruntime", "int8"]
     assert row["onnx_file"] == str(out / "student-nin_bn@0.5.int8.onnx")
-    by_hand, images = onnx_metrics_by_hand(row["onnx_file"], [32, 16])
+    by_hand, images, _ = metrics_by_hand(row["onnx_file"], [32, 16])
     for key, value in by_hand.items():
         assert row["metrics"][key] == pytest.approx(value, abs=1e-6), key
     student, _ = load_model(out / "student-nin_bn@0.5.pt")
@@ -269,10 +278,14 @@ def test_eval_scores_a_model_file_and_its_onnx_export_alike(tiny_data, tmp_path)
 
     from_onnx, from_pt = scores(tmp_path / "s.onnx"), scores(tmp_path / "s.pt")
     assert set(from_onnx) == set(from_pt) >= {"recall@1", "map", "rank1"}
-    by_hand, _ = onnx_metrics_by_hand(tmp_path / "s.onnx", "32x16")
-    for k, v in by_hand.items():
-        assert from_onnx[k] == pytest.approx(float(v), abs=1e-4), k
-        assert from_pt[k] == pytest.approx(from_onnx[k], abs=0.05), k  # fp32 ONNX: the same model up to rounding
+    onnx_by_hand, _, onnx_emb = metrics_by_hand(tmp_path / "s.onnx", "32x16")
+    pt_by_hand, _, pt_emb = metrics_by_hand(model, "32x16")
+    for k in onnx_by_hand:
+        assert from_onnx[k] == pytest.approx(float(onnx_by_hand[k]), abs=1e-4), k
+        assert from_pt[k] == pytest.approx(float(pt_by_hand[k]), abs=1e-4), k
+    # fp32 ONNX is the same model up to rounding; the metrics themselves may differ by a near-tied
+    # neighbour of this untrained model (R@1 by 2 of 32 queries with one OpenMP thread)
+    torch.testing.assert_close(onnx_emb, pt_emb, rtol=1e-4, atol=1e-5)
 
     unfixed = tmp_path / "dynamic.onnx"
     graph = onnx.load(tmp_path / "s.onnx")
