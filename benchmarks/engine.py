@@ -3,8 +3,8 @@ step of the teacher and the student at the embedded and at CUHK03-sized inputs.
 
     python benchmarks/engine.py --out benchmarks/results/engine.json
 
-1. Overhead: ``distill.engine.fit`` (validation off; its per-epoch checkpoint, log and progress as
-   in a run) against a bare loop (forward, loss, backward, AdamW and one-cycle step) over the same
+1. Overhead: ``distill.engine.fit`` (validation off; its checkpoints and log at the validation
+   cadence, every ``ceil(epochs / 20)`` epochs and after the last, and progress as in a run) against a bare loop (forward, loss, backward, AdamW and one-cycle step) over the same
    batches (same sampler, seed and data loader), the same initial model and the same loss, on the
    embedded data set. The two alternate, in turn first, for ``--repeats`` rounds in one process;
    each side's median images/s is kept and ``overhead = bare / fit - 1``.
