@@ -140,7 +140,7 @@ def batch(seed: int = 0, n: int = 12, unlabeled: int = 5, classes: int = 3, dim:
 
 def test_task_losses_see_the_labeled_rows_and_distillation_every_row():
     """Against a hand computation: the task loss of the labeled rows alone, plus KD, DarkRank, RKD
-    and PKT of the whole batch."""
+    and PKT of the whole batch (DarkRank's full list scaled by 7 labeled rows of 12)."""
     emb, logits, labels, t_emb, t_logits = batch()
     torch.manual_seed(0)
     darkrank = DarkRankLoss(mode="hard", list_size=None)
@@ -148,7 +148,7 @@ def test_task_losses_see_the_labeled_rows_and_distillation_every_row():
     loss, parts = objective(emb, logits, labels, (t_emb, t_logits))
     lab = labels >= 0
     task, _ = objective.task(emb[lab], logits[lab], labels[lab], teacher_emb=t_emb[lab])
-    expected = (task + 2.0 * kd_loss(logits, t_logits, 4.0) + 0.5 * darkrank(emb, t_emb)
+    expected = (task + 2.0 * kd_loss(logits, t_logits, 4.0) + 0.5 * darkrank(emb, t_emb) * 7 / 12
                 + 0.3 * rkd_distance_loss(emb, t_emb) + 0.7 * pkt_loss(emb, t_emb))
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     assert set(parts) >= {"softmax", "triplet", "kd", "darkrank", "rkd_distance", "pkt"}
@@ -161,6 +161,31 @@ def test_task_losses_see_the_labeled_rows_and_distillation_every_row():
     emb.grad = None
     objective(emb, logits, labels, (t_emb, t_logits))[0].backward()
     assert (emb.grad[~lab].abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_a_full_darkrank_list_lengthened_by_unlabeled_rows_keeps_the_labeled_batch_weight(mode):
+    """Full list: the term is the plain DarkRank of every row times labeled rows / all rows; a batch all
+    labeled or all unlabeled, and a list of fixed length, are not scaled."""
+    from distill.losses.darkrank import DarkRank
+    from distill.losses.registry import LossInputs
+
+    emb, logits, labels, t_emb, t_logits = batch(n=8, unlabeled=3)
+
+    def term(labels, list_size=None, topk=None):
+        registered = DarkRank(mode, 3.0, 3.0, list_size, topk, "exact", 8)
+        plain = DarkRankLoss(3.0, 3.0, mode, list_size, topk=topk)
+        return registered(LossInputs(emb, logits, labels, t_emb, t_logits)), plain(emb, t_emb)
+
+    scaled, plain = term(labels)
+    torch.testing.assert_close(scaled, plain * 5 / 8, rtol=1e-12, atol=0)
+    fixed_lists = [{"list_size": 4}] + ([{"topk": 2}] if mode == "hard" else [])
+    for fixed in fixed_lists:
+        scaled, plain = term(labels, **fixed)
+        torch.testing.assert_close(scaled, plain, rtol=0, atol=0)
+    for all_same in (torch.zeros(8, dtype=torch.long), torch.full((8,), UNLABELED)):
+        scaled, plain = term(all_same)
+        torch.testing.assert_close(scaled, plain, rtol=0, atol=0)
 
 
 def test_a_batch_without_labels_has_distillation_terms_only():
