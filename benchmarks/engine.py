@@ -3,11 +3,12 @@ step of the teacher and the student at the embedded and at CUHK03-sized inputs.
 
     python benchmarks/engine.py --out benchmarks/results/engine.json
 
-1. Overhead: ``distill.engine.fit`` (validation off; its checkpoints and log at the validation
-   cadence, every ``ceil(epochs / 20)`` epochs and after the last, and progress as in a run) against a bare loop (forward, loss, backward, AdamW and one-cycle step) over the same
-   batches (same sampler, seed and data loader), the same initial model and the same loss, on the
-   embedded data set. The two alternate, in turn first, for ``--repeats`` rounds in one process;
-   each side's median images/s is kept and ``overhead = bare / fit - 1``.
+1. Overhead: ``distill.engine.fit`` (validation off; its checkpoints and log every ``ceil(epochs /
+   20)`` epochs and after the last, and progress, as in a run) against a bare loop (forward, loss,
+   backward, AdamW and one-cycle step) over the same batches (same sampler, seed and data loader),
+   the same initial model and the same loss, on the embedded data set. The two alternate, in turn
+   first, for ``--repeats`` rounds in one process; each side's median images/s is kept and
+   ``overhead = bare / fit - 1``.
 2. Throughput: one training step (forward, loss, backward, optimiser step) on a random P x K batch,
    per model and input size, in fp32 and in the variants that might be faster on a CPU
    (channels_last memory format, bf16 autocast), interleaved the same way; ``speedup`` is each
