@@ -72,7 +72,7 @@ def bare_loop(model, objective, data, cfg: Config, settings: TrainSettings) -> f
 
 
 def engine_overhead(args: argparse.Namespace, console: Console) -> dict:
-    cfg = Config(data="synthetic", student=args.model, out=tempfile.mkdtemp(prefix="engine-bench-"), val_fraction=0.2)
+    cfg = Config(data="synthetic", student=args.model, student_width=args.width, out=tempfile.mkdtemp(prefix="engine-bench-"), val_fraction=0.2)
     cfg, data, _ = setup(cfg)
     settings = replace(train_settings(cfg, torch.device("cpu")), epochs=args.epochs, min_steps=0, amp=False)
     torch.manual_seed(0)
@@ -175,7 +175,8 @@ def _size(text: str) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine.json"))
-    parser.add_argument("--model", default="nin_bn", help="student trained in the overhead comparison")
+    parser.add_argument("--model", default="nin_bn", help="model trained in the overhead comparison")
+    parser.add_argument("--width", type=float, default=0.5, help="its width (the teacher: --model inception_bn --width 1)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per side and round in the overhead comparison")
     parser.add_argument("--repeats", type=int, default=4, help="rounds per comparison (sides alternate first)")
     parser.add_argument("--models", nargs="+", default=["inception_bn", "nin_bn"], help="models of the throughput table")
