@@ -20,8 +20,9 @@ from distill.data.samplers import PKSampler
 from distill.data.unlabeled import UNLABELED, JointDataset, UnlabeledBatchSampler, load_unlabeled
 from distill.engine import fit, seed_everything
 from distill.errors import DistillError
-from distill.losses.darkrank import DarkRankLoss
+from distill.losses.darkrank import DarkRank, DarkRankLoss
 from distill.losses.kd import kd_loss
+from distill.losses.registry import LossInputs
 from distill.losses.relational import pkt_loss, rkd_distance_loss
 from distill.objective import StudentObjective
 from tests.ddp_unlabeled_worker import EXTRA, PER_STEP, WithUnlabeled, sampler
@@ -167,9 +168,6 @@ def test_task_losses_see_the_labeled_rows_and_distillation_every_row():
 def test_a_full_darkrank_list_lengthened_by_unlabeled_rows_keeps_the_labeled_batch_weight(mode):
     """Full list: the term is the plain DarkRank of every row times labeled rows / all rows; a batch all
     labeled or all unlabeled, and a list of fixed length, are not scaled."""
-    from distill.losses.darkrank import DarkRank
-    from distill.losses.registry import LossInputs
-
     emb, logits, labels, t_emb, t_logits = batch(n=8, unlabeled=3)
 
     def term(labels, list_size=None, topk=None):
