@@ -176,7 +176,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/engine.json"))
     parser.add_argument("--model", default="nin_bn", help="model trained in the overhead comparison")
-    parser.add_argument("--width", type=float, default=0.5, help="its width (the teacher: --model inception_bn --width 1)")
+    parser.add_argument("--width", type=float, default=Config.student_width,
+                        help="its width (default: the students'; the teacher: --model inception_bn --width 1)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per side and round in the overhead comparison")
     parser.add_argument("--repeats", type=int, default=4, help="rounds per comparison (sides alternate first)")
     parser.add_argument("--models", nargs="+", default=["inception_bn", "nin_bn"], help="models of the throughput table")

@@ -240,15 +240,15 @@ class DarkRank(nn.Module):
 
     def forward(self, x: LossInputs) -> Tensor:
         loss = self.loss(x.emb, x.teacher_emb)
+        if self.loss.list_size is not None or self.loss.topk is not None:
+            return loss  # a list of fixed length: unlabeled rows do not lengthen it
         return loss * self.labeled_share(x.labels).to(loss.dtype)
 
-    def labeled_share(self, labels: Tensor) -> Tensor:
+    @staticmethod
+    def labeled_share(labels: Tensor) -> Tensor:
         """The weight of a full list is meant for the labeled batch: its Plackett-Luce loss has one factor
         per candidate, so unlabeled rows (label -1, ``--unlabeled``) that lengthen every list raise the
         term with their number (log 127! / log 63! = 2.4x at 64 + 64 rows and uniform scores). A batch
-        of both is scaled by labeled rows / all rows; a list of fixed length (``darkrank_list_size``,
-        ``darkrank_topk``), or a batch all labeled or all unlabeled, by 1."""
+        of both is scaled by labeled rows / all rows; a batch all labeled or all unlabeled by 1."""
         labeled = (labels >= 0).sum(dtype=torch.float64)
-        if self.loss.list_size is not None or self.loss.topk is not None:
-            return torch.ones_like(labeled)
         return torch.where(labeled > 0, labeled / labels.numel(), 1.0)
