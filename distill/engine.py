@@ -51,6 +51,7 @@ class TrainSettings:
     lr: float
     steps: int | None = None  # exactly this many steps (rounded up to whole epochs) instead of epochs
     min_steps: int = 0  # at least this many steps
+    min_steps_why: str = ""  # what the minimum is, for the budget note (default: "the minimum of N steps")
     weight_decay: float = 5e-4
     seed: int = 0
     device: str = "cpu"
@@ -76,8 +77,9 @@ class TrainSettings:
         asked, epochs = self._asked(steps_per_epoch), self.num_epochs(steps_per_epoch)
         if epochs == asked:
             return None
-        return (f"the default {asked} epochs ({asked * steps_per_epoch} steps) raised to {epochs} to reach the "
-                f"minimum of {self.min_steps} steps (a length you set runs as given)")
+        why = self.min_steps_why or f"the minimum of {self.min_steps} steps"
+        return (f"the default {asked} epochs ({asked * steps_per_epoch} steps) raised to {epochs} to reach "
+                f"{why} (a length you set runs as given)")
 
 
 def resolve_device(spec: str) -> torch.device:

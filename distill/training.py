@@ -14,6 +14,7 @@ from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config
 from distill.console import make_console
 from distill.data.importance import ImportanceBatchSampler
 from distill.data.samplers import PKSampler
+from distill.data.unlabeled import UnlabeledBatchSampler
 from distill.engine import BatchSampler, TrainSettings, distributed, is_main_process
 from distill.errors import DistillError
 from distill.losses.task import HPARAMS
@@ -23,17 +24,29 @@ from distill.selection import chance_note, near_chance
 console = make_console(stderr=True)
 
 
-def train_settings(cfg: Config, device: torch.device, teacher: bool = False) -> TrainSettings:
+def train_settings(
+    cfg: Config, device: torch.device, teacher: bool = False, unlabeled: UnlabeledBatchSampler | None = None
+) -> TrainSettings:
     """The teacher's or the students' training settings. A length the user gave (epochs or steps)
-    runs as given; only the default length is raised to the minimum number of steps."""
+    runs as given; only the default length is raised to the minimum number of steps, and, when the
+    student also learns from ``unlabeled`` images, to as many passes over them as the default epochs
+    make over the labeled ones (an epoch counts the labeled batches, each of which carries a share
+    of the unlabeled images: 6,000 unlabeled images beside 600 labeled ones would otherwise be seen
+    about once)."""
     epochs, steps, minimum = (
         (cfg.teacher_epochs, cfg.teacher_steps, cfg.teacher_min_steps) if teacher else (cfg.epochs, cfg.steps, cfg.min_steps)
     )
+    default = DEFAULT_TEACHER_EPOCHS if teacher else DEFAULT_EPOCHS
     given = epochs is not None or steps is not None
+    why = ""
+    if unlabeled is not None and default * unlabeled.steps_per_pass > minimum:
+        minimum = default * unlabeled.steps_per_pass
+        why = f"{default} passes over the {unlabeled.count} unlabeled images ({minimum} steps)"
     return TrainSettings(
-        epochs=epochs if epochs is not None else (DEFAULT_TEACHER_EPOCHS if teacher else DEFAULT_EPOCHS),
+        epochs=epochs if epochs is not None else default,
         steps=steps,
         min_steps=0 if given else minimum,
+        min_steps_why="" if given else why,
         lr=cfg.teacher_lr if teacher else cfg.lr,
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,

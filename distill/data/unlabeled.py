@@ -115,6 +115,11 @@ class UnlabeledBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         if self.labeled is not None:
             return len(self.labeled)
+        return self.steps_per_pass
+
+    @property
+    def steps_per_pass(self) -> int:
+        """This process's steps in one pass over the unlabeled images (at least 1)."""
         return max(1, self.count // (self.batch * self.world_size))
 
     def _stream(self, steps: int) -> np.ndarray:

@@ -144,7 +144,7 @@ def _fit_student(
     origin = {"student_weights": file_fingerprint(weights)} if weights else {}
     origin |= {"unlabeled": unlabeled_fingerprint(unlabeled, sampler.batch)} if unlabeled else {}
     model, summary = engine.fit(
-        model, objective, dataset, sampler, train_settings(cfg, device), checkpoint,
+        model, objective, dataset, sampler, train_settings(cfg, device, unlabeled=sampler if unlabeled else None), checkpoint,
         teacher_fn=teacher_fn, penalty=weight_penalty(objective), desc=name, validate=data.protocol.validator(data, device),
         recipe=student_recipe(cfg, data, teacher) | origin,
     )
