@@ -41,7 +41,7 @@ def train_settings(
     why = ""
     if unlabeled is not None and default * unlabeled.steps_per_pass > minimum:
         minimum = default * unlabeled.steps_per_pass
-        why = f"{default} passes over the {unlabeled.count} unlabeled images ({minimum} steps)"
+        why = f"{minimum} steps, {default} passes over the {unlabeled.count} unlabeled images"
     return TrainSettings(
         epochs=epochs if epochs is not None else default,
         steps=steps,

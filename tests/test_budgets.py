@@ -8,6 +8,8 @@ import torch
 
 from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS
 from distill.config_load import load_config
+from distill.data.samplers import PKSampler
+from distill.data.unlabeled import UnlabeledBatchSampler
 from distill.engine import TrainSettings, fit
 from distill.training import train_settings
 from tests.test_engine import CrossEntropy, batches, dataset, steps_per_epoch, tiny_model  # noqa: F401 (fixture)
@@ -40,6 +42,31 @@ def test_the_default_length_is_raised_to_the_minimum(teacher):
     # the other model's settings do not leak in
     other = "" if teacher else "teacher_"
     assert epochs_run(teacher, **{f"{prefix}min_steps": 0, f"{other}steps": 999, f"{other}min_steps": 999}) == default
+
+
+def unlabeled_sampler(count: int, per_batch: int, world: int = 1) -> UnlabeledBatchSampler:
+    labeled = PKSampler([i // 4 for i in range(24)], p=2, k=4, seed=0)  # 3 labeled batches, like PER_EPOCH
+    return UnlabeledBatchSampler(labeled, 24, count, per_batch, world_size=world)
+
+
+def test_the_default_student_length_passes_over_the_unlabeled_images_as_often_as_over_the_labeled():
+    unlabeled = unlabeled_sampler(count=100, per_batch=4)  # 25 steps per pass over them, 3 labeled steps per epoch
+    assert unlabeled.steps_per_pass == 25 and len(unlabeled) == PER_EPOCH
+    assert unlabeled_sampler(count=100, per_batch=4, world=2).steps_per_pass == 12  # each rank's share of a pass
+    cfg = load_config(min_steps=0)
+    settings = train_settings(cfg, CPU, unlabeled=unlabeled)
+    assert settings.min_steps == DEFAULT_EPOCHS * 25
+    assert settings.num_epochs(PER_EPOCH) == -(-DEFAULT_EPOCHS * 25 // PER_EPOCH)  # 100 epochs of 3 labeled batches
+    assert settings.budget_note(PER_EPOCH) == (
+        f"the default {DEFAULT_EPOCHS} epochs ({DEFAULT_EPOCHS * PER_EPOCH} steps) raised to 100 to reach "
+        f"{DEFAULT_EPOCHS * 25} steps, {DEFAULT_EPOCHS} passes over the 100 unlabeled images (a length you set runs as given)"
+    )
+    # a larger --min-steps still wins, and a length the user gave runs as given
+    assert train_settings(load_config(min_steps=999), CPU, unlabeled=unlabeled).min_steps == 999
+    assert train_settings(load_config(epochs=2), CPU, unlabeled=unlabeled).num_epochs(PER_EPOCH) == 2
+    assert train_settings(load_config(steps=30), CPU, unlabeled=unlabeled).min_steps_why == ""
+    # few unlabeled images change nothing
+    assert train_settings(cfg, CPU, unlabeled=unlabeled_sampler(count=8, per_batch=4)).num_epochs(PER_EPOCH) == DEFAULT_EPOCHS
 
 
 def test_the_budget_note_says_when_and_why_the_length_changed():
