@@ -41,7 +41,7 @@ from distill.report.text import retry_note
 from distill.run import setup
 from distill.students import train
 from distill.study_output import write_study
-from distill.study_stats import BASELINE, summarize
+from distill.study_stats import BASELINE, stalled_seeds, summarize
 from distill.teachers.acquire import acquire_teacher
 
 # The lead adds more (rkd, pkt, compat): a plain dict of name -> Config overrides on the base config.
@@ -294,7 +294,8 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
         "summary": summarize(ordered),
         "results": [{k: r[k] for k in ("recipe", "seed", "metrics")} for r in ordered],
         "timings": [{"recipe": r["recipe"], "seed": r["seed"]} | (r.get("timings") or {}) for r in ordered],
-        "warnings": [f"{r['recipe']} seed {r['seed']}: {r['warning']}" for r in ordered if r.get("warning")],
+        "warnings": [f"{r['recipe']} seed {r['seed']}: {r['warning']}" for r in ordered if r.get("warning")]
+        + stalled_seeds(ordered),
         "config": base.to_dict(),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }

@@ -6,12 +6,14 @@ one seed) and wins/losses/ties."""
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any, Sequence
 
 from scipy import stats
 
 BASELINE = "baseline"  # the recipe every other one is compared with, seed by seed
 TIE_TOLERANCE = 1e-9
+STALL_SHARE = 0.75  # a seed below this share of its recipe's other seeds' median looks stalled
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -72,3 +74,28 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                     gain[m] = paired_gain(v, ref)
         summary[name] = {"n": len(per_seed), "metrics": metrics, "gain": gain}
     return summary
+
+
+def stalled_seeds(results: list[dict[str, Any]], metric: str = "map", share: float = STALL_SHARE) -> list[str]:
+    """One warning per seed whose ``metric`` is below ``share`` x the median of the same recipe's
+    other seeds (at least 3 of them): a training that stalled or collapsed while its siblings
+    learnt. The "has it learnt?" check of one training cannot see this (a stalled student may
+    still be far above its untrained score); a study can, and its mean and interval include it."""
+    by: dict[str, dict[int, float]] = {}
+    for r in results:
+        if r["metrics"].get(metric) is not None:
+            by.setdefault(r["recipe"], {})[r["seed"]] = r["metrics"][metric]
+    warnings = []
+    for name, per_seed in by.items():
+        for seed, value in per_seed.items():
+            others = [v for s, v in per_seed.items() if s != seed]
+            if len(others) < 3:
+                continue
+            median = statistics.median(others)
+            if value < share * median:
+                warnings.append(
+                    f"{name} seed {seed}: {metric} {value:.3f} is {1 - value / median:.0%} below the median of the "
+                    f"other seeds ({median:.3f}): this training may have stalled (see its log); the mean and "
+                    "interval above include it"
+                )
+    return warnings

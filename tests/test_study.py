@@ -95,6 +95,24 @@ def test_summarize_per_recipe_mean_std_and_paired_gain():
     assert "nmi" in summary["kd"]["metrics"] and "nmi" not in summary["kd"]["gain"]  # the baseline has no NMI
 
 
+def test_a_seed_far_below_its_siblings_is_a_warning():
+    # the CUHK03 study of 2026-12-01: one seed of five stalled at mAP 0.078 while the others learnt
+    maps = {"kd": [0.152, 0.078, 0.139, 0.161, 0.144], "baseline": [0.05, 0.11, 0.09, 0.07, 0.08]}
+    results = [{"recipe": r, "seed": s, "metrics": {"map": v}} for r, values in maps.items() for s, v in enumerate(values)]
+    warnings = study_stats.stalled_seeds(results)
+    # by hand: kd's others 0.139, 0.144, 0.152, 0.161 -> median 0.148, 0.75 x = 0.111 > 0.078 (47% below);
+    # baseline seed 0: others 0.07, 0.08, 0.09, 0.11 -> median 0.085, 0.75 x = 0.06375 > 0.05 (41% below)
+    assert warnings == [
+        "kd seed 1: map 0.078 is 47% below the median of the other seeds (0.148): this training may have stalled "
+        "(see its log); the mean and interval above include it",
+        "baseline seed 0: map 0.050 is 41% below the median of the other seeds (0.085): this training may have "
+        "stalled (see its log); the mean and interval above include it",
+    ]
+    assert study_stats.stalled_seeds(results, share=0.5) == []
+    assert study_stats.stalled_seeds(results[:3]) == []  # fewer than 3 other seeds: no median to trust
+    assert study_stats.stalled_seeds(results, metric="recall@1") == []  # a metric no result has
+
+
 # ---------------------------------------------------------------- recipes
 
 
