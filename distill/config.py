@@ -148,7 +148,8 @@ class Config:
     )
     unlabeled: str | None = option(
         None, "Images without labels the distilled student also learns from, through the teacher's distillation terms "
-        "only: a folder (searched recursively) or a data spec (its training images, labels ignored).",
+        "only: a folder (searched recursively) or a data spec (its training images, labels ignored). The default "
+        "length passes over them as often as over the labeled images.",
         section="data", shown="none", **_STUDENT,
     )
     unlabeled_batch: int | None = option(
