@@ -20,7 +20,10 @@ The statistics (mean ± std, the paired gain with its 95% confidence interval) a
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
@@ -170,6 +173,19 @@ _WORKER: dict[str, _Context] = {}
 
 def _worker_init() -> None:
     torch.set_num_threads(1)
+    threading.Thread(target=stop_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def stop_with_parent(parent: int, every_s: float = 2.0, grace_s: float = 10.0) -> None:
+    """Interrupt this process (SIGINT: its training unwinds as under Ctrl-C, nothing half-written)
+    once ``parent``, the study that started it, is gone, and end it ``grace_s`` later (a pool worker
+    that reported the interruption waits for its next task forever): a study killed alone (``kill``,
+    a job scheduler's SIGTERM, SIGKILL) would otherwise leave its workers training for up to an hour."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(grace_s)
+    os._exit(1)
 
 
 def _worker_train(base: Config, cfg: Config, recipe: str, keep_model: bool) -> tuple[dict[str, float], dict[str, float], str | None]:

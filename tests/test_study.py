@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from distill.data.synthetic import load_synthetic
 from distill.errors import DistillError
 from distill.models.file import load_model
 
+ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 SMALL = dict(train_ids=8, test_ids=4, images_per_id=8, height=32, width=16)
 TINY = dict(image_size="32x16", epochs=1, teacher_epochs=1, batch_size=16, min_steps=0, teacher_min_steps=0, retry_lr=False)
@@ -298,6 +302,40 @@ def test_parallel_jobs_give_the_numbers_of_one_job(tmp_path):
     finally:
         torch.set_num_threads(1)
     assert parallel["results"] == serial["results"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="reads /proc to see whether a process is still running")
+def test_a_worker_stops_when_the_study_process_is_gone(tmp_path):
+    # a stand-in study starts one "worker", waits until its watch runs, and dies; the watch must
+    # interrupt the worker long before its 60 s of "training" are over
+    ready = tmp_path / "watching"
+    worker = (
+        "import os, pathlib, threading, time\n"
+        "from distill.study import stop_with_parent\n"
+        "threading.Thread(target=stop_with_parent, args=(os.getppid(), 0.1), daemon=True).start()\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+    study = (
+        "import os, subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        f"while not os.path.exists({str(ready)!r}): time.sleep(0.05)\n"
+        "print(p.pid)\n"
+    )
+    pid = int(subprocess.run([sys.executable, "-c", study], capture_output=True, text=True, check=True, cwd=ROOT,
+                             timeout=300).stdout)
+    gone_by = time.monotonic() + 30
+
+    def running() -> bool:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state != "Z"  # a zombie has stopped, only its exit status is left
+
+    while running() and time.monotonic() < gone_by:
+        time.sleep(0.1)
+    assert not running()
 
 
 def test_recipes_train_at_the_inputs_chosen_for_the_data(tiny_data, tmp_path):
