@@ -53,12 +53,18 @@ def paired_gain(recipe: dict[int, float], baseline: dict[int, float], level: flo
     }
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{recipe: {"n", "metrics": {m: {"mean", "std"}}, "gain": {m: paired_gain} or None}}`` from
-    results ``{"recipe", "seed", "metrics"}``; the gain is None for the baseline itself."""
+def per_recipe(results: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+    """``{recipe: {seed: metrics}}`` from results ``{"recipe", "seed", "metrics"}``, in their order."""
     by: dict[str, dict[int, dict[str, float]]] = {}
     for r in results:
         by.setdefault(r["recipe"], {})[r["seed"]] = r["metrics"]
+    return by
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{recipe: {"n", "metrics": {m: {"mean", "std"}}, "gain": {m: paired_gain} or None}}`` from
+    results ``{"recipe", "seed", "metrics"}``; the gain is None for the baseline itself."""
+    by = per_recipe(results)
     base = by.get(BASELINE, {})
     summary = {}
     for name, per_seed in by.items():
@@ -81,12 +87,9 @@ def stalled_seeds(results: list[dict[str, Any]], metric: str = "map", share: flo
     other seeds (at least 3 of them): a training that stalled or collapsed while its siblings
     learnt. The "has it learnt?" check of one training cannot see this (a stalled student may
     still be far above its untrained score); a study can, and its mean and interval include it."""
-    by: dict[str, dict[int, float]] = {}
-    for r in results:
-        if r["metrics"].get(metric) is not None:
-            by.setdefault(r["recipe"], {})[r["seed"]] = r["metrics"][metric]
     warnings = []
-    for name, per_seed in by.items():
+    for name, metrics in per_recipe(results).items():
+        per_seed = {s: m[metric] for s, m in metrics.items() if m.get(metric) is not None}
         for seed, value in per_seed.items():
             others = [v for s, v in per_seed.items() if s != seed]
             if len(others) < 3:
