@@ -159,6 +159,19 @@ def test_example_recipes_file_is_valid():
     assert configs["kd-w3+darkrank-full-list"][1].darkrank_list_size is None  # "all": every other sample
 
 
+@pytest.mark.parametrize("name, recipe, key, value", [
+    ("unlabeled.toml", "kd+darkrank+unlabeled", "unlabeled", "/data/cuhk03_extra"),
+    ("pretrain.toml", "kd+darkrank-pretrained", "student_weights", "runs/pre/student.pt"),
+    ("low_label.toml", "kd+darkrank+unlabeled", "unlabeled", "/data/cuhk03_low/unlabeled"),
+    ("low_label.toml", "kd+darkrank-1176steps", "steps", 1176),
+])
+def test_example_study_recipes_set_what_the_docs_say(name, recipe, key, value):
+    path = Path(__file__).parent.parent / "examples" / name
+    configs = study.recipe_configs(load_config(None), None, study.load_recipes_file(path))
+    assert getattr(configs[recipe][1], key) == value
+    assert configs[recipe][1].distill == load_config(None).distill  # the default recipe plus that one key
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
