@@ -7,7 +7,8 @@ start from the same student initialisation (``train_student`` seeds before build
 see the same batches (the P x K sampler depends only on ``(seed, epoch)``).
 
 Each (recipe, seed) result is written atomically to ``<out>/study/results/<recipe>/seed-<s>.json``
-as soon as it is finished; a rerun skips the results whose config, teacher and data still match.
+as soon as it is finished; a rerun skips the results whose config, teacher, data and code (a hash of
+this package's sources: an upgrade or an edit must not mix two versions' numbers) still match.
 A training's model file (``<out>/study/models/<recipe>-seed<s>.pt``) is deleted once it is scored,
 unless ``keep_models``; its checkpoint once the model file is written, unless ``keep_checkpoints``.
 Every training runs on one thread (in-process or in a worker process), so the numbers do not depend
@@ -19,6 +20,8 @@ The statistics (mean ± std, the paired gain with its 95% confidence interval) a
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
@@ -200,22 +203,38 @@ def result_path(out: Path, recipe: str, seed: int) -> Path:
     return out / "study" / "results" / recipe / f"seed-{seed}.json"
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 (16 hex digits) of the ``distill`` package's Python sources, paths included."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def _identity(cfg: Config, teacher: str | None, data: str, device: torch.device) -> dict[str, Any]:
     """What a stored result must match to be reused: the config (less output-only keys), the teacher
-    (None for the baseline, which has none), the data and the device ``--device auto`` resolved to."""
+    (None for the baseline, which has none), the data, the device ``--device auto`` resolved to and
+    the code."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in NOT_RESULT_KEYS}
-    return json.loads(json.dumps({"config": config, "teacher": teacher, "data": data, "device": str(device)}))
+    identity = {"config": config, "teacher": teacher, "data": data, "device": str(device), "code": code_fingerprint()}
+    return json.loads(json.dumps(identity))
 
 
-def _load_result(path: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The stored result at ``path`` when it exists, is readable and was made with ``identity``."""
+def _read_result(path: Path) -> dict[str, Any] | None:
+    """The stored result at ``path`` when it exists and is readable (``None`` otherwise)."""
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(stored, dict) or stored.get("identity") != identity or not isinstance(stored.get("metrics"), dict):
+    if not isinstance(stored, dict) or not isinstance(stored.get("identity"), dict) or not isinstance(stored.get("metrics"), dict):
         return None
     return stored
+
+
+def _without_code(identity: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in identity.items() if k != "code"}
 
 
 def run_study(
@@ -247,6 +266,7 @@ def _stored_and_todo(
     data_fp = data_fingerprint([*data.splits.train, *data.splits.query, *data.splits.gallery])
     results: dict[tuple[str, int], dict[str, Any]] = {}
     todo: list[tuple[str, Config, dict[str, Any]]] = []
+    other_code = 0
     for seed in seed_list:  # seed-major: an interrupted study keeps whole pairs
         for name, (_, rcfg) in recipes.items():
             # a training killed with the study is continued with --resume, else started over (its
@@ -254,11 +274,16 @@ def _stored_and_todo(
             cfg = replace(rcfg, seed=seed, resume=base.resume, fresh=not base.resume)
             cfg = choose_inputs(cfg, replace(data.splits, train=data.train.samples), device).fill(cfg)
             identity = _identity(cfg, None if name == BASELINE else teacher_fingerprint, data_fp, device)
-            stored = _load_result(result_path(base.out_dir, name, seed), identity)
-            if stored is not None:
+            stored = _read_result(result_path(base.out_dir, name, seed))
+            if stored is not None and stored["identity"] == identity:
                 results[name, seed] = stored
-            else:
-                todo.append((name, cfg, identity))
+                continue
+            if stored is not None and _without_code(stored["identity"]) == _without_code(identity):
+                other_code += 1
+            todo.append((name, cfg, identity))
+    if other_code:
+        console.print(f"study: {other_code} stored result(s) were made by other code of distill (upgraded or edited since): "
+                      "training them again, so that no table mixes two versions")
     return results, todo
 
 

@@ -265,6 +265,50 @@ def test_pairs_share_init_and_batches_and_an_interrupted_study_resumes(tiny_data
     assert json.loads((results / "kd" / "seed-1.json").read_text())["overrides"] == {"distill": "kd=3"}
 
 
+def test_results_of_other_code_are_trained_again_and_said(tiny_data, tmp_path, monkeypatch, capsys):
+    base = load_config(None, out=str(tmp_path / "s"), **TINY)
+    recipes = study.recipe_configs(base, ["kd"])
+    study.run_study(base, recipes, seeds=1)
+    trained = []
+    real_train = train.train_student
+
+    def counting_train(cfg, data, device, teacher=None, name="student"):
+        trained.append(name)
+        return real_train(cfg, data, device, teacher=teacher, name=name)
+
+    monkeypatch.setattr(train, "train_student", counting_train)
+    capsys.readouterr()
+    study.run_study(base, recipes, seeds=1)  # same code: both results reused
+    assert trained == [] and "other code" not in capsys.readouterr().err
+    monkeypatch.setattr(study, "code_fingerprint", lambda: "0123456789abcdef")  # as after an upgrade or an edit
+    study.run_study(base, recipes, seeds=1)
+    assert sorted(trained) == ["study/models/baseline-seed0", "study/models/kd-seed0"]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "study: 2 stored result(s) were made by other code of distill (upgraded or edited since): training them again" in err
+    stored = json.loads((tmp_path / "s" / "study" / "results" / "kd" / "seed-0.json").read_text())
+    assert stored["identity"]["code"] == "0123456789abcdef"
+
+
+def test_the_code_fingerprint_covers_every_source_file_of_the_package(tmp_path, monkeypatch):
+    package = Path(study.__file__).resolve().parent
+    real = study.code_fingerprint()
+    assert len(real) == 16
+    fake = tmp_path / "distill"
+    for path in package.rglob("*.py"):
+        (fake / path.relative_to(package)).parent.mkdir(parents=True, exist_ok=True)
+        (fake / path.relative_to(package)).write_bytes(path.read_bytes())
+    monkeypatch.setattr(study, "__file__", str(fake / "study.py"))
+    study.code_fingerprint.cache_clear()
+    try:
+        same = study.code_fingerprint()
+        (fake / "losses" / "darkrank.py").write_text((fake / "losses" / "darkrank.py").read_text() + "\n# edited\n")
+        study.code_fingerprint.cache_clear()
+        edited = study.code_fingerprint()
+    finally:
+        study.code_fingerprint.cache_clear()
+    assert same == real and edited != same  # a copy hashes the same; one edited line changes it
+
+
 def test_cli_study_writes_its_files_and_repeats_its_numbers(tiny_data, tmp_path):
     outputs = []
     for run in ("a", "b"):
