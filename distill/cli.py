@@ -10,7 +10,6 @@ import functools
 import inspect
 import sys
 import typing
-import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,7 +21,7 @@ from rich.text import Text
 from distill.config import Config, command_fields, default_value, field_info, flag_name
 from distill.config_load import REPLACED_WEIGHTS
 from distill.cli_help import SectionedCommand
-from distill.console import make_console
+from distill.console import make_console, one_line_warnings
 from distill.errors import DistillError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil a big embedding teacher into a small, fast student.")
@@ -33,13 +32,7 @@ DEBUG = {"on": False}
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
     DEBUG["on"] = debug
-    warnings.showwarning = _show_warning
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one line ``warning: ...`` (the source line only with --debug)."""
-    where = f" ({filename}:{lineno})" if DEBUG["on"] else ""
-    err_console.print(f"[yellow]warning:[/] {escape(str(message))}{escape(where)}", highlight=False, soft_wrap=True)
+    one_line_warnings(debug)
 
 
 def friendly(fn: Callable) -> Callable:

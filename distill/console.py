@@ -9,9 +9,11 @@ line is written whole. ``COLUMNS``, when set, still wins (``COLUMNS=80 distill r
 from __future__ import annotations
 
 import os
+import warnings
 from typing import IO
 
 from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
 
 LOG_WIDTH = 1000  # columns of a console that is not a terminal: wide enough for any table distill prints
 
@@ -36,3 +38,15 @@ def make_console(stderr: bool = False, file: IO[str] | None = None, width: int |
     """A console on stdout (or ``stderr``, or ``file``): its terminal's width, full lines when it is
     not a terminal; ``width`` fixes it (tests)."""
     return _Console(stderr=stderr, file=file, width=width)
+
+
+def one_line_warnings(debug: bool = False) -> None:
+    """Show Python warnings as one line ``warning: ...`` on stderr, the source line only with ``debug``:
+    the CLI's and every study worker's (a spawned process starts with Python's own format)."""
+    console = make_console(stderr=True)
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        where = f" ({filename}:{lineno})" if debug else ""
+        console.print(f"[yellow]warning:[/] {escape(str(message))}{escape(where)}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show

@@ -39,7 +39,7 @@ import torch
 from distill.atomic import atomic_write_text
 from distill.config import Config, fields_where
 from distill.config_load import load_config, read_toml
-from distill.console import make_console
+from distill.console import make_console, one_line_warnings
 from distill.data import data_fingerprint
 from distill.data.prepare import Prepared, choose_inputs
 from distill.errors import DistillError
@@ -176,6 +176,7 @@ _WORKER: dict[str, _Context] = {}
 
 def _worker_init() -> None:
     torch.set_num_threads(1)
+    one_line_warnings()
     threading.Thread(target=stop_with_parent, args=(os.getppid(),), daemon=True).start()
 
 

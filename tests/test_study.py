@@ -347,6 +347,14 @@ def _imagefolder(root, tmp_path):
     return f"imagefolder:{root}"
 
 
+def test_a_worker_shows_warnings_in_one_line_as_the_cli_does():
+    # a spawned worker starts with Python's own format ("path.py:100: UserWarning: ...", then the source line)
+    code = ("import warnings; from distill import study; study._worker_init(); "
+            "warnings.warn('the teacher has 240 classes, the task 80: kd is off')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err == "warning: the teacher has 240 classes, the task 80: kd is off\n"
+
+
 def test_parallel_jobs_give_the_numbers_of_one_job(tmp_path):
     data = _imagefolder(tmp_path / "folder", tmp_path)
     one = load_config(None, data=data, out=str(tmp_path / "one"), **TINY)
