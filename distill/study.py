@@ -28,11 +28,12 @@ import re
 import signal
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -171,13 +172,39 @@ def _train_and_evaluate(
     return metrics, timings, "; ".join(n for n in notes if n) or None
 
 
-_WORKER: dict[str, _Context] = {}
+_WORKER: dict[str, Any] = {}  # in a worker process: "stop" (the study's Event), "ctx" (data and teacher)
 
 
-def _worker_init() -> None:
+def _worker_init(stop: EventType) -> None:
     torch.set_num_threads(1)
     one_line_warnings()
+    _WORKER["stop"] = stop
     threading.Thread(target=stop_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def gather(futures: dict[Future, tuple], store: Callable[..., None], stop: EventType) -> None:
+    """``store(*futures[f], *f.result())`` for each training as it finishes. On a failed training or an
+    interrupt of this process alone (``kill -INT``): ``stop`` is set, so that no worker starts another
+    training (the pool hands each worker its next task early, beyond ``cancel``'s reach), and the
+    running ones are interrupted as Ctrl-C would (checkpoints stay resumable), instead of the pool
+    waiting for them, up to an hour, only to discard their results."""
+    try:
+        for future in as_completed(futures):
+            store(*futures[future], *future.result())
+    except BaseException:
+        stop.set()
+        for future in futures:
+            future.cancel()
+        for worker in active_children():
+            os.kill(worker.pid, signal.SIGINT)
+        raise
+
+
+def unless_stopped(fn: Callable[..., Any], *args: Any) -> Any:
+    """In a worker: ``fn(*args)``, unless the study has stopped (:func:`gather`)."""
+    if _WORKER["stop"].is_set():
+        raise KeyboardInterrupt("the study stopped before this training started")
+    return fn(*args)
 
 
 def stop_with_parent(parent: int, every_s: float = 2.0, grace_s: float = 10.0) -> None:
@@ -315,15 +342,12 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
         for name, cfg, identity in todo:
             store(name, cfg, identity, *_train_and_evaluate(ctx, cfg, name, keep_models))
     else:
-        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-            futures = {pool.submit(_worker_train, base, cfg, name, keep_models): (name, cfg, identity) for name, cfg, identity in todo}
-            try:
-                for future in as_completed(futures):
-                    store(*futures[future], *future.result())
-            except BaseException:  # a failed training: stop, do not start the queued ones
-                for future in futures:
-                    future.cancel()
-                raise
+        spawn = get_context("spawn")
+        stop = spawn.Event()
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=spawn, initializer=_worker_init, initargs=(stop,)) as pool:
+            futures = {pool.submit(unless_stopped, _worker_train, base, cfg, name, keep_models): (name, cfg, identity)
+                       for name, cfg, identity in todo}
+            gather(futures, store, stop)
 
     teacher_metrics = data.protocol.test_metrics(teacher, data.splits, data.eval_transform, device, base.clustering)
     ordered = [results[name, seed] for name in recipes for seed in seed_list]

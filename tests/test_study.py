@@ -349,7 +349,7 @@ def _imagefolder(root, tmp_path):
 
 def test_a_worker_shows_warnings_in_one_line_as_the_cli_does():
     # a spawned worker starts with Python's own format ("path.py:100: UserWarning: ...", then the source line)
-    code = ("import warnings; from distill import study; study._worker_init(); "
+    code = ("import multiprocessing, warnings; from distill import study; study._worker_init(multiprocessing.Event()); "
             "warnings.warn('the teacher has 240 classes, the task 80: kd is off')")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert err == "warning: the teacher has 240 classes, the task 80: kd is off\n"
@@ -401,6 +401,35 @@ def test_a_worker_stops_when_the_study_process_is_gone(tmp_path):
     while running() and time.monotonic() < gone_by:
         time.sleep(0.1)
     assert not running()
+
+
+def test_a_failed_or_interrupted_study_interrupts_its_workers_and_starts_nothing_more():
+    # a spawned pool of two workers as a study runs it: "trainings" of 60 s and one that fails after
+    # 8 s. When it fails, one 60 s task is running on each worker and one more has been handed to a
+    # worker early (beyond cancel's reach). The pool used to wait for the running ones and then run
+    # that one; now the running ones are interrupted and the early-handed one never starts
+    study_code = (
+        "import subprocess, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from multiprocessing import get_context\n"
+        "from distill import study\n"
+        "spawn = get_context('spawn')\n"
+        "stop = spawn.Event()\n"
+        "with ProcessPoolExecutor(2, mp_context=spawn, initializer=study._worker_init, initargs=(stop,)) as pool:\n"
+        "    first = pool.submit(study.unless_stopped, time.sleep, 60)\n"
+        "    failing = pool.submit(study.unless_stopped, subprocess.check_call,\n"
+        "                          [sys.executable, '-c', 'import time; time.sleep(8); raise SystemExit(3)'])\n"
+        "    slow = [first, *(pool.submit(study.unless_stopped, time.sleep, 60) for _ in range(2))]\n"
+        "    try:\n"
+        "        study.gather({f: () for f in [failing, *slow]}, lambda *a: None, stop)\n"
+        "    except subprocess.CalledProcessError as err:\n"
+        "        print('raised: exit status', err.returncode)\n"
+        "print('slow ones:', [('cancelled' if f.cancelled() else type(f.exception()).__name__) for f in slow])\n"
+    )
+    # the timeout is the watchdog: without the interrupt, or with the early-handed task run, this takes >= 60 s
+    out = subprocess.run([sys.executable, "-c", study_code], capture_output=True, text=True, timeout=50, cwd=ROOT).stdout
+    assert "raised: exit status 3" in out
+    assert out.split("slow ones: ")[1].strip() == "['KeyboardInterrupt', 'KeyboardInterrupt', 'KeyboardInterrupt']", out
 
 
 def test_recipes_train_at_the_inputs_chosen_for_the_data(tiny_data, tmp_path):
