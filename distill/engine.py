@@ -1,5 +1,5 @@
 """Training loop: the batches of a given sampler (P x K or importance-sampled), AdamW + one-cycle schedule, AMP (bf16)
-and channels_last on GPU, optional torch.compile, DDP under torchrun, atomic checkpoints (at the validation cadence)
+on GPU, channels_last on every device, optional torch.compile, DDP under torchrun, atomic checkpoints (at the validation cadence)
 with every RNG state (so ``resume`` continues bit-for-bit on CPU), a JSONL metrics log and a rich
 progress bar.
 
@@ -229,8 +229,7 @@ def _set_up(
     seed_everything(settings.seed)
     model.to(device)
     objective.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # 1.2-1.4x faster training on CPU too (results.md)
     loader = DataLoader(dataset, batch_sampler=sampler, **loader_settings(device, settings.workers))
     epochs = settings.num_epochs(len(sampler))
     recipe = training_recipe(settings, recipe, epochs, len(sampler), world)
@@ -333,8 +332,7 @@ def _train_epoch(
     for step, (images, labels, indices) in enumerate(loader):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
         teacher_out = teacher_fn(images, indices) if teacher_fn is not None else None
         loss, parts, emb = train_step(images, labels, teacher_out)
         if observe is not None:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from distill.data.base import Sample, Splits
 from distill.data.dataset import ImageDataset, stack_labels
@@ -70,12 +71,12 @@ class Protocol:
         """:meth:`distractor_map` of each of the first ``count`` outputs of ``fn`` (all when None): a
         model's embedding alone (``count=1``, not its logits), or every layer of ``PooledLayers``.
         With ``per_query``, each is the list of every validation query's AP instead of their mean."""
-        distractors = _distractors(data, max_distractors)
-        val = extract(fn, ImageDataset(data.val, data.eval_transform), device)
-        train = extract(fn, ImageDataset(distractors, data.eval_transform), device)
+        picks = _distractor_picks(data, max_distractors)
+        val = extract(fn, data.val_set, device)
+        train = extract(fn, Subset(data.train_plain, picks), device)
         labels, cams = torch.tensor([s.label for s in data.val]), self.validation_cameras(data)
-        gallery_labels = torch.cat([labels, torch.full((len(distractors),), int(labels.min()) - 1)])  # no query's label
-        gallery_cams = torch.cat([cams, torch.full((len(distractors),), -1)])
+        gallery_labels = torch.cat([labels, torch.full((len(picks),), int(labels.min()) - 1)])  # no query's label
+        gallery_cams = torch.cat([cams, torch.full((len(picks),), -1)])
         results = [
             reid_metrics(v, torch.cat([v, t]), labels, gallery_labels, cams, gallery_cams, per_query=per_query)
             for v, t in list(zip(val, train))[:count]
@@ -89,7 +90,7 @@ class Protocol:
         same_id, same_cam = labels[:, None] == labels[None, :], cams[:, None] == cams[None, :]
         removed = (same_id & same_cam).sum(1)  # the query itself and its same-camera matches
         relevant = (same_id & ~same_cam).sum(1)
-        gallery = len(data.val) + len(_distractors(data, max_distractors)) - removed
+        gallery = len(data.val) + len(_distractor_picks(data, max_distractors)) - removed
         scored = relevant > 0  # queries without a match are not scored
         return float(random_ranking_ap(relevant[scored], gallery[scored]).mean())
 
@@ -105,10 +106,9 @@ class Protocol:
         return (lambda model: self.distractor_maps(model, data, device, count=1, per_query=True)[0]) if data.val else None
 
 
-def _distractors(data: Any, max_distractors: int) -> list[Sample]:
-    """Up to ``max_distractors`` training images, evenly spread (so over the training identities)."""
-    picks = torch.linspace(0, len(data.train_plain) - 1, min(max_distractors, len(data.train_plain))).long().unique()
-    return [data.train_plain.samples[int(i)] for i in picks]
+def _distractor_picks(data: Any, max_distractors: int) -> list[int]:
+    """Indices of up to ``max_distractors`` training images, evenly spread (so over the training identities)."""
+    return torch.linspace(0, len(data.train_plain) - 1, min(max_distractors, len(data.train_plain))).long().unique().tolist()
 
 
 def _metrics(retrieval: dict, reid: dict) -> dict[str, float]:

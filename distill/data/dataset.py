@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from typing import Callable, Sequence
@@ -90,8 +91,13 @@ class ImageDataset(Dataset):
 
     ``label_map`` maps the data set's own labels to ``0..C-1`` (classifier targets); without it,
     labels are returned as they are. ``preload`` decodes every image once and keeps the PIL images
-    in memory, which is what small data sets (the embedded default) want on a CPU.
+    in memory, which is what small data sets (the embedded default) want on a CPU; with a
+    ``fixed_transform`` (no random augmentation: the eval transform) the transformed tensors are
+    kept instead, while they fit in ``MAX_TENSOR_CACHE`` bytes, so every image is decoded and resized
+    once per run rather than once per epoch and validation (the same tensors either way).
     """
+
+    MAX_TENSOR_CACHE = 512 * 2**20
 
     def __init__(
         self,
@@ -99,19 +105,39 @@ class ImageDataset(Dataset):
         transform: Callable[[Image.Image], Tensor],
         label_map: dict[int, int] | None = None,
         preload: bool = False,
+        fixed_transform: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.label_map = label_map
         self._cache = [read_image(s.path) for s in self.samples] if preload else None
+        self._tensors = self._transformed() if fixed_transform else None
+
+    def _transformed(self) -> list[Tensor] | None:
+        """Every preloaded image through the transform, when they fit in ``MAX_TENSOR_CACHE``."""
+        if not self._cache:
+            return None
+        first = self.transform(self._cache[0])
+        if first.numel() * first.element_size() * len(self._cache) > self.MAX_TENSOR_CACHE:
+            return None
+        return [first] + [self.transform(img) for img in self._cache[1:]]
+
+    def with_transform(self, transform: Callable[[Image.Image], Tensor], fixed_transform: bool = False) -> ImageDataset:
+        """The same samples and labels through another transform, reusing the decoded images."""
+        other = copy.copy(self)
+        other.transform = transform
+        other._tensors = other._transformed() if fixed_transform else None
+        return other
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         s = self.samples[index]
-        img = self._cache[index] if self._cache is not None else read_image(s.path)
         label = self.label_map[s.label] if self.label_map is not None else s.label
+        if self._tensors is not None:
+            return self._tensors[index], label, index
+        img = self._cache[index] if self._cache is not None else read_image(s.path)
         return self.transform(img), label, index
 
     @property

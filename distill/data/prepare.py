@@ -76,7 +76,7 @@ def choose_inputs(cfg: Config, splits: Splits, device: torch.device) -> Inputs:
 @dataclass
 class Prepared:
     """The data of a run: splits, the training set (with contiguous labels), the validation images
-    (held-out training identities; empty when validation is off), the eval transform, the inputs
+    (held-out training identities; empty when validation is off) and their data set, the eval transform, the inputs
     chosen and the unlabeled images (``--unlabeled``, given by ``unlabeled_spec``). A run on
     unlabeled images alone has no training set and ``num_classes`` 0."""
 
@@ -84,6 +84,7 @@ class Prepared:
     train: ImageDataset
     train_plain: ImageDataset
     val: list[Sample]
+    val_set: ImageDataset  # ``val`` through the eval transform (decoded once when small)
     eval_transform: Callable
     num_classes: int
     inputs: Inputs
@@ -121,11 +122,10 @@ def prepare_data(cfg: Config, device: torch.device = torch.device("cpu")) -> Pre
     # outputs be cached once for every epoch.
     augment = inputs.augment != "none" or bool(cfg.flip)
     train_tf = build_transform(size, train=True, kind=splits.protocol, preset=inputs.augment, flip=cfg.flip) if augment else eval_tf
-    train = ImageDataset(train_samples, train_tf, label_map, preload=preload)
-    plain = ImageDataset(train_samples, eval_tf, label_map, preload=False) if augment else train
-    if plain is not train and preload:
-        plain._cache = train._cache
-    return Prepared(splits, train, plain, val, eval_tf, len(label_map), inputs, unlabeled, cfg.unlabeled)
+    train = ImageDataset(train_samples, train_tf, label_map, preload=preload, fixed_transform=not augment)
+    plain = train.with_transform(eval_tf, fixed_transform=True) if augment else train
+    val_set = ImageDataset(val, eval_tf, preload=preload, fixed_transform=True)
+    return Prepared(splits, train, plain, val, val_set, eval_tf, len(label_map), inputs, unlabeled, cfg.unlabeled)
 
 
 def check_splits(splits: Splits, spec: str, train: bool = True) -> None:
