@@ -164,6 +164,7 @@ def study(
     seeds: int = typer.Option(5, help="Seeds per recipe (base seed, base seed + 1, ...)."),
     jobs: int = typer.Option(1, help="Trainings run in parallel processes (one thread each)."),
     keep_models: bool = typer.Option(False, "--keep-models/--no-keep-models", help="Keep each training's model file (study/models/RECIPE-seedS.pt; deleted once scored by default)."),
+    teacher_per_seed: bool = typer.Option(False, "--teacher-per-seed/--one-teacher", help="Train one teacher per seed (teachers/seedS/), so that the interval includes the teacher's own training noise; by default one teacher serves every seed."),
 ) -> None:
     """Recipes x seeds on one teacher: mean ± std per recipe and the paired gain over the baseline (95% CI)."""
     from distill import study as study_
@@ -173,7 +174,7 @@ def study(
     file_recipes = study_.load_recipes_file(recipes_file) if recipes_file is not None else None
     recipes_ = study_.recipe_configs(cfg, names, file_recipes)  # a bad recipe is refused before --out is created
     with _locked(cfg):
-        result = study_.run_study(cfg, recipes_, seeds=seeds, jobs=jobs, keep_models=keep_models)
+        result = study_.run_study(cfg, recipes_, seeds=seeds, jobs=jobs, keep_models=keep_models, teacher_per_seed=teacher_per_seed)
     print_study(result)
     err_console.print(f"study: {escape(str(cfg.out_dir / 'study.json'))}, study.md, study.png")
 

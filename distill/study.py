@@ -1,4 +1,4 @@
-"""``distill study``: recipes x seeds on one teacher -> mean, std and the paired gain over the baseline.
+"""``distill study``: recipes x seeds on one teacher (or one per seed) -> mean, std and the paired gain over the baseline.
 
 A *recipe* is a name plus ``Config`` overrides (loss weights, DarkRank mode...). Every recipe is
 trained once per seed; the ``baseline`` recipe (the student trained alone, as ``distill run``
@@ -48,8 +48,8 @@ from distill.report.text import retry_note
 from distill.run import setup
 from distill.students import train
 from distill.study_output import write_study
-from distill.study_stats import BASELINE, stalled_seeds, summarize
-from distill.teachers.acquire import acquire_teacher
+from distill.study_stats import BASELINE, mean_std, stalled_seeds, summarize
+from distill.teachers.acquire import AcquiredTeacher, acquire_teacher
 
 # The lead adds more (rkd, pkt, compat): a plain dict of name -> Config overrides on the base config.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -175,11 +175,14 @@ def _train_and_evaluate(
 _WORKER: dict[str, Any] = {}  # in a worker process: "stop" (the study's Event), "ctx" (data and teacher)
 
 
-def _worker_init(stop: EventType) -> None:
+def _worker_init(stop: EventType, parent: int) -> None:
+    """A worker's set-up: one thread, one-line warnings, the study's stop event, and the watch on
+    ``parent``, the study's pid as the study gave it (``os.getppid()`` here would already be init's
+    when the study died while this worker was still starting)."""
     torch.set_num_threads(1)
     one_line_warnings()
     _WORKER["stop"] = stop
-    threading.Thread(target=stop_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=stop_with_parent, args=(parent,), daemon=True).start()
 
 
 def gather(futures: dict[Future, tuple], store: Callable[..., None], stop: EventType) -> None:
@@ -219,12 +222,40 @@ def stop_with_parent(parent: int, every_s: float = 2.0, grace_s: float = 10.0) -
     os._exit(1)
 
 
-def _worker_train(base: Config, cfg: Config, recipe: str, keep_model: bool) -> tuple[dict[str, float], dict[str, float], str | None]:
-    """In a worker process: set up data and teacher once (the teacher file the parent wrote), train."""
-    if "ctx" not in _WORKER:
-        base, data, device = setup(base)
-        _WORKER["ctx"] = _Context(data, device, acquire_teacher(base, data, device).teacher)
-    return _train_and_evaluate(_WORKER["ctx"], cfg, recipe, keep_model)
+def _worker_data(base: Config) -> tuple[Config, Prepared, torch.device]:
+    """In a worker process: the study's data, set up once."""
+    if "data" not in _WORKER:
+        _WORKER["data"] = setup(base)
+    return _WORKER["data"]
+
+
+def _worker_train(teacher_base: Config, cfg: Config, recipe: str, keep_model: bool) -> tuple[dict[str, float], dict[str, float], str | None]:
+    """In a worker process: read the teacher of ``teacher_base`` (the file the parent wrote; kept
+    while the next training shares it), train."""
+    _, data, device = _worker_data(teacher_base)
+    if recipe != BASELINE and _WORKER.get("teacher_out") != teacher_base.out:
+        _WORKER["teacher"] = acquire_teacher(teacher_base, data, device).teacher
+        _WORKER["teacher_out"] = teacher_base.out
+    return _train_and_evaluate(_Context(data, device, _WORKER.get("teacher")), cfg, recipe, keep_model)
+
+
+def _worker_teacher(teacher_base: Config) -> tuple[()]:
+    """In a worker process: train (or find) the teacher of ``teacher_base`` into its folder."""
+    _, data, device = _worker_data(teacher_base)
+    acquire_teacher(teacher_base, data, device)
+    return ()
+
+
+def teacher_configs(base: Config, seed_list: list[int], per_seed: bool) -> dict[int, Config]:
+    """The config each seed's teacher is acquired with: the study's one teacher (``base``, in its
+    output folder), or with ``per_seed`` one teacher per seed, trained with that seed in
+    ``<out>/teachers/seed<s>/``."""
+    if not per_seed:
+        return {seed: base for seed in seed_list}
+    if base.teacher_weights:
+        raise DistillError("--teacher-per-seed trains one teacher per seed; --teacher-weights gives a finished one: "
+                           "use one or the other")
+    return {seed: replace(base, seed=seed, out=str(base.out_dir / "teachers" / f"seed{seed}")) for seed in seed_list}
 
 
 def result_path(out: Path, recipe: str, seed: int) -> Path:
@@ -267,11 +298,13 @@ def _without_code(identity: dict[str, Any]) -> dict[str, Any]:
 
 def run_study(
     base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int = 5, jobs: int = 1,
-    keep_models: bool = False,
+    keep_models: bool = False, teacher_per_seed: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate every recipe x seed (seeds ``base.seed .. base.seed + seeds - 1``) on one
-    teacher; reuse stored results that match; write ``study.json``, ``study.md`` and ``study.png``
-    into ``base.out_dir`` and return the study dict. Per-seed model files stay only with ``keep_models``."""
+    teacher, or with ``teacher_per_seed`` on a teacher trained with each seed (so that the interval
+    includes the teacher's own training noise); reuse stored results that match; write
+    ``study.json``, ``study.md`` and ``study.png`` into ``base.out_dir`` and return the study dict.
+    Per-seed model files stay only with ``keep_models``."""
     if seeds < 1:
         raise DistillError(f"--seeds must be >= 1, got {seeds}")
     if jobs < 1:
@@ -279,14 +312,14 @@ def run_study(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # every training on one thread: numbers independent of --jobs, reproducible
     try:
-        return _run(base, recipes, seeds, jobs, keep_models)
+        return _run(base, recipes, seeds, jobs, keep_models, teacher_per_seed)
     finally:
         torch.set_num_threads(threads)
 
 
 def _stored_and_todo(
     base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seed_list: list[int], data: Prepared,
-    device: torch.device, teacher_fingerprint: str,
+    device: torch.device, teacher_fingerprints: dict[int, str],
 ) -> tuple[dict[tuple[str, int], dict[str, Any]], list[tuple[str, Config, dict[str, Any]]]]:
     """The stored results still valid (by ``(recipe, seed)``) and the ``(recipe, config, identity)``
     trainings left to do. Each recipe's config gets the inputs chosen from the data for it
@@ -301,7 +334,7 @@ def _stored_and_todo(
             # checkpoint kept until passed): the stored results are what a study resumes from
             cfg = replace(rcfg, seed=seed, resume=base.resume, fresh=not base.resume)
             cfg = choose_inputs(cfg, replace(data.splits, train=data.train.samples), device).fill(cfg)
-            identity = _identity(cfg, None if name == BASELINE else teacher_fingerprint, data_fp, device)
+            identity = _identity(cfg, None if name == BASELINE else teacher_fingerprints[seed], data_fp, device)
             stored = _read_result(result_path(base.out_dir, name, seed))
             if stored is not None and stored["identity"] == identity:
                 results[name, seed] = stored
@@ -315,48 +348,51 @@ def _stored_and_todo(
     return results, todo
 
 
-def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int, jobs: int, keep_models: bool) -> dict[str, Any]:
+def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds: int, jobs: int, keep_models: bool,
+         teacher_per_seed: bool) -> dict[str, Any]:
     started = time.perf_counter()
     base, data, device = setup(base)
-    acquired = acquire_teacher(base, data, device)
-    teacher = acquired.teacher
-    ctx = _Context(data, device, teacher)
     out = base.out_dir
     seed_list = list(range(base.seed, base.seed + seeds))
+    teacher_bases = teacher_configs(base, seed_list, teacher_per_seed)
+    spawn = get_context("spawn")
+    stop = spawn.Event()
+    pool = ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_worker_init, initargs=(stop, os.getpid())) if jobs > 1 else None
+    try:
+        acquired = _teachers(teacher_bases, data, device, pool, stop)
+        teachers = {seed: acquired[teacher_bases[seed].out].teacher for seed in seed_list}
+        results, todo = _stored_and_todo(base, recipes, seed_list, data, device,
+                                         {seed: t.fingerprint for seed, t in teachers.items()})
+        total = len(recipes) * len(seed_list)
+        console.print(f"study: {total - len(todo)} of {total} results stored already, {len(todo)} to train ({jobs} job(s))")
 
-    results, todo = _stored_and_todo(base, recipes, seed_list, data, device, teacher.fingerprint)
-    total = len(recipes) * len(seed_list)
-    console.print(f"study: {total - len(todo)} of {total} results stored already, {len(todo)} to train ({jobs} job(s))")
+        def store(name: str, cfg: Config, identity: dict[str, Any], metrics: dict[str, float], timings: dict[str, float],
+                  warning: str | None) -> None:
+            result = {
+                "recipe": name, "seed": cfg.seed, "overrides": recipes[name][0], "metrics": metrics,
+                "wall_time_s": round(sum(timings.values()), 1), "timings": timings, "identity": identity, "warning": warning,
+            }
+            atomic_write_text(result_path(out, name, cfg.seed), json.dumps(result, indent=2) + "\n")
+            results[name, cfg.seed] = result
+            console.print(f"study: {name} seed {cfg.seed}: R@1 {metrics.get('recall@1', float('nan')):.4f} mAP {metrics.get('map', float('nan')):.4f}")
 
-    def store(name: str, cfg: Config, identity: dict[str, Any], metrics: dict[str, float], timings: dict[str, float],
-              warning: str | None) -> None:
-        result = {
-            "recipe": name, "seed": cfg.seed, "overrides": recipes[name][0], "metrics": metrics,
-            "wall_time_s": round(sum(timings.values()), 1), "timings": timings, "identity": identity, "warning": warning,
-        }
-        atomic_write_text(result_path(out, name, cfg.seed), json.dumps(result, indent=2) + "\n")
-        results[name, cfg.seed] = result
-        console.print(f"study: {name} seed {cfg.seed}: R@1 {metrics.get('recall@1', float('nan')):.4f} mAP {metrics.get('map', float('nan')):.4f}")
-
-    if jobs == 1 or len(todo) <= 1:
-        for name, cfg, identity in todo:
-            store(name, cfg, identity, *_train_and_evaluate(ctx, cfg, name, keep_models))
-    else:
-        spawn = get_context("spawn")
-        stop = spawn.Event()
-        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=spawn, initializer=_worker_init, initargs=(stop,)) as pool:
-            futures = {pool.submit(unless_stopped, _worker_train, base, cfg, name, keep_models): (name, cfg, identity)
+        if pool is None or len(todo) <= 1:
+            for name, cfg, identity in todo:
+                store(name, cfg, identity, *_train_and_evaluate(_Context(data, device, teachers[cfg.seed]), cfg, name, keep_models))
+        else:
+            futures = {pool.submit(unless_stopped, _worker_train, teacher_bases[cfg.seed], cfg, name, keep_models): (name, cfg, identity)
                        for name, cfg, identity in todo}
             gather(futures, store, stop)
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
-    teacher_metrics = data.protocol.test_metrics(teacher, data.splits, data.eval_transform, device, base.clustering)
     ordered = [results[name, seed] for name in recipes for seed in seed_list]
     study = {
         "recipes": {name: overrides for name, (overrides, _) in recipes.items()},
         "seeds": seed_list,
         "ci": "95% paired t: mean(d) +- t.ppf(0.975, n-1) * sd(d) / sqrt(n), d = recipe - baseline on the same seed",
-        "teacher": {"spec": base.teacher, "fingerprint": teacher.fingerprint, "metrics": teacher_metrics,
-                    "timings": {name: round(seconds, 3) for name, seconds in acquired.timings.items()}},
+        "teacher": _teacher_summary(base, teacher_bases, acquired, data, device, teacher_per_seed),
         "summary": summarize(ordered),
         "results": [{k: r[k] for k in ("recipe", "seed", "metrics")} for r in ordered],
         "timings": [{"recipe": r["recipe"], "seed": r["seed"]} | (r.get("timings") or {}) for r in ordered],
@@ -367,3 +403,35 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
     }
     write_study(study, out)
     return study
+
+
+def _teachers(teacher_bases: dict[int, Config], data: Prepared, device: torch.device,
+              pool: ProcessPoolExecutor | None, stop: EventType) -> dict[str, AcquiredTeacher]:
+    """Each distinct teacher of the study by its output folder, acquired here; several teachers to
+    train with a pool are trained in its workers first (one per job), then read here."""
+    distinct = {cfg.out: cfg for cfg in teacher_bases.values()}
+    for cfg in distinct.values():
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    if pool is not None and len(distinct) > 1:
+        gather({pool.submit(unless_stopped, _worker_teacher, cfg): () for cfg in distinct.values()}, lambda: None, stop)
+    return {out: acquire_teacher(cfg, data, device) for out, cfg in distinct.items()}
+
+
+def _teacher_summary(base: Config, teacher_bases: dict[int, Config], acquired: dict[str, AcquiredTeacher],
+                     data: Prepared, device: torch.device, per_seed: bool) -> dict[str, Any]:
+    """``study.json``'s teacher: its test metrics (with ``per_seed``, the mean and ``std`` over the
+    seeds' teachers, each listed in ``teachers``), fingerprint(s) and stage timings."""
+    rows = []
+    for seed, cfg in teacher_bases.items() if per_seed else [(base.seed, base)]:
+        got = acquired[cfg.out]
+        rows.append({"seed": seed, "fingerprint": got.teacher.fingerprint,
+                     "metrics": data.protocol.test_metrics(got.teacher, data.splits, data.eval_transform, device, base.clustering),
+                     "timings": {name: round(seconds, 3) for name, seconds in got.timings.items()}})
+    names = [m for m in rows[0]["metrics"] if all(r["metrics"].get(m) is not None for r in rows)]
+    stats = {m: mean_std([r["metrics"][m] for r in rows]) for m in names}
+    summary = {"spec": base.teacher, "per_seed": per_seed, "fingerprint": ", ".join(r["fingerprint"] for r in rows),
+               "metrics": {m: mean for m, (mean, _) in stats.items()}, "timings": rows[0]["timings"]}
+    if per_seed:
+        summary |= {"std": {m: std for m, (_, std) in stats.items()}, "teachers": rows}
+    return summary
+

@@ -37,8 +37,11 @@ def _rows(study: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the table shared by the console and Markdown."""
     header = ["recipe", "seeds", *(label for _, label in TABLE_METRICS),
               *(f"gain {label} [95% CI]" for _, label in GAIN_METRICS), "W/L/T R@1"]
-    teacher = study["teacher"]["metrics"]
-    cells = [["teacher", "-", *(f"{teacher[m]:.3f}" if m in teacher else "-" for m, _ in TABLE_METRICS),
+    teacher = study["teacher"]
+    std = teacher.get("std") or {}
+    cells = [["teacher", str(len(teacher["teachers"])) if teacher.get("per_seed") else "-",
+              *(_mean_std_cell({"mean": teacher["metrics"][m], "std": std.get(m)}) if m in teacher["metrics"] else "-"
+                for m, _ in TABLE_METRICS),
               *("-" for _ in GAIN_METRICS), "-"]]
     for name, s in study["summary"].items():
         gain = s["gain"] or {}
@@ -57,6 +60,11 @@ def legend(study: dict[str, Any]) -> str:
         "mean ± sample std over seeds; gain = recipe - baseline on the same seed (same initialisation and batches), "
         "mean with the 95% paired-t confidence interval; W/L/T = seeds where the recipe's R@1 is above/below/equal to the baseline's"
     )
+    if study["teacher"].get("per_seed"):
+        text += "; one teacher per seed (--teacher-per-seed): the interval includes the teachers' training noise"
+    else:
+        text += ("; one teacher for every seed: the interval is the students' noise with this teacher, another "
+                 "training of the teacher can move the gain (--teacher-per-seed includes it)")
     if len(study["seeds"]) == 1:
         text += ". One seed: no standard deviation and no confidence interval (use --seeds 5)"
     return text
@@ -70,7 +78,8 @@ def to_markdown(study: dict[str, Any]) -> str:
     lines += [f"\n**Warning**: {warning}" for warning in study.get("warnings", [])]
     lines += ["", "## Recipes", ""]
     lines += [f"- `{name}`: `{json.dumps(overrides, sort_keys=True)}`" for name, overrides in study["recipes"].items()]
-    lines += ["", f"Seeds: {', '.join(map(str, study['seeds']))}; teacher `{study['teacher']['spec']}` ({study['teacher']['fingerprint']}).", ""]
+    teachers = "one teacher per seed" if study["teacher"].get("per_seed") else "teacher"
+    lines += ["", f"Seeds: {', '.join(map(str, study['seeds']))}; {teachers} `{study['teacher']['spec']}` ({study['teacher']['fingerprint']}).", ""]
     return "\n".join(lines)
 
 

@@ -77,7 +77,8 @@ def test_each_command_has_exactly_the_config_options_it_reads(command):
     wanted = config_flags(command_fields(command))
     every = config_flags(f.name for f in dataclasses.fields(Config))
     assert names & every == wanted
-    assert names - every <= {"--config", "--help", "--recipes", "--recipes-file", "--seeds", "--jobs", "--keep-models"}
+    assert names - every <= {"--config", "--help", "--recipes", "--recipes-file", "--seeds", "--jobs", "--keep-models",
+                                "--teacher-per-seed"}
 
 
 def test_train_teacher_takes_no_student_distillation_or_export_option(tmp_path):

@@ -349,7 +349,7 @@ def _imagefolder(root, tmp_path):
 
 def test_a_worker_shows_warnings_in_one_line_as_the_cli_does():
     # a spawned worker starts with Python's own format ("path.py:100: UserWarning: ...", then the source line)
-    code = ("import multiprocessing, warnings; from distill import study; study._worker_init(multiprocessing.Event()); "
+    code = ("import multiprocessing, os, warnings; from distill import study; study._worker_init(multiprocessing.Event(), os.getppid()); "
             "warnings.warn('the teacher has 240 classes, the task 80: kd is off')")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert err == "warning: the teacher has 240 classes, the task 80: kd is off\n"
@@ -390,17 +390,42 @@ def test_a_worker_stops_when_the_study_process_is_gone(tmp_path):
     pid = int(subprocess.run([sys.executable, "-c", study], capture_output=True, text=True, check=True, cwd=ROOT,
                              timeout=300).stdout)
     gone_by = time.monotonic() + 30
-
-    def running() -> bool:
-        try:
-            state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
-        except (OSError, IndexError):
-            return False
-        return state != "Z"  # a zombie has stopped, only its exit status is left
-
-    while running() and time.monotonic() < gone_by:
+    while _running(pid) and time.monotonic() < gone_by:
         time.sleep(0.1)
-    assert not running()
+    assert not _running(pid)
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="reads /proc to see whether a process is still running")
+def test_a_worker_still_starting_when_the_study_dies_stops_too(tmp_path):
+    # the study dies while its worker is still starting (importing torch takes seconds); the worker's
+    # watch, set up afterwards, must watch the study's pid as the study gave it, not its new parent's
+    worker = (
+        "import multiprocessing, os, sys, time\n"
+        "study_pid = int(sys.argv[1])\n"
+        "while os.getppid() == study_pid: time.sleep(0.05)\n"
+        "from distill import study\n"
+        "study._worker_init(multiprocessing.Event(), study_pid)\n"
+        "time.sleep(60)\n"
+    )
+    study_code = (
+        "import os, subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(p.pid)\n"
+    )
+    pid = int(subprocess.run([sys.executable, "-c", study_code], capture_output=True, text=True, check=True, cwd=ROOT,
+                             timeout=300).stdout)
+    gone_by = time.monotonic() + 60
+    while _running(pid) and time.monotonic() < gone_by:
+        time.sleep(0.1)
+    assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has stopped, only its exit status is left
 
 
 def test_a_failed_or_interrupted_study_interrupts_its_workers_and_starts_nothing_more():
@@ -409,13 +434,13 @@ def test_a_failed_or_interrupted_study_interrupts_its_workers_and_starts_nothing
     # worker early (beyond cancel's reach). The pool used to wait for the running ones and then run
     # that one; now the running ones are interrupted and the early-handed one never starts
     study_code = (
-        "import subprocess, sys, time\n"
+        "import os, subprocess, sys, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
         "from multiprocessing import get_context\n"
         "from distill import study\n"
         "spawn = get_context('spawn')\n"
         "stop = spawn.Event()\n"
-        "with ProcessPoolExecutor(2, mp_context=spawn, initializer=study._worker_init, initargs=(stop,)) as pool:\n"
+        "with ProcessPoolExecutor(2, mp_context=spawn, initializer=study._worker_init, initargs=(stop, os.getpid())) as pool:\n"
         "    first = pool.submit(study.unless_stopped, time.sleep, 60)\n"
         "    failing = pool.submit(study.unless_stopped, subprocess.check_call,\n"
         "                          [sys.executable, '-c', 'import time; time.sleep(8); raise SystemExit(3)'])\n"
@@ -466,3 +491,55 @@ def test_a_training_that_did_not_learn_is_a_warning_of_the_study(tiny_data, tmp_
     console = Console(file=StringIO(), width=200, record=True)
     study_output.print_study(result, console)
     assert f"warning: {expected}" in console.export_text()
+
+
+# ---------------------------------------------------------------- one teacher per seed
+
+
+def test_one_teacher_per_seed_distils_each_seed_from_its_own_teacher(tiny_data, tmp_path, monkeypatch):
+    used, real_train = {}, train.train_student
+
+    def recording_train(cfg, data, device, teacher=None, name="student"):
+        used[name] = None if teacher is None else teacher.fingerprint
+        return real_train(cfg, data, device, teacher=teacher, name=name)
+
+    monkeypatch.setattr(train, "train_student", recording_train)
+    base = load_config(None, out=str(tmp_path / "s"), **TINY)
+    result = study.run_study(base, study.recipe_configs(base, ["kd"]), seeds=2, teacher_per_seed=True)
+    teachers = result["teacher"]["teachers"]
+    assert [t["seed"] for t in teachers] == [0, 1]
+    assert all((tmp_path / "s" / "teachers" / f"seed{s}" / "teacher.pt").is_file() for s in (0, 1))
+    assert not (tmp_path / "s" / "teacher.pt").exists()
+    assert teachers[0]["fingerprint"] != teachers[1]["fingerprint"]
+    assert used == {"study/models/baseline-seed0": None, "study/models/baseline-seed1": None,
+                    "study/models/kd-seed0": teachers[0]["fingerprint"], "study/models/kd-seed1": teachers[1]["fingerprint"]}
+    for metric in ("recall@1", "map"):  # the teacher row: mean and sample std of the two teachers
+        values = [t["metrics"][metric] for t in teachers]
+        assert result["teacher"]["metrics"][metric] == pytest.approx(sum(values) / 2)
+        assert result["teacher"]["std"][metric] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+    md = (tmp_path / "s" / "study.md").read_text()
+    assert "| teacher | 2 |" in md and "one teacher per seed (--teacher-per-seed)" in md
+
+    # seed 1's teacher is the one a one-teacher study with --seed 1 trains
+    one = load_config(None, out=str(tmp_path / "one"), seed=1, **TINY)
+    single = study.run_study(one, study.recipe_configs(one, ["kd"]), seeds=1)
+    assert single["teacher"]["fingerprint"] == teachers[1]["fingerprint"] and "std" not in single["teacher"]
+    assert "another training of the teacher can move the gain" in (tmp_path / "one" / "study.md").read_text()
+    kd1 = [r for r in result["results"] if (r["recipe"], r["seed"]) == ("kd", 1)]
+    assert kd1 == [r for r in single["results"] if r["recipe"] == "kd"]
+
+
+def test_teacher_per_seed_with_parallel_jobs_gives_the_numbers_of_one_job(tmp_path):
+    data = _imagefolder(tmp_path / "folder", tmp_path)
+    runs = {}
+    for jobs in (1, 2):
+        cfg = load_config(None, data=data, out=str(tmp_path / f"jobs{jobs}"), **TINY)
+        runs[jobs] = study.run_study(cfg, study.recipe_configs(cfg, ["kd"]), seeds=2, jobs=jobs, teacher_per_seed=True)
+    assert runs[2]["results"] == runs[1]["results"]
+    assert runs[2]["teacher"]["fingerprint"] == runs[1]["teacher"]["fingerprint"]
+
+
+def test_teacher_per_seed_refuses_a_finished_teacher(tmp_path):
+    base = load_config(None, out=str(tmp_path / "s"), teacher_weights=str(tmp_path / "t.pt"), **TINY)
+    with pytest.raises(DistillError, match="--teacher-per-seed trains one teacher per seed; --teacher-weights gives a finished one"):
+        study.teacher_configs(base, [0, 1], per_seed=True)
