@@ -12,6 +12,10 @@ from typing import Any, Callable
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static")  # the ONNX precisions export writes
 DEFAULT_EPOCHS = 12  # student epochs when neither --epochs nor --steps is given
 DEFAULT_TEACHER_EPOCHS = 24  # 16 left BN-Inception under-trained: R@1 0.74-0.85 run to run vs 0.885-0.893 at 24
+# with the 'standard' augmentation (random crops, flips, erasing: re-ID, CUB, Cars, SOP) every pass
+# shows other views: 24 epochs left CUHK03's BN-Inception at rank-1 0.18, 56 reached 0.32
+# (docs/results.md); re-ID recipes train 60-120 epochs
+AUGMENTED_TEACHER_EPOCHS = 60
 
 # How the options are grouped in ``--help`` and docs/cli.md, in this order.
 SECTIONS = ("model", "data", "training", "distillation", "export and report", "run")
@@ -169,7 +173,7 @@ class Config:
     )
     teacher_epochs: int | None = option(
         None, "Teacher epochs when it is trained here, run as given.",
-        section="training", shared=True, shown=f"{DEFAULT_TEACHER_EPOCHS}, raised to --teacher-min-steps on small data sets", **_TEACHER,
+        section="training", shared=True, shown=f"{DEFAULT_TEACHER_EPOCHS} ({AUGMENTED_TEACHER_EPOCHS} with --augment standard), raised to --teacher-min-steps on small data sets", **_TEACHER,
     )
     steps: int | None = option(
         None, "Student optimiser steps, rounded up to whole epochs, run as given (overrides --epochs).",

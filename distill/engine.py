@@ -52,6 +52,7 @@ class TrainSettings:
     steps: int | None = None  # exactly this many steps (rounded up to whole epochs) instead of epochs
     min_steps: int = 0  # at least this many steps
     min_steps_why: str = ""  # what the minimum is, for the budget note (default: "the minimum of N steps")
+    default_note: str = ""  # why the default length is what it is, when that needs saying
     weight_decay: float = 5e-4
     seed: int = 0
     device: str = "cpu"
@@ -73,10 +74,10 @@ class TrainSettings:
         return math.ceil(self.steps / steps_per_epoch) if self.steps else self.epochs
 
     def budget_note(self, steps_per_epoch: int) -> str | None:
-        """One sentence when ``min_steps`` raised the length (None when it did not)."""
+        """One sentence when ``min_steps`` raised the length, else the ``default_note`` (None without one)."""
         asked, epochs = self._asked(steps_per_epoch), self.num_epochs(steps_per_epoch)
         if epochs == asked:
-            return None
+            return self.default_note or None
         why = self.min_steps_why or f"the minimum of {self.min_steps} steps"
         return (f"the default {asked} epochs ({asked * steps_per_epoch} steps) raised to {epochs} to reach "
                 f"{why} (a length you set runs as given)")

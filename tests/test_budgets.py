@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.config import DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS
+from distill.config import AUGMENTED_TEACHER_EPOCHS, DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS
 from distill.config_load import load_config
 from distill.data.samplers import PKSampler
 from distill.data.unlabeled import UnlabeledBatchSampler
@@ -89,3 +89,28 @@ def test_fit_prints_one_line_when_the_minimum_raised_the_length(dataset, tmp_pat
         tmp_path / "b.ckpt", desc="student")
     err = capsys.readouterr().err
     assert f"student: 1 epochs x {per_epoch} steps" in err and "raised" not in err
+
+
+@pytest.mark.parametrize("augment, teacher_epochs", [("standard", AUGMENTED_TEACHER_EPOCHS), ("light", DEFAULT_TEACHER_EPOCHS),
+                                                     ("none", DEFAULT_TEACHER_EPOCHS)])
+def test_the_default_teacher_length_follows_the_augmentation(augment, teacher_epochs):
+    assert AUGMENTED_TEACHER_EPOCHS > DEFAULT_TEACHER_EPOCHS
+    assert epochs_run(True, augment=augment, teacher_min_steps=0) == teacher_epochs
+    assert epochs_run(False, augment=augment, min_steps=0) == DEFAULT_EPOCHS  # the students' default is one for all
+    assert epochs_run(True, augment=augment, teacher_epochs=5) == 5  # a given length runs as given
+    note = train_settings(load_config(augment=augment, teacher_min_steps=0), CPU, teacher=True).budget_note(PER_EPOCH)
+    if augment == "standard":
+        assert note == (f"the default for the 'standard' augmentation ({DEFAULT_TEACHER_EPOCHS} epochs without it): "
+                        "every pass shows other crops, flips and erasures (a length you set runs as given)")
+    else:
+        assert note is None
+    assert train_settings(load_config(augment=augment, teacher_steps=30), CPU, teacher=True).budget_note(PER_EPOCH) is None
+
+
+def test_a_cached_teacher_of_another_default_length_is_not_reused():
+    from distill.teachers.acquire import teacher_recipe
+
+    standard, light = teacher_recipe(load_config(augment="standard")), teacher_recipe(load_config(augment="light"))
+    assert standard["teacher_default_epochs"] == AUGMENTED_TEACHER_EPOCHS
+    assert light["teacher_default_epochs"] == DEFAULT_TEACHER_EPOCHS
+    assert "teacher_default_epochs" not in teacher_recipe(load_config(augment="standard", teacher_epochs=60))

@@ -33,7 +33,7 @@ from distill.models.file import load_backbone_weights
 from distill.objective import build_objective, unusable_logits
 from distill.teachers import Teacher, file_fingerprint, load_teacher
 from distill.teachers.layers import EMBEDDING, PooledLayers, choose_layer, feature_layers
-from distill.training import batch_sampler, chance_check, finished_checkpoint, train_settings, weight_penalty
+from distill.training import batch_sampler, chance_check, default_epochs, finished_checkpoint, train_settings, weight_penalty
 
 console = make_console(stderr=True)
 
@@ -178,6 +178,8 @@ def train_teacher(cfg: Config, model: nn.Module, data: Prepared, device: torch.d
 def teacher_recipe(cfg: Config) -> dict[str, Any]:
     """The ``TEACHER_FIELDS`` of ``cfg`` as JSON values; given weights by their content hash, not their path."""
     recipe = {name: getattr(cfg, name) for name in TEACHER_FIELDS}
+    if cfg.teacher_epochs is None and cfg.teacher_steps is None:  # the default length, which follows the data
+        recipe["teacher_default_epochs"] = default_epochs(cfg, teacher=True)
     if cfg.teacher_weights:
         recipe["teacher_weights"] = file_fingerprint(cfg.teacher_weights)
     return json.loads(json.dumps(recipe))
