@@ -269,6 +269,10 @@ class Config:
         0, "Random seed (the same seed and thread count give the same files on CPU).", section="run", shared=True, **_TEACHER
     )
     amp: bool = option(True, "bf16 autocast on GPU.", section="run")
+    channels_last: bool | None = option(
+        None, "Train in channels_last memory format (faster convolutions on GPUs and on some CPUs; other float rounding).",
+        section="run", shown="on with CUDA, off on CPU", shapes_teacher=True,
+    )
     compile: bool = option(False, "torch.compile the models.", section="run", trains=False)
     workers: int | None = option(
         None, "Data-loader worker processes.", section="run", shown="from the device and cores", trains=False

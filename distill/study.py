@@ -172,7 +172,7 @@ def _train_and_evaluate(
     return metrics, timings, "; ".join(n for n in notes if n) or None
 
 
-_WORKER: dict[str, Any] = {}  # in a worker process: "stop" (the study's Event), "ctx" (data and teacher)
+_WORKER: dict[str, Any] = {}  # in a worker process: "stop" (the study's Event), "data", the "teacher" read last and its "teacher_out"
 
 
 def _worker_init(stop: EventType, parent: int) -> None:

@@ -55,6 +55,7 @@ def train_settings(
         seed=cfg.seed,
         device=str(device),
         amp=cfg.amp,
+        channels_last=cfg.channels_last if cfg.channels_last is not None else device.type == "cuda",
         compile=cfg.compile,
         workers=cfg.workers,
         resume=cfg.resume,

@@ -203,3 +203,25 @@ def test_validation_runs_at_most_max_validations_times_and_after_the_last_epoch(
     fit(tiny_model(6), CrossEntropy(), dataset, batches(dataset), settings(5), tmp_path / "m.ckpt", validate=validate)
     log = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log if "val_score" in r] == [3, 5]
+
+
+def test_channels_last_is_off_on_cpu_unless_asked_and_is_deterministic(dataset, tmp_path):
+    from distill.config_load import load_config
+    from distill.training import train_settings
+
+    assert train_settings(load_config(), torch.device("cpu")).channels_last is False  # the CPU default: measured results
+    assert train_settings(load_config(), torch.device("cuda")).channels_last is True
+    assert train_settings(load_config(channels_last=True), torch.device("cpu")).channels_last is True
+    outputs = []
+    for run, fmt in enumerate((True, True, False)):
+        model = tiny_model(6)
+        ckpt = tmp_path / f"m{run}.ckpt"
+        fit(model, CrossEntropy(), dataset, batches(dataset), TrainSettings(epochs=3, lr=1e-2, seed=3, channels_last=fmt), ckpt)
+        conv = model.backbone[0].weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == fmt and conv.is_contiguous() != fmt
+        log = [json.loads(line) for line in ckpt.with_suffix(".jsonl").read_text().splitlines()]
+        assert log[-1]["loss"] < log[0]["loss"]
+        assert torch.load(ckpt, weights_only=False)["recipe"]["channels_last"] is fmt  # resumed only in its own format
+        outputs.append(extract(model, dataset, torch.device("cpu"))[0])
+    assert torch.equal(outputs[0], outputs[1])  # the same format twice: the same model
+    assert not torch.equal(outputs[0], outputs[2])  # another rounding (AdamW turns it into other steps)
