@@ -1,6 +1,6 @@
 """Training loop: the batches of a given sampler (P x K or importance-sampled), AdamW + one-cycle schedule, AMP (bf16)
-and channels_last on GPU (channels_last on request on CPU), optional torch.compile, DDP under torchrun, atomic checkpoints (at the validation cadence)
-with every RNG state (so ``resume`` continues bit-for-bit on CPU), a JSONL metrics log and a rich
+on GPU, channels_last (on GPU by default), optional torch.compile, DDP under torchrun, atomic checkpoints (at the
+validation cadence) with every RNG state (so ``resume`` continues bit-for-bit on CPU), a JSONL metrics log and a rich
 progress bar.
 
 ``fit`` knows nothing about distillation: it calls ``objective(emb, logits, labels, teacher_out)``
