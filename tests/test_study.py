@@ -387,12 +387,7 @@ def test_a_worker_stops_when_the_study_process_is_gone(tmp_path):
         f"while not os.path.exists({str(ready)!r}): time.sleep(0.05)\n"
         "print(p.pid)\n"
     )
-    pid = int(subprocess.run([sys.executable, "-c", study], capture_output=True, text=True, check=True, cwd=ROOT,
-                             timeout=300).stdout)
-    gone_by = time.monotonic() + 30
-    while _running(pid) and time.monotonic() < gone_by:
-        time.sleep(0.1)
-    assert not _running(pid)
+    assert _stops_within(_worker_of(study), 30)
 
 
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="reads /proc to see whether a process is still running")
@@ -412,20 +407,27 @@ def test_a_worker_still_starting_when_the_study_dies_stops_too(tmp_path):
         f"p = subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
         "print(p.pid)\n"
     )
-    pid = int(subprocess.run([sys.executable, "-c", study_code], capture_output=True, text=True, check=True, cwd=ROOT,
-                             timeout=300).stdout)
-    gone_by = time.monotonic() + 60
-    while _running(pid) and time.monotonic() < gone_by:
+    assert _stops_within(_worker_of(study_code), 60)
+
+
+def _worker_of(study_code: str) -> int:
+    """Run a stand-in study (Python code that starts a worker, prints its pid and exits); the worker's pid."""
+    return int(subprocess.run([sys.executable, "-c", study_code], capture_output=True, text=True, check=True, cwd=ROOT,
+                              timeout=300).stdout)
+
+
+def _stops_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` is gone (or a zombie: stopped, only its exit status left) within ``seconds``."""
+    def running() -> bool:
+        try:
+            return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    gone_by = time.monotonic() + seconds
+    while running() and time.monotonic() < gone_by:
         time.sleep(0.1)
-    assert not _running(pid)
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has stopped, only its exit status is left
+    return not running()
 
 
 def test_a_failed_or_interrupted_study_interrupts_its_workers_and_starts_nothing_more():
