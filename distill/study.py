@@ -25,22 +25,20 @@ import hashlib
 import json
 import os
 import re
-import signal
-import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from multiprocessing import active_children, get_context
+from multiprocessing import get_context
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from distill.atomic import atomic_write_text
 from distill.config import Config, fields_where
 from distill.config_load import load_config, read_toml
-from distill.console import make_console, one_line_warnings
+from distill.console import make_console
 from distill.data import data_fingerprint
 from distill.data.prepare import Prepared, choose_inputs
 from distill.errors import DistillError
@@ -49,6 +47,7 @@ from distill.run import setup
 from distill.students import train
 from distill.study_output import write_study
 from distill.study_stats import BASELINE, mean_std, stalled_seeds, summarize
+from distill.study_workers import WORKER, gather, unless_stopped, worker_init
 from distill.teachers.acquire import AcquiredTeacher, acquire_teacher
 
 # The lead adds more (rkd, pkt, compat): a plain dict of name -> Config overrides on the base config.
@@ -172,71 +171,21 @@ def _train_and_evaluate(
     return metrics, timings, "; ".join(n for n in notes if n) or None
 
 
-_WORKER: dict[str, Any] = {}  # in a worker process: "stop" (the study's Event), "data", the "teacher" read last and its "teacher_out"
-
-
-def _worker_init(stop: EventType, parent: int) -> None:
-    """A worker's set-up: one thread, one-line warnings, the study's stop event, and the watch on
-    ``parent``, the study's pid as the study gave it (``os.getppid()`` here would already be init's
-    when the study died while this worker was still starting)."""
-    torch.set_num_threads(1)
-    one_line_warnings()
-    _WORKER["stop"] = stop
-    threading.Thread(target=stop_with_parent, args=(parent,), daemon=True).start()
-
-
-def gather(futures: dict[Future, tuple], store: Callable[..., None], stop: EventType) -> None:
-    """``store(*futures[f], *f.result())`` for each training as it finishes. On a failed training or an
-    interrupt of this process alone (``kill -INT``): ``stop`` is set, so that no worker starts another
-    training (the pool hands each worker its next task early, beyond ``cancel``'s reach), and the
-    running ones are interrupted as Ctrl-C would (checkpoints stay resumable), instead of the pool
-    waiting for them, up to an hour, only to discard their results."""
-    try:
-        for future in as_completed(futures):
-            store(*futures[future], *future.result())
-    except BaseException:
-        stop.set()
-        for future in futures:
-            future.cancel()
-        for worker in active_children():
-            os.kill(worker.pid, signal.SIGINT)
-        raise
-
-
-def unless_stopped(fn: Callable[..., Any], *args: Any) -> Any:
-    """In a worker: ``fn(*args)``, unless the study has stopped (:func:`gather`)."""
-    if _WORKER["stop"].is_set():
-        raise KeyboardInterrupt("the study stopped before this training started")
-    return fn(*args)
-
-
-def stop_with_parent(parent: int, every_s: float = 2.0, grace_s: float = 10.0) -> None:
-    """Interrupt this process (SIGINT: its training unwinds as under Ctrl-C, nothing half-written)
-    once ``parent``, the study that started it, is gone, and end it ``grace_s`` later (a pool worker
-    that reported the interruption waits for its next task forever): a study killed alone (``kill``,
-    a job scheduler's SIGTERM, SIGKILL) would otherwise leave its workers training for up to an hour."""
-    while os.getppid() == parent:
-        time.sleep(every_s)
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(grace_s)
-    os._exit(1)
-
-
 def _worker_data(base: Config) -> tuple[Config, Prepared, torch.device]:
     """In a worker process: the study's data, set up once."""
-    if "data" not in _WORKER:
-        _WORKER["data"] = setup(base)
-    return _WORKER["data"]
+    if "data" not in WORKER:
+        WORKER["data"] = setup(base)
+    return WORKER["data"]
 
 
 def _worker_train(teacher_base: Config, cfg: Config, recipe: str, keep_model: bool) -> tuple[dict[str, float], dict[str, float], str | None]:
     """In a worker process: read the teacher of ``teacher_base`` (the file the parent wrote; kept
     while the next training shares it), train."""
     _, data, device = _worker_data(teacher_base)
-    if recipe != BASELINE and _WORKER.get("teacher_out") != teacher_base.out:
-        _WORKER["teacher"] = acquire_teacher(teacher_base, data, device).teacher
-        _WORKER["teacher_out"] = teacher_base.out
-    return _train_and_evaluate(_Context(data, device, _WORKER.get("teacher")), cfg, recipe, keep_model)
+    if recipe != BASELINE and WORKER.get("teacher_out") != teacher_base.out:
+        WORKER["teacher"] = acquire_teacher(teacher_base, data, device).teacher
+        WORKER["teacher_out"] = teacher_base.out
+    return _train_and_evaluate(_Context(data, device, WORKER.get("teacher")), cfg, recipe, keep_model)
 
 
 def _worker_teacher(teacher_base: Config) -> tuple[()]:
@@ -357,7 +306,7 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
     teacher_bases = teacher_configs(base, seed_list, teacher_per_seed)
     spawn = get_context("spawn")
     stop = spawn.Event()
-    pool = ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_worker_init, initargs=(stop, os.getpid())) if jobs > 1 else None
+    pool = ProcessPoolExecutor(jobs, mp_context=spawn, initializer=worker_init, initargs=(stop, os.getpid())) if jobs > 1 else None
     try:
         acquired = _teachers(teacher_bases, data, device, pool, stop)
         teachers = {seed: acquired[teacher_bases[seed].out].teacher for seed in seed_list}

@@ -124,7 +124,7 @@ LAYERS = [
     ("distill.teachers.acquire", "distill.teachers.gate"),
     ("distill.students.train",),
     ("distill.rows", "distill.run"),
-    ("distill.study", "distill.study_stats", "distill.study_output"),
+    ("distill.study", "distill.study_stats", "distill.study_output", "distill.study_workers"),
     ("distill.cli", "distill.cli_help", "distill.cli_reference"),
 ]
 

@@ -6,6 +6,7 @@ checkpoints are deleted (``--keep-checkpoints`` keeps them), every command that 
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -160,7 +161,7 @@ def test_checkpoints_go_after_success_and_stay_after_an_interruption_for_resume(
     real_epoch, calls = engine._train_epoch, []
 
     def ctrl_c_in_teacher_epoch_2(*args):
-        calls.append(args[7])  # desc
+        calls.append(inspect.signature(real_epoch).bind(*args).arguments["desc"])
         if calls.count("teacher") == 2:
             raise KeyboardInterrupt
         return real_epoch(*args)

@@ -349,7 +349,7 @@ def _imagefolder(root, tmp_path):
 
 def test_a_worker_shows_warnings_in_one_line_as_the_cli_does():
     # a spawned worker starts with Python's own format ("path.py:100: UserWarning: ...", then the source line)
-    code = ("import multiprocessing, os, warnings; from distill import study; study._worker_init(multiprocessing.Event(), os.getppid()); "
+    code = ("import multiprocessing, os, warnings; from distill import study_workers; study_workers.worker_init(multiprocessing.Event(), os.getppid()); "
             "warnings.warn('the teacher has 240 classes, the task 80: kd is off')")
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert err == "warning: the teacher has 240 classes, the task 80: kd is off\n"
@@ -376,7 +376,7 @@ def test_a_worker_stops_when_the_study_process_is_gone(tmp_path):
     ready = tmp_path / "watching"
     worker = (
         "import os, pathlib, threading, time\n"
-        "from distill.study import stop_with_parent\n"
+        "from distill.study_workers import stop_with_parent\n"
         "threading.Thread(target=stop_with_parent, args=(os.getppid(), 0.1), daemon=True).start()\n"
         f"pathlib.Path({str(ready)!r}).touch()\n"
         "time.sleep(60)\n"
@@ -398,8 +398,8 @@ def test_a_worker_still_starting_when_the_study_dies_stops_too(tmp_path):
         "import multiprocessing, os, sys, time\n"
         "study_pid = int(sys.argv[1])\n"
         "while os.getppid() == study_pid: time.sleep(0.05)\n"
-        "from distill import study\n"
-        "study._worker_init(multiprocessing.Event(), study_pid)\n"
+        "from distill import study_workers\n"
+        "study_workers.worker_init(multiprocessing.Event(), study_pid)\n"
         "time.sleep(60)\n"
     )
     study_code = (
@@ -439,16 +439,16 @@ def test_a_failed_or_interrupted_study_interrupts_its_workers_and_starts_nothing
         "import os, subprocess, sys, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
         "from multiprocessing import get_context\n"
-        "from distill import study\n"
+        "from distill import study_workers\n"
         "spawn = get_context('spawn')\n"
         "stop = spawn.Event()\n"
-        "with ProcessPoolExecutor(2, mp_context=spawn, initializer=study._worker_init, initargs=(stop, os.getpid())) as pool:\n"
-        "    first = pool.submit(study.unless_stopped, time.sleep, 60)\n"
-        "    failing = pool.submit(study.unless_stopped, subprocess.check_call,\n"
+        "with ProcessPoolExecutor(2, mp_context=spawn, initializer=study_workers.worker_init, initargs=(stop, os.getpid())) as pool:\n"
+        "    first = pool.submit(study_workers.unless_stopped, time.sleep, 60)\n"
+        "    failing = pool.submit(study_workers.unless_stopped, subprocess.check_call,\n"
         "                          [sys.executable, '-c', 'import time; time.sleep(8); raise SystemExit(3)'])\n"
-        "    slow = [first, *(pool.submit(study.unless_stopped, time.sleep, 60) for _ in range(2))]\n"
+        "    slow = [first, *(pool.submit(study_workers.unless_stopped, time.sleep, 60) for _ in range(2))]\n"
         "    try:\n"
-        "        study.gather({f: () for f in [failing, *slow]}, lambda *a: None, stop)\n"
+        "        study_workers.gather({f: () for f in [failing, *slow]}, lambda *a: None, stop)\n"
         "    except subprocess.CalledProcessError as err:\n"
         "        print('raised: exit status', err.returncode)\n"
         "print('slow ones:', [('cancelled' if f.cancelled() else type(f.exception()).__name__) for f in slow])\n"
