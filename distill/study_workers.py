@@ -28,6 +28,9 @@ def worker_init(stop: EventType, parent: int) -> None:
     torch.set_num_threads(1)
     one_line_warnings()
     WORKER["stop"] = stop
+    # idle, an interrupt has nothing to stop, and one that lands in the pool's own queue code can
+    # leave the pool unable to shut down: only a running training (unless_stopped) is interruptible
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=stop_with_parent, args=(parent,), daemon=True).start()
 
 
@@ -50,10 +53,15 @@ def gather(futures: dict[Future, tuple], store: Callable[..., None], stop: Event
 
 
 def unless_stopped(fn: Callable[..., Any], *args: Any) -> Any:
-    """In a worker: ``fn(*args)``, unless the study has stopped (:func:`gather`)."""
-    if WORKER["stop"].is_set():
-        raise KeyboardInterrupt("the study stopped before this training started")
-    return fn(*args)
+    """In a worker: ``fn(*args)``, interruptible by SIGINT, unless the study has stopped (:func:`gather`
+    sets ``stop`` before it interrupts, so an interrupt ignored while idle is seen here)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if WORKER["stop"].is_set():
+            raise KeyboardInterrupt("the study stopped before this training started")
+        return fn(*args)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def stop_with_parent(parent: int, every_s: float = 2.0, grace_s: float = 10.0) -> None:
