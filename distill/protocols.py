@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from distill.data.base import Sample, Splits
+from distill.data.base import Splits
 from distill.data.dataset import ImageDataset, stack_labels
 from distill.engine import extract
 from distill.errors import DistillError
