@@ -39,7 +39,6 @@ from distill.data.samplers import loader_settings
 from distill.engine import TrainSettings, fit, seed_everything
 from distill.models import build_model
 from distill.objective import build_objective
-from distill.parallel import TrainStep
 from distill.run import setup
 from distill.students import create_student
 from distill.training import batch_sampler, train_settings
