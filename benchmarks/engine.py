@@ -55,7 +55,7 @@ def bare_loop(model, objective, data, cfg: Config, settings: TrainSettings) -> f
     params = [p for p in list(model.parameters()) + list(objective.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=epochs * len(sampler), pct_start=0.15)
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format  # as fit does
+    memory_format = settings.memory_format  # as fit does
     model.to(memory_format=memory_format)
     model.train()
     objective.train()

@@ -64,6 +64,11 @@ class TrainSettings:
     fresh: bool = False  # start over although an unfinished checkpoint exists; it is kept until this run passes it
     gather_embeddings: bool = False  # under torchrun: batch-level losses see the global batch
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """Of the model and each batch."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
     def num_epochs(self, steps_per_epoch: int) -> int:
         """Epochs to train: ``ceil(steps / steps_per_epoch)`` when ``steps`` is set, else ``epochs``,
         and never fewer than ``min_steps`` need (so a 100-image set still gets a real training).
@@ -232,8 +237,7 @@ def _set_up(
     seed_everything(settings.seed)
     model.to(device)
     objective.to(device)
-    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
+    model.to(memory_format=settings.memory_format)
     loader = DataLoader(dataset, batch_sampler=sampler, **loader_settings(device, settings.workers))
     epochs = settings.num_epochs(len(sampler))
     recipe = training_recipe(settings, recipe, epochs, len(sampler), world)
@@ -249,7 +253,7 @@ def _set_up(
     log_path = checkpoint.with_suffix(".jsonl")
     # the log is rewritten whole after each epoch: the previous run's stays until there is a new one
     log = log_path.read_text(encoding="utf-8") if start_epoch > 0 and log_path.exists() else ""
-    return _Training(train_step, loader, optimizer, scheduler, device, memory_format, recipe, epochs, _val_every(epochs),
+    return _Training(train_step, loader, optimizer, scheduler, device, settings.memory_format, recipe, epochs, _val_every(epochs),
                      start_epoch, best, kept_until, rank == 0, log)
 
 
