@@ -48,7 +48,7 @@ from distill.students import train
 from distill.study_output import write_study
 from distill.study_stats import BASELINE, mean_std, stalled_seeds, summarize
 from distill.study_workers import WORKER, gather, unless_stopped, worker_init
-from distill.teachers.acquire import AcquiredTeacher, acquire_teacher
+from distill.teachers.acquire import AcquiredTeacher, acquire_teacher, teacher_weights
 
 # The lead adds more (rkd, pkt, compat): a plain dict of name -> Config overrides on the base config.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -179,8 +179,8 @@ def _worker_data(base: Config) -> tuple[Config, Prepared, torch.device]:
 
 
 def _worker_train(teacher_base: Config, cfg: Config, recipe: str, keep_model: bool) -> tuple[dict[str, float], dict[str, float], str | None]:
-    """In a worker process: read the teacher of ``teacher_base`` (the file the parent wrote; kept
-    while the next training shares it), train."""
+    """In a worker process: read the teacher of ``teacher_base`` (the file the parent wrote, at the
+    layer the parent chose; kept while the next training shares it), train."""
     _, data, device = _worker_data(teacher_base)
     if recipe != BASELINE and WORKER.get("teacher_out") != teacher_base.out:
         WORKER["teacher"] = acquire_teacher(teacher_base, data, device).teacher
@@ -189,10 +189,19 @@ def _worker_train(teacher_base: Config, cfg: Config, recipe: str, keep_model: bo
 
 
 def _worker_teacher(teacher_base: Config) -> tuple[()]:
-    """In a worker process: train (or find) the teacher of ``teacher_base`` into its folder."""
+    """In a worker process: train (or find) the teacher of ``teacher_base`` into its folder (its layer
+    is chosen once, by the parent, when it reads the file)."""
     _, data, device = _worker_data(teacher_base)
-    acquire_teacher(teacher_base, data, device)
+    teacher_weights(teacher_base, data, device)
     return ()
+
+
+def at_chosen_layer(teacher_base: Config, acquired: AcquiredTeacher) -> Config:
+    """The teacher's config with the layer ``--teacher-layer auto`` chose in the parent, so that a
+    worker reading the teacher does not search its layers again (a minute per teacher at 128x64)."""
+    if acquired.layer_choice is None:
+        return teacher_base
+    return replace(teacher_base, teacher_layer=acquired.layer_choice["chosen"])
 
 
 def teacher_configs(base: Config, seed_list: list[int], per_seed: bool) -> dict[int, Config]:
@@ -310,6 +319,7 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
     try:
         acquired = _teachers(teacher_bases, data, device, pool, stop)
         teachers = {seed: acquired[teacher_bases[seed].out].teacher for seed in seed_list}
+        worker_teachers = {seed: at_chosen_layer(teacher_bases[seed], acquired[teacher_bases[seed].out]) for seed in seed_list}
         results, todo = _stored_and_todo(base, recipes, seed_list, data, device,
                                          {seed: t.fingerprint for seed, t in teachers.items()})
         total = len(recipes) * len(seed_list)
@@ -329,7 +339,7 @@ def _run(base: Config, recipes: dict[str, tuple[dict[str, Any], Config]], seeds:
             for name, cfg, identity in todo:
                 store(name, cfg, identity, *_train_and_evaluate(_Context(data, device, teachers[cfg.seed]), cfg, name, keep_models))
         else:
-            futures = {pool.submit(unless_stopped, _worker_train, teacher_bases[cfg.seed], cfg, name, keep_models): (name, cfg, identity)
+            futures = {pool.submit(unless_stopped, _worker_train, worker_teachers[cfg.seed], cfg, name, keep_models): (name, cfg, identity)
                        for name, cfg, identity in todo}
             gather(futures, store, stop)
     finally:

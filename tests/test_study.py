@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from distill import engine, study, study_output, study_stats, training
 from distill.students import train
+from distill.teachers import acquire
 from distill.cli import app
 from distill.config_load import load_config
 from distill.data import base as data_base
@@ -539,6 +541,27 @@ def test_teacher_per_seed_with_parallel_jobs_gives_the_numbers_of_one_job(tmp_pa
         runs[jobs] = study.run_study(cfg, study.recipe_configs(cfg, ["kd"]), seeds=2, jobs=jobs, teacher_per_seed=True)
     assert runs[2]["results"] == runs[1]["results"]
     assert runs[2]["teacher"]["fingerprint"] == runs[1]["teacher"]["fingerprint"]
+
+
+def test_a_worker_trains_or_reads_a_teacher_without_searching_its_layers_again(tiny_data, tmp_path, monkeypatch):
+    """The parent chooses each teacher's layer once; the worker that trains the teacher and the
+    workers that distil from it are handed that choice (they ran the search again before)."""
+    searched = []
+    real_scores = acquire.layer_scores
+    monkeypatch.setattr(acquire, "layer_scores", lambda *a: searched.append(1) or real_scores(*a))
+    monkeypatch.setattr(study, "WORKER", {})  # the in-process stand-in for a worker's state
+    base = load_config(None, out=str(tmp_path / "s"), **TINY)
+    study._worker_teacher(base)
+    assert (tmp_path / "s" / "teacher.pt").is_file() and searched == []
+    _, data, device = study.setup(base)
+    acquired = acquire.acquire_teacher(base, data, device)
+    assert searched == [1] and acquired.layer_choice is not None
+    handed = study.at_chosen_layer(base, acquired)
+    assert handed.teacher_layer == acquired.layer_choice["chosen"] and base.teacher_layer == "auto"
+    kd = study.recipe_configs(base, ["kd"])["kd"][1]
+    study._worker_train(handed, replace(kd, seed=0), "kd", False)
+    assert searched == [1]
+    assert study.WORKER["teacher"].fingerprint == acquired.teacher.fingerprint
 
 
 def test_teacher_per_seed_refuses_a_finished_teacher(tmp_path):
