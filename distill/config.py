@@ -271,7 +271,7 @@ class Config:
     amp: bool = option(True, "bf16 autocast on GPU.", section="run")
     channels_last: bool | None = option(
         None, "Train in channels_last memory format (faster convolutions on GPUs and on some CPUs; other float rounding).",
-        section="run", shown="on with CUDA, off on CPU", shapes_teacher=True,
+        section="run", shown="on with CUDA; on a CPU from 128x64 inputs", shapes_teacher=True,
     )
     compile: bool = option(False, "torch.compile the models.", section="run", trains=False)
     workers: int | None = option(

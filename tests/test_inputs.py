@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from distill.data import hold_out_identities, load_dataset
-from distill.data.base import Sample
+from distill.data.base import Sample, Splits
 from distill.data.inputs import choose_augment, choose_image_size
 from distill.data.transforms import build_transform
 
@@ -117,3 +117,25 @@ def test_digits_are_real_handwriting_split_by_digit(tmp_path):
     assert {s.label for s in splits.train} == {0, 1, 2, 3, 4} and {s.label for s in splits.query} == {5, 6, 7, 8, 9}
     with Image.open(splits.train[0].path) as image:
         assert image.mode == "L" and image.size == (8, 8) and image.getextrema()[1] > 200
+
+
+@pytest.mark.parametrize("size, device, given, expected", [
+    ((128, 64), "cpu", None, True),    # a re-ID input on a CPU: channels_last, measured faster there
+    ((256, 128), "cpu", None, True),
+    ((64, 32), "cpu", None, False),    # the embedded set, Yale, digits: the format their gains were measured in
+    ((56, 72), "cpu", None, False),
+    ((64, 32), "cuda", None, True),
+    ((128, 64), "cpu", False, False),  # a format given is kept
+    ((64, 32), "cpu", True, True),
+])
+def test_channels_last_is_chosen_from_the_input_size_and_the_device(size, device, given, expected):
+    from distill.config_load import load_config
+    from distill.data.prepare import choose_inputs
+
+    splits = Splits("folder", [Sample(f"/x/{i}.png", i % 4) for i in range(32)], [], [])
+    cfg = load_config(None, image_size=f"{size[0]}x{size[1]}", channels_last=given)
+    inputs = choose_inputs(cfg, splits, torch.device(device))
+    assert inputs.channels_last is expected
+    assert inputs.fill(cfg).channels_last is expected
+    said = [c for c in inputs.chosen if c.startswith("channels_last")]
+    assert said == (["channels_last (faster convolutions at this input on a CPU)"] if expected and given is None and device == "cpu" else [])
