@@ -16,6 +16,9 @@ DEFAULT_TEACHER_EPOCHS = 24  # 16 left BN-Inception under-trained: R@1 0.74-0.85
 # shows other views: 24 epochs left CUHK03's BN-Inception at rank-1 0.18, 56 reached 0.32
 # (docs/results.md); re-ID recipes train 60-120 epochs
 AUGMENTED_TEACHER_EPOCHS = 60
+# the students' default under that augmentation: at 12 epochs CUHK03's students were still rising; 24
+# raised both the student alone and the distilled one (docs/results.md)
+AUGMENTED_EPOCHS = 24
 
 # How the options are grouped in ``--help`` and docs/cli.md, in this order.
 SECTIONS = ("model", "data", "training", "distillation", "export and report", "run")
@@ -165,11 +168,12 @@ class Config:
         "--data only evaluates (--data none: no test set).", section="data", **_STUDENT,
     )
     # training (students; the teacher uses teacher_epochs and teacher_lr). A length given (epochs or
-    # steps) runs as given; left unset, it is DEFAULT_EPOCHS (or DEFAULT_TEACHER_EPOCHS) raised to at
+    # steps) runs as given; left unset, it is DEFAULT_EPOCHS (or DEFAULT_TEACHER_EPOCHS; AUGMENTED_* with
+    # the 'standard' augmentation) raised to at
     # least min_steps (teacher_min_steps), so small sets train enough.
     epochs: int | None = option(
         None, "Student epochs, run as given.", section="training",
-        shown=f"{DEFAULT_EPOCHS}, raised to --min-steps on small data sets", **_STUDENT,
+        shown=f"{DEFAULT_EPOCHS} ({AUGMENTED_EPOCHS} with --augment standard), raised to --min-steps on small data sets", **_STUDENT,
     )
     teacher_epochs: int | None = option(
         None, "Teacher epochs when it is trained here, run as given.",

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from distill.config import AUGMENTED_TEACHER_EPOCHS, DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config
+from distill.config import AUGMENTED_EPOCHS, AUGMENTED_TEACHER_EPOCHS, DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config
 from distill.console import make_console
 from distill.data.importance import ImportanceBatchSampler
 from distill.data.samplers import PKSampler
@@ -37,6 +37,7 @@ def train_settings(
         (cfg.teacher_epochs, cfg.teacher_steps, cfg.teacher_min_steps) if teacher else (cfg.epochs, cfg.steps, cfg.min_steps)
     )
     default = default_epochs(cfg, teacher)
+    plain = DEFAULT_TEACHER_EPOCHS if teacher else DEFAULT_EPOCHS  # the default without augmentation
     given = epochs is not None or steps is not None
     why = ""
     if unlabeled is not None and default * unlabeled.steps_per_pass > minimum:
@@ -47,8 +48,8 @@ def train_settings(
         steps=steps,
         min_steps=0 if given else minimum,
         min_steps_why="" if given else why,
-        default_note="" if given or default == DEFAULT_TEACHER_EPOCHS or not teacher else
-        f"the default for the '{cfg.augment}' augmentation ({DEFAULT_TEACHER_EPOCHS} epochs without it): every pass "
+        default_note="" if given or default == plain else
+        f"the default for the '{cfg.augment}' augmentation ({plain} epochs without it): every pass "
         "shows other crops, flips and erasures (a length you set runs as given)",
         lr=cfg.teacher_lr if teacher else cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -65,11 +66,12 @@ def train_settings(
 
 
 def default_epochs(cfg: Config, teacher: bool) -> int:
-    """The length left unset runs for: ``DEFAULT_EPOCHS`` for a student; for the teacher
-    ``DEFAULT_TEACHER_EPOCHS``, or ``AUGMENTED_TEACHER_EPOCHS`` with the 'standard' augmentation."""
-    if not teacher:
-        return DEFAULT_EPOCHS
-    return AUGMENTED_TEACHER_EPOCHS if cfg.augment == "standard" else DEFAULT_TEACHER_EPOCHS
+    """The length left unset runs for: ``DEFAULT_EPOCHS`` for a student, ``DEFAULT_TEACHER_EPOCHS`` for
+    the teacher, or ``AUGMENTED_EPOCHS`` / ``AUGMENTED_TEACHER_EPOCHS`` with the 'standard' augmentation
+    (every pass shows other views, so they need more passes)."""
+    if cfg.augment == "standard":
+        return AUGMENTED_TEACHER_EPOCHS if teacher else AUGMENTED_EPOCHS
+    return DEFAULT_TEACHER_EPOCHS if teacher else DEFAULT_EPOCHS
 
 
 def batch_sampler(cfg: Config, labels: Sequence[int]) -> BatchSampler:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.config import AUGMENTED_TEACHER_EPOCHS, DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS
+from distill.config import AUGMENTED_EPOCHS, AUGMENTED_TEACHER_EPOCHS, DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS
 from distill.config_load import load_config
 from distill.data.samplers import PKSampler
 from distill.data.unlabeled import UnlabeledBatchSampler
@@ -91,20 +91,24 @@ def test_fit_prints_one_line_when_the_minimum_raised_the_length(dataset, tmp_pat
     assert f"student: 1 epochs x {per_epoch} steps" in err and "raised" not in err
 
 
-@pytest.mark.parametrize("augment, teacher_epochs", [("standard", AUGMENTED_TEACHER_EPOCHS), ("light", DEFAULT_TEACHER_EPOCHS),
-                                                     ("none", DEFAULT_TEACHER_EPOCHS)])
-def test_the_default_teacher_length_follows_the_augmentation(augment, teacher_epochs):
-    assert AUGMENTED_TEACHER_EPOCHS > DEFAULT_TEACHER_EPOCHS
+@pytest.mark.parametrize("augment, teacher_epochs, epochs", [("standard", AUGMENTED_TEACHER_EPOCHS, AUGMENTED_EPOCHS),
+                                                             ("light", DEFAULT_TEACHER_EPOCHS, DEFAULT_EPOCHS),
+                                                             ("none", DEFAULT_TEACHER_EPOCHS, DEFAULT_EPOCHS)])
+def test_the_default_lengths_follow_the_augmentation(augment, teacher_epochs, epochs):
+    assert AUGMENTED_TEACHER_EPOCHS > DEFAULT_TEACHER_EPOCHS and AUGMENTED_EPOCHS > DEFAULT_EPOCHS
     assert epochs_run(True, augment=augment, teacher_min_steps=0) == teacher_epochs
-    assert epochs_run(False, augment=augment, min_steps=0) == DEFAULT_EPOCHS  # the students' default is one for all
+    assert epochs_run(False, augment=augment, min_steps=0) == epochs
     assert epochs_run(True, augment=augment, teacher_epochs=5) == 5  # a given length runs as given
-    note = train_settings(load_config(augment=augment, teacher_min_steps=0), CPU, teacher=True).budget_note(PER_EPOCH)
-    if augment == "standard":
-        assert note == (f"the default for the 'standard' augmentation ({DEFAULT_TEACHER_EPOCHS} epochs without it): "
-                        "every pass shows other crops, flips and erasures (a length you set runs as given)")
-    else:
-        assert note is None
+    assert epochs_run(False, augment=augment, epochs=5) == 5
+    for teacher, plain in ((True, DEFAULT_TEACHER_EPOCHS), (False, DEFAULT_EPOCHS)):
+        note = train_settings(load_config(augment=augment, teacher_min_steps=0, min_steps=0), CPU, teacher=teacher).budget_note(PER_EPOCH)
+        if augment == "standard":
+            assert note == (f"the default for the 'standard' augmentation ({plain} epochs without it): "
+                            "every pass shows other crops, flips and erasures (a length you set runs as given)")
+        else:
+            assert note is None
     assert train_settings(load_config(augment=augment, teacher_steps=30), CPU, teacher=True).budget_note(PER_EPOCH) is None
+    assert train_settings(load_config(augment=augment, steps=30), CPU).budget_note(PER_EPOCH) is None
 
 
 def test_a_cached_teacher_of_another_default_length_is_not_reused():

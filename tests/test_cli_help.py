@@ -66,7 +66,7 @@ def test_help_shows_defaults_as_the_docs_say():
     assert "(unset)" not in text
     for flag, shown in (("--darkrank-list-size INT", "all"), ("--image-size HxW", "auto: chosen from the data set"),
                         ("--val-fraction FLOAT", "0.2"), ("--teacher TEXT", "inception_bn"), ("--out TEXT", "runs/<name>"),
-                        ("--epochs INT", "12, raised to --min-steps on small data sets")):
+                        ("--epochs INT", "12 (24 with --augment standard), raised to --min-steps on small data sets")):
         after = text.split(flag, 1)[1]
         assert after.split("[default: ", 1)[1].startswith(shown + "]"), (flag, after[:200])
 
