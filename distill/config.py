@@ -221,6 +221,11 @@ class Config:
         "kd=3,darkrank=0.02", "Distillation terms with weights, e.g. kd=3,darkrank=0.02,pkt=1, or none (see `distill list`).",
         section="distillation", **_STUDENT,
     )
+    distill_scale: str = option(
+        "fixed", "How the --distill weights are read: fixed (loss weights) or gradient (each is the ratio of the term's "
+        "gradient norm to the task loss's, measured on the first batches: the same pull on every data set).",
+        section="distillation", **_STUDENT,
+    )
     kd_temperature: float = option(4.0, "KD temperature T.", section="distillation", above=0.0, **_STUDENT)
     darkrank: str = option("hard", "DarkRank mode: hard or soft.", section="distillation", **_STUDENT)
     darkrank_alpha: float = option(

@@ -25,6 +25,7 @@ REPLACED_WEIGHTS = {
 }
 DARKRANK_METHODS = ("exact", "bruteforce", "sampled", "sampled_prefix")
 SAMPLERS = ("pk", "importance")
+DISTILL_SCALES = ("fixed", "gradient")
 AUGMENT_PRESETS = ("none", "light", "standard")
 
 
@@ -217,6 +218,8 @@ def _check_choices(cfg: Config) -> None:
     """The options that name one of a few choices."""
     if cfg.darkrank not in DARKRANK_MODES:
         raise DistillError(f"--darkrank must be one of {', '.join(DARKRANK_MODES)}, got '{cfg.darkrank}'")
+    if cfg.distill_scale not in DISTILL_SCALES:
+        raise DistillError(f"--distill-scale must be one of {', '.join(DISTILL_SCALES)}, got '{cfg.distill_scale}'")
     if cfg.sampler not in SAMPLERS:
         raise DistillError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{cfg.sampler}'")
     if cfg.darkrank_method not in DARKRANK_METHODS:

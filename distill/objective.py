@@ -33,12 +33,14 @@ class StudentObjective(nn.Module):
         distill_options: dict[str, Any] | None = None,
         teacher_embed_dim: int | None = None,
         logits_unusable: str | None = None,
+        scaled: bool = False,
     ) -> None:
         """``distill`` is a ``--distill`` spec (terms with a weight of 0 are left out);
         ``distill_options`` their hyper-parameters (defaults: the registry's);
         ``teacher_embed_dim`` (default ``embed_dim``) sizes the regression's projection;
         ``logits_unusable`` says why the teacher's logits cannot be used (None: they can), which
-        turns the terms that need them off, saying so once."""
+        turns the terms that need them off, saying so once; ``scaled``: the weights are ratios to the
+        task loss's gradient, turned into factors by ``distill.balance`` before training."""
         super().__init__()
         self.task = build_task_loss(task_spec, embed_dim, num_classes, **(loss_options or {}))
         terms = [(name, weight) for name, weight in parse_spec(distill, "distill") if weight]
@@ -51,19 +53,20 @@ class StudentObjective(nn.Module):
                     "(the embedding-level terms still apply)", stacklevel=2,
                 )
             terms = [t for t in terms if t[0] not in blind]
-        self.distill = WeightedSum("distill", terms, params, embed_dim=embed_dim, teacher_dim=teacher_embed_dim or embed_dim)
+        self.distill = WeightedSum("distill", terms, params, scaled=scaled, embed_dim=embed_dim,
+                                   teacher_dim=teacher_embed_dim or embed_dim)
 
     def forward(
         self, emb: Tensor, logits: Tensor, labels: Tensor, teacher_out: tuple[Tensor, Tensor | None] | None = None
     ) -> tuple[Tensor, dict[str, float]]:
         t_emb, t_logits = teacher_out if teacher_out is not None else (None, None)
-        loss, parts = self._task(emb, logits, labels, t_emb)
+        loss, parts = self.task_of_labeled(emb, logits, labels, t_emb)
         if self.distill.terms:  # added one by one onto the task total
             loss, distilled, _ = self.distill.add_to(LossInputs(emb, logits, labels, t_emb, t_logits), loss)
             parts |= floats(distilled)
         return loss, parts
 
-    def _task(self, emb: Tensor, logits: Tensor, labels: Tensor, t_emb: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+    def task_of_labeled(self, emb: Tensor, logits: Tensor, labels: Tensor, t_emb: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         """The task losses of the labeled rows (label >= 0); unlabeled rows (-1) only take part in the
         distillation terms. A batch without labeled rows has no task loss."""
         labeled = labels >= 0
@@ -106,4 +109,5 @@ def build_objective(cfg: Config, num_classes: int, teacher: Any = None) -> Stude
         distill_options={k: getattr(cfg, k) for k in hyperparameters("distill") if hasattr(cfg, k)},
         teacher_embed_dim=teacher.embed_dim,
         logits_unusable=unusable_logits(teacher, num_classes),
+        scaled=cfg.distill_scale == "gradient",
     )

@@ -57,6 +57,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "darkrank-hard": {"distill": "darkrank=0.02", "darkrank": "hard"},
     "darkrank-soft": {"distill": "darkrank=0.1", "darkrank": "soft", "darkrank_list_size": 8},  # exact over 8!
     "kd+darkrank": {},  # the base config as given: distill run's defaults
+    # the default's pull measured on the embedded set (kd 1.5x, darkrank 1.25x the task's gradient), on any data
+    "kd+darkrank-gradient": {"distill": "kd=1.5,darkrank=1.25", "distill_scale": "gradient"},
 }
 DEFAULT_RECIPES = (BASELINE, "kd+darkrank")
 # Options every recipe shares: one teacher, one data set, one device; the study sets seed and out.

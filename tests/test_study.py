@@ -205,7 +205,7 @@ def test_bad_recipes_file_gives_one_clear_error(tmp_path, text, message):
 
 
 def test_unknown_recipe_name_and_missing_file(tmp_path):
-    with pytest.raises(DistillError, match=r"unknown recipe\(s\) nope; known: baseline, kd, darkrank-hard, darkrank-soft, kd\+darkrank"):
+    with pytest.raises(DistillError, match=r"unknown recipe\(s\) nope; known: baseline, kd, darkrank-hard, darkrank-soft, kd\+darkrank, kd\+darkrank-gradient"):
         study.recipe_configs(load_config(None), ["kd", "nope"])
     with pytest.raises(DistillError, match="recipes file not found: "):
         study.load_recipes_file(tmp_path / "missing.toml")

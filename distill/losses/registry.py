@@ -202,14 +202,20 @@ def boolean(key: str, value: Any) -> None:
 class WeightedSum(nn.Module):
     """``sum_i w_i * loss_i`` over the terms of one spec, each an instance of its registered class
     (in ``self.losses``, so learnable parts are trained and checkpointed with it); ``add_to`` adds
-    them to a running total. A term that needs teacher outputs the batch lacks is left out of it."""
+    them to a running total. A term that needs teacher outputs the batch lacks is left out of it.
 
-    def __init__(self, kind: str, terms: list[tuple[str, float]], params: dict[str, Any], **dims: int) -> None:
+    ``scaled``: each weight is multiplied by a factor measured before training (``scales``, a
+    buffer checkpointed with it, NaN until ``distill.balance`` sets it: ``--distill-scale gradient``)."""
+
+    def __init__(self, kind: str, terms: list[tuple[str, float]], params: dict[str, Any], scaled: bool = False,
+                 **dims: int) -> None:
         super().__init__()
         self.kind, self.terms = kind, terms
         known = _REGISTRY[kind]
         self.needs = {name: known[name].needs for name, _ in terms}
         self.losses = nn.ModuleDict({name: known[name].build(params, **dims) for name, _ in terms})
+        self.scales: Tensor | None
+        self.register_buffer("scales", torch.full((len(terms),), float("nan")) if scaled else None)
 
     def add_to(self, x: LossInputs, total: Tensor) -> tuple[Tensor, dict[str, Tensor | float], Tensor | None]:
         """``(total + the weighted terms, {name: value, "name.stat": value}, count)``: the terms are added
@@ -218,7 +224,7 @@ class WeightedSum(nn.Module):
         parts: dict[str, Tensor] = {}
         stats: dict[str, Tensor | float] = {}
         count = None
-        for name, weight in self.terms:
+        for i, (name, weight) in enumerate(self.terms):
             needs = self.needs[name]
             if ("teacher_emb" in needs and x.teacher_emb is None) or ("teacher_logits" in needs and x.teacher_logits is None):
                 continue
@@ -228,7 +234,7 @@ class WeightedSum(nn.Module):
                 count = out.count if out.count is not None else count
                 out = out.value
             parts[name] = out
-            total = total + weight * out
+            total = total + (weight if self.scales is None else weight * self.scales[i]) * out
         return total, parts | stats, count
 
 

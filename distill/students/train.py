@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from distill import engine
+from distill.balance import BATCHES, balance_weights
 from distill.config import Config, fields_where
 from distill.config_load import student_specs
 from distill.console import make_console
@@ -143,12 +144,19 @@ def _fit_student(
     teacher_fn = teacher_outputs(cfg, teacher, dataset, plain, data.eval_transform, device) if teacher is not None else None
     origin = {"student_weights": file_fingerprint(weights)} if weights else {}
     origin |= {"unlabeled": unlabeled_fingerprint(unlabeled, sampler.batch)} if unlabeled else {}
+    settings = train_settings(cfg, device, unlabeled=sampler if unlabeled else None)
+    balanced = {}
+    if objective.distill.scales is not None and teacher_fn is not None:
+        balanced = {"distill_weights": balance_weights(model, objective, dataset, sampler, teacher_fn, device, settings.memory_format)}
+        if is_main_process():
+            console.print(f"{escape(name)}: distillation weights from the gradients of the first {BATCHES} batches: " + ", ".join(
+                f"{term} {ratio:g}x the task's -> {balanced['distill_weights'][term]:.4g}" for term, ratio in objective.distill.terms))
     model, summary = engine.fit(
-        model, objective, dataset, sampler, train_settings(cfg, device, unlabeled=sampler if unlabeled else None), checkpoint,
+        model, objective, dataset, sampler, settings, checkpoint,
         teacher_fn=teacher_fn, penalty=weight_penalty(objective), desc=name, validate=data.protocol.validator(data, device),
         recipe=student_recipe(cfg, data, teacher) | origin,
     )
-    return model, summary | chance_check(name, summary, data), origin
+    return model, summary | balanced | chance_check(name, summary, data), origin
 
 
 def student_recipe(cfg: Config, data: Prepared, teacher: Teacher | None) -> dict[str, Any]:
