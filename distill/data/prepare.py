@@ -34,6 +34,7 @@ console = make_console(stderr=True)
 # below), where a real re-ID run trains for half an hour; smaller inputs (the embedded set, Yale,
 # digits) keep the contiguous format their measured gains were trained in. Always on with CUDA.
 CHANNELS_LAST_MIN_PIXELS = 128 * 64
+CHANNELS_LAST_SAID = "channels_last (faster convolutions at this input on a CPU)"
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def choose_inputs(cfg: Config, splits: Splits, device: torch.device) -> Inputs:
     if channels_last is None:
         channels_last = device.type == "cuda" or image_size[0] * image_size[1] >= CHANNELS_LAST_MIN_PIXELS
         if channels_last and device.type != "cuda":
-            chosen.append("channels_last (faster convolutions at this input on a CPU)")
+            chosen.append(CHANNELS_LAST_SAID)
     return Inputs(tuple(image_size), augment, batch_size, list_size, channels_last, tuple(chosen))
 
 
@@ -124,8 +125,8 @@ def prepare_data(cfg: Config, device: torch.device = torch.device("cpu")) -> Pre
     unlabeled = load_unlabeled(cfg.unlabeled, cfg.strict, exclude=splits.query + splits.gallery) if cfg.unlabeled else []
     inputs = choose_inputs(cfg, replace(splits, train=train_samples or unlabeled), device)
     if inputs.chosen:
-        console.print(f"chosen for {escape(splits.name)}: " + ", ".join(inputs.chosen)
-                      + " (set them with --image-size, --augment, --batch-size, --channels-last/--no-channels-last)")
+        flags = "--image-size, --augment, --batch-size" + (", --no-channels-last" if CHANNELS_LAST_SAID in inputs.chosen else "")
+        console.print(f"chosen for {escape(splits.name)}: " + ", ".join(inputs.chosen) + f" (set them with {flags})")
     label_map = make_label_map(train_samples)
     size = inputs.image_size
     preload = len(train_samples) <= 20_000 and size[0] * size[1] <= 128 * 64
