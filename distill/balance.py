@@ -48,7 +48,7 @@ def balance_weights(
             items = [dataset[i] for i in indices]
             images = torch.stack([item[0] for item in items]).to(device, memory_format=memory_format)
             labels = torch.tensor([item[1] for item in items], device=device)
-            t_emb, t_logits = teacher_fn(images, torch.tensor(indices, device=device))
+            t_emb, t_logits = teacher_fn(images, torch.tensor([item[2] for item in items]))  # as the loader gives them
             emb, logits = probe(images)
             emb, logits = emb.float(), logits.float()
             task, _ = objective.task_of_labeled(emb, logits, labels, t_emb)
