@@ -177,7 +177,7 @@ def test_a_term_registered_anywhere_is_driven_by_the_distill_spec(monkeypatch) -
             return (x.emb.norm(dim=1) - x.teacher_emb.norm(dim=1)).abs().pow(self.power).mean()
 
     cfg = load_config(None, embed_dim=D, loss="softmax", distill="toy=2")
-    assert "toy_power" in distillation_fields()  # left out of a baseline's checkpoint recipe like every term's
+    assert {"toy_power", "distill_scale"} <= set(distillation_fields())  # left out of a baseline's checkpoint recipe like every term's
     objective = build_objective(cfg, C, teacher())
     emb, logits, labels, (t_emb, t_logits) = batch(3)
     t_emb = 2 * t_emb  # norms 1 (student) and 2 (teacher): the toy term is exactly 1
