@@ -120,7 +120,7 @@ LAYERS = [
      "distill.teachers.frozen", "distill.teachers.finished", "distill.teachers.layers", "distill.teachers.cache",
      "distill.teachers", "distill.parallel", "distill.export", "distill.bench"),
     ("distill.engine", "distill.evaluate", "distill.objective"),
-    ("distill.protocols", "distill.data.prepare", "distill.training", "distill.report"),
+    ("distill.protocols", "distill.data.prepare", "distill.training", "distill.balance", "distill.report"),
     ("distill.teachers.acquire", "distill.teachers.gate"),
     ("distill.students.train",),
     ("distill.rows", "distill.run"),
