@@ -10,7 +10,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from distill.config import AUGMENTED_EPOCHS, AUGMENTED_TEACHER_EPOCHS, DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config
+from distill.config import (
+    AUGMENTED_EPOCHS, AUGMENTED_TEACHER_EPOCHS, DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config, default_channels_last,
+)
 from distill.console import make_console
 from distill.data.importance import ImportanceBatchSampler
 from distill.data.samplers import PKSampler
@@ -56,7 +58,7 @@ def train_settings(
         seed=cfg.seed,
         device=str(device),
         amp=cfg.amp,
-        channels_last=cfg.channels_last if cfg.channels_last is not None else device.type == "cuda",
+        channels_last=cfg.channels_last if cfg.channels_last is not None else default_channels_last(device.type == "cuda", cfg.image_size),
         compile=cfg.compile,
         workers=cfg.workers,
         resume=cfg.resume,

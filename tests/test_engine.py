@@ -212,6 +212,9 @@ def test_channels_last_is_off_on_cpu_unless_asked_and_is_deterministic(dataset, 
     assert train_settings(load_config(), torch.device("cpu")).channels_last is False  # the CPU default: measured results
     assert train_settings(load_config(), torch.device("cuda")).channels_last is True
     assert train_settings(load_config(channels_last=True), torch.device("cpu")).channels_last is True
+    # a config whose input is set follows the same rule as the inputs chosen for a run (prepare.choose_inputs)
+    assert train_settings(load_config(image_size="128x64"), torch.device("cpu")).channels_last is True
+    assert train_settings(load_config(image_size="64x32"), torch.device("cpu")).channels_last is False
     outputs = []
     for run, fmt in enumerate((True, True, False)):
         model = tiny_model(6)

@@ -17,7 +17,7 @@ import torch
 from rich.markup import escape
 from torch import Tensor
 
-from distill.config import Config
+from distill.config import Config, default_channels_last
 from distill.config_load import label_free
 from distill.console import make_console
 from distill.data import Sample, Splits, hold_out_identities, load_dataset
@@ -30,10 +30,6 @@ from distill.protocols import Protocol, protocol
 
 console = make_console(stderr=True)
 
-# channels_last on a CPU trains 1.31-1.37x faster at 128x64 on the AMD EPYC of docs/results.md (1.14-1.29x
-# below), where a real re-ID run trains for half an hour; smaller inputs (the embedded set, Yale,
-# digits) keep the contiguous format their measured gains were trained in. Always on with CUDA.
-CHANNELS_LAST_MIN_PIXELS = 128 * 64
 CHANNELS_LAST_SAID = "channels_last (faster convolutions at this input on a CPU)"
 
 
@@ -80,7 +76,7 @@ def choose_inputs(cfg: Config, splits: Splits, device: torch.device) -> Inputs:
             chosen.append(f"DarkRank lists of {list_size}")
     channels_last = cfg.channels_last
     if channels_last is None:
-        channels_last = device.type == "cuda" or image_size[0] * image_size[1] >= CHANNELS_LAST_MIN_PIXELS
+        channels_last = default_channels_last(device.type == "cuda", image_size)
         if channels_last and device.type != "cuda":
             chosen.append(CHANNELS_LAST_SAID)
     return Inputs(tuple(image_size), augment, batch_size, list_size, channels_last, tuple(chosen))
