@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Sampler
 from distill.errors import DistillError
 from distill.losses.registry import LossInputs
 from distill.objective import StudentObjective
-from distill.parallel import sum_over_ranks
+from distill.parallel import at_least_float32, sum_over_ranks
 
 BATCHES = 4  # averaged: one batch's ratio moves by ~10 % with its identities
 
@@ -50,7 +50,7 @@ def balance_weights(
             labels = torch.tensor([item[1] for item in items], device=device)
             t_emb, t_logits = teacher_fn(images, torch.tensor([item[2] for item in items]))  # as the loader gives them
             emb, logits = probe(images)
-            emb, logits = emb.float(), logits.float()
+            emb, logits = at_least_float32(emb), at_least_float32(logits)  # as the training's loss sees them
             task, _ = objective.task_of_labeled(emb, logits, labels, t_emb)
             _, parts, _ = distill.add_to(LossInputs(emb, logits, labels, t_emb, t_logits), emb.sum() * 0)
             task_norm += _grad_norm(task, params)

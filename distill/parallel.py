@@ -45,7 +45,7 @@ class TrainStep(nn.Module):
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
             emb, logits = self.model(images)
         local = emb.detach()
-        emb, logits = _wide(emb), _wide(logits)
+        emb, logits = at_least_float32(emb), at_least_float32(logits)
         if self.gather:
             emb, logits = AllGather.apply(emb), AllGather.apply(logits)
             labels = gather(labels)
@@ -59,7 +59,7 @@ class TrainStep(nn.Module):
         return loss, parts, local
 
 
-def _wide(x: Tensor) -> Tensor:
+def at_least_float32(x: Tensor) -> Tensor:
     """At least float32 (bf16 under AMP -> float32; float64 stays float64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.balance import balance_weights
 from distill.bench import benchmark_threads
 from distill.data.samplers import PKSampler
 from distill.engine import TrainSettings, fit
@@ -89,6 +90,13 @@ def build(bn: bool = False, loss: str = LOSS) -> tuple[nn.Module, StudentObjecti
     return model, objective
 
 
+def balanced(loss: str = LOSS) -> StudentObjective:
+    """The objective of ``build`` with its distillation weights read as gradient ratios (``--distill-scale gradient``)."""
+    torch.manual_seed(1)  # the regression's projection
+    return StudentObjective(loss, EMBED, NUM_IDS, distill="kd=1,darkrank=0.1,rkd_distance=1,regression=1",
+                            teacher_embed_dim=TEACHER_DIM, scaled=True).double()
+
+
 def settings(gather: bool) -> TrainSettings:
     return TrainSettings(epochs=2, lr=1e-2, seed=3, workers=0, amp=False, gather_embeddings=gather)
 
@@ -115,6 +123,12 @@ def main(out: Path) -> None:
     torch.save({"gathered": gathered.detach(), "grad": local.grad}, out / f"allgather-rank{rank}.pt")
 
     data = TinyData()
+    model, _ = build()
+    objective = balanced()
+    weights = balance_weights(model, objective, data, pk_sampler(data.labels, rank, world), data.teacher,
+                              torch.device("cpu"), torch.contiguous_format)
+    torch.save({"scales": objective.distill.scales, "weights": weights}, out / f"balance-rank{rank}.pt")
+
     for case, (gather, bn, loss) in CASES.items():
         model, objective = build(bn, loss)
         teacher = data.teacher if loss == LOSS else None

@@ -1,18 +1,23 @@
 """DDP under torchrun (2 gloo processes on CPU, tests/ddp_worker.py): every rank ends with the same
 model AND objective parameters, equal to one process trained on the concatenated batches; the
 scaling rule (global batch = world_size x batch_size, lr as given, 1/world_size the steps per epoch);
-losses logged as means over ranks; the benchmark's thread count matches a single process's."""
+losses logged as means over ranks; gradient-ratio distillation weights measured on every rank's
+batches; the benchmark's thread count matches a single process's."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from distill.balance import BATCHES
 from distill.engine import seed_everything
-from tests.ddp_worker import CASES, TinyData, build, gather_input, pk_sampler, run_under_torchrun, settings
+from distill.losses.registry import LossInputs
+from tests.ddp_worker import CASES, TinyData, balanced, build, gather_input, pk_sampler, run_under_torchrun, settings
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +104,45 @@ def test_ranks_match_one_process_on_the_concatenated_batches(ranks, gather):
         torch.testing.assert_close(got["objective"][name], value, rtol=1e-7, atol=1e-9, msg=lambda m, name=name: f"objective.{name}: {m}")
     logged = [json.loads(line) for line in (ranks / f"{case}.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in logged] == pytest.approx(epoch_losses, rel=1e-9)
+
+
+def test_gradient_ratio_weights_are_measured_on_every_ranks_batches_and_agree_across_ranks(ranks):
+    """``--distill-scale gradient`` under torchrun: each rank sums the gradient norms of its first
+    batches, the sums are added over ranks, so every rank gets the factors one process computes from
+    the norms of both ranks' batches (one backward per loss and batch, here), not its own."""
+    data, (model, _) = TinyData(), build()
+    objective = balanced()
+    labels = torch.tensor(data.labels)
+    task, terms = 0.0, {name: 0.0 for name, _ in objective.distill.terms}
+    own = []  # rank 0's factors from its own batches alone: what a missing sum over ranks would give
+    for rank in range(WORLD):
+        for b, idx in enumerate(pk_sampler(data.labels, rank, WORLD)):
+            if b == BATCHES:
+                break
+            idx = torch.tensor(idx)
+            for which in ["task", *terms]:
+                probe = copy.deepcopy(model)
+                emb, logits = probe(data.images[idx])
+                t_emb, t_logits = data.teacher(None, idx)
+                if which == "task":
+                    loss, _ = objective.task_of_labeled(emb, logits, labels[idx], t_emb)
+                else:
+                    loss = objective.distill.losses[which](LossInputs(emb, logits, labels[idx], t_emb, t_logits))
+                    loss = getattr(loss, "value", loss)
+                loss.backward()
+                norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in probe.parameters() if p.grad is not None))
+                if which == "task":
+                    task += norm
+                else:
+                    terms[which] += norm
+        if rank == 0:
+            own = [task / terms[name] for name, _ in objective.distill.terms]
+    expected = [task / terms[name] for name, _ in objective.distill.terms]
+    for rank in range(WORLD):
+        got = load(ranks, "balance", rank)
+        assert got["scales"].tolist() == pytest.approx(expected, rel=1e-9)
+        assert got["weights"] == pytest.approx({n: w * f for (n, w), f in zip(objective.distill.terms, expected)}, rel=1e-9)
+    assert own != pytest.approx(expected, rel=1e-3)  # the check above can tell a per-rank measurement
 
 
 def test_the_gathered_loss_differs_from_the_per_rank_mean():
