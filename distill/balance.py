@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
 
+from distill.data.mixing import with_mixed_rows
 from distill.errors import DistillError
 from distill.losses.registry import LossInputs
 from distill.objective import StudentObjective
@@ -33,10 +34,12 @@ BATCHES = 4  # averaged: one batch's ratio moves by ~10 % with its identities
 def balance_weights(
     model: nn.Module, objective: StudentObjective, dataset: Dataset, sampler: Sampler[list[int]],
     teacher_fn: Callable[[Tensor, Tensor], Any], device: torch.device, memory_format: torch.memory_format,
+    mix_rows: int = 0,
 ) -> dict[str, float]:
     """Set ``objective.distill.scales`` from the gradient norms of the first ``BATCHES`` batches of
-    ``sampler`` (see the module docstring; under torchrun every rank's batches, summed) and return the
-    loss weight each term now has. A term whose gradient is zero on every batch keeps its weight as given."""
+    ``sampler`` (with ``mix_rows`` mixed images each, as in training; see the module docstring; under
+    torchrun every rank's batches, summed) and return the loss weight each term now has. A term whose
+    gradient is zero on every batch keeps its weight as given."""
     distill = objective.distill
     probe = copy.deepcopy(model).to(device=device, memory_format=memory_format).train()
     params = [p for p in probe.parameters() if p.requires_grad]
@@ -46,9 +49,12 @@ def balance_weights(
             if b == BATCHES:
                 break
             items = [dataset[i] for i in indices]
-            images = torch.stack([item[0] for item in items]).to(device, memory_format=memory_format)
-            labels = torch.tensor([item[1] for item in items], device=device)
-            t_emb, t_logits = teacher_fn(images, torch.tensor([item[2] for item in items]))  # as the loader gives them
+            images, labels, rows = with_mixed_rows(  # as the loader gives them, mixed as in training
+                torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items]),
+                torch.tensor([item[2] for item in items]), mix_rows,
+            )
+            images, labels = images.to(device, memory_format=memory_format), labels.to(device)
+            t_emb, t_logits = teacher_fn(images, rows)
             emb, logits = probe(images)
             emb, logits = at_least_float32(emb), at_least_float32(logits)  # as the training's loss sees them
             task, _ = objective.task_of_labeled(emb, logits, labels, t_emb)

@@ -236,6 +236,11 @@ class Config:
         "gradient norm to the task loss's, measured on the first batches: the same pull on every data set).",
         section="distillation", **_STUDENT,
     )
+    mix_rows: int = option(
+        0, "Mixed images added to each batch of the distilled student: each a pixel mix of two images of the batch, "
+        "scored by the teacher on that view and learnt through the distillation terms only (function matching, "
+        "Beyer et al. 2022). 0: off.", section="distillation", at_least=0, **_STUDENT,
+    )
     kd_temperature: float = option(4.0, "KD temperature T.", section="distillation", above=0.0, **_STUDENT)
     darkrank: str = option("hard", "DarkRank mode: hard or soft.", section="distillation", **_STUDENT)
     darkrank_alpha: float = option(

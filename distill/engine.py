@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from distill.atomic import atomic_write_text
 from distill.data.dataset import ImageDataset
+from distill.data.mixing import with_mixed_rows
 from distill.data.samplers import loader_settings
 from distill import selection
 from distill.errors import DistillError
@@ -63,6 +64,7 @@ class TrainSettings:
     resume: bool = False
     fresh: bool = False  # start over although an unfinished checkpoint exists; it is kept until this run passes it
     gather_embeddings: bool = False  # under torchrun: batch-level losses see the global batch
+    mix_rows: int = 0  # with a teacher: mixed images added to each batch (distill.data.mixing)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -157,6 +159,7 @@ class _Training:
     scheduler: torch.optim.lr_scheduler.OneCycleLR
     device: torch.device
     memory_format: torch.memory_format  # of the model and each batch
+    mix_rows: int  # mixed images added to each batch when there is a teacher
     recipe: dict[str, Any]
     epochs: int
     every: int  # validate and checkpoint every this many epochs (and after the last)
@@ -253,8 +256,8 @@ def _set_up(
     log_path = checkpoint.with_suffix(".jsonl")
     # the log is rewritten whole after each epoch: the previous run's stays until there is a new one
     log = log_path.read_text(encoding="utf-8") if start_epoch > 0 and log_path.exists() else ""
-    return _Training(train_step, loader, optimizer, scheduler, device, settings.memory_format, recipe, epochs, _val_every(epochs),
-                     start_epoch, best, kept_until, rank == 0, log)
+    return _Training(train_step, loader, optimizer, scheduler, device, settings.memory_format, settings.mix_rows, recipe,
+                     epochs, _val_every(epochs), start_epoch, best, kept_until, rank == 0, log)
 
 
 def _train(
@@ -278,7 +281,7 @@ def _train(
             model.train()
             objective.train()
             record = _train_epoch(run.train_step, run.loader, run.optimizer, run.scheduler, teacher_fn, run.device,
-                                  run.memory_format, epoch, desc, checkpoint, show)
+                                  run.memory_format, run.mix_rows, epoch, desc, checkpoint, show)
             # validate, checkpoint (and log) at the validation cadence: a 167 MB fsynced checkpoint every epoch
             # cost the teacher 15% of its training time; an older unfinished checkpoint stays until passed
             due = (epoch + 1) % run.every == 0 or epoch + 1 == run.epochs
@@ -328,10 +331,12 @@ def _optimiser(
 
 def _train_epoch(
     train_step: nn.Module, loader: DataLoader, optimizer, scheduler, teacher_fn: TeacherFn | None, device: torch.device,
-    memory_format: torch.memory_format, epoch: int, desc: str, checkpoint: Path, show: Callable[[int, float], None],
+    memory_format: torch.memory_format, mix_rows: int, epoch: int, desc: str, checkpoint: Path,
+    show: Callable[[int, float], None],
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the epoch's log record: mean losses (over every rank's
-    steps), epoch, last learning rate and the images per second of all ranks."""
+    """One pass over ``loader`` (with a teacher, ``mix_rows`` mixed images added to each batch);
+    returns the epoch's log record: mean losses (over every rank's steps), epoch, last learning rate
+    and the loaded images per second of all ranks."""
     world = distributed()[1]
     sampler = loader.batch_sampler
     observe = getattr(sampler, "observe", None)
@@ -340,11 +345,14 @@ def _train_epoch(
     for step, (images, labels, indices) in enumerate(loader):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        loaded = len(labels)
+        if teacher_fn is not None:
+            images, labels, indices = with_mixed_rows(images, labels, indices, mix_rows)
         images = images.contiguous(memory_format=memory_format)
         teacher_out = teacher_fn(images, indices) if teacher_fn is not None else None
         loss, parts, emb = train_step(images, labels, teacher_out)
         if observe is not None:
-            observe(indices, emb, labels)
+            observe(indices[:loaded], emb[:loaded], labels[:loaded])
         mean_loss = sum_over_ranks(loss).item() / world  # every rank stops when one meets NaN
         if not math.isfinite(mean_loss):
             raise DistillError(
@@ -358,7 +366,7 @@ def _train_epoch(
         scheduler.step()
         for name, value in {"loss": loss.item(), **parts}.items():
             totals[name] = totals.get(name, 0.0) + value
-        seen += len(labels)
+        seen += loaded
         show(epoch, mean_loss)
     # the losses logged are the means over every rank's steps, the images those of all ranks
     summed = sum_over_ranks(torch.tensor([*totals.values(), seen], dtype=torch.float64, device=device)).tolist()

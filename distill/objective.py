@@ -89,9 +89,9 @@ def unusable_logits(teacher: Any, num_classes: int) -> str | None:
 
 
 def distillation_fields() -> tuple[str, ...]:
-    """The Config fields that shape the distillation terms: ``distill``, how its weights are read and
-    the terms' hyper-parameters."""
-    return ("distill", "distill_scale", *hyperparameters("distill"))
+    """The Config fields that shape the distillation terms: ``distill``, how its weights are read, the
+    mixed images they see and the terms' hyper-parameters."""
+    return ("distill", "distill_scale", "mix_rows", *hyperparameters("distill"))
 
 
 def build_objective(cfg: Config, num_classes: int, teacher: Any = None) -> StudentObjective:

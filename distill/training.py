@@ -64,6 +64,7 @@ def train_settings(
         resume=cfg.resume,
         fresh=cfg.fresh,
         gather_embeddings=cfg.gather_embeddings,
+        mix_rows=0 if teacher else cfg.mix_rows,
     )
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from distill.balance import BATCHES, balance_weights
 from distill.config_load import load_config
+from distill.data.mixing import with_mixed_rows
 from distill.errors import DistillError
 from distill.losses.registry import LossInputs
 from distill.embedding import EmbeddingNet
@@ -50,8 +51,9 @@ def setting(distill: str = "kd=1.5,darkrank=1.25", n: int = 48):
     return objective, Images(n), sampler, lambda images, idx: (teacher_emb[idx], teacher_logits[idx])
 
 
-def reference_norms(model, objective, dataset, sampler, teacher_fn):
-    """Per batch, one backward per loss on a fresh copy of the model: (task norm, {term: norm}) summed."""
+def reference_norms(model, objective, dataset, sampler, teacher_fn, mix_rows=0):
+    """Per batch (with ``mix_rows`` mixed rows), one backward per loss on a fresh copy of the model:
+    (task norm, {term: norm}) summed."""
     import copy
 
     task_sum, term_sums = 0.0, {name: 0.0 for name, _ in objective.distill.terms}
@@ -59,10 +61,11 @@ def reference_norms(model, objective, dataset, sampler, teacher_fn):
     for indices in sampler[:BATCHES]:
         items = [dataset[i] for i in indices]
         images, labels = torch.stack([x[0] for x in items]), torch.tensor([x[1] for x in items])
+        images, labels, rows = with_mixed_rows(images, labels, torch.tensor(indices), mix_rows)
         for which in ["task", *term_sums]:
             probe = copy.deepcopy(model).train()
             emb, logits = probe(images)
-            t_emb, t_logits = teacher_fn(images, torch.tensor(indices))
+            t_emb, t_logits = teacher_fn(images, rows)
             if which == "task":
                 loss, _ = objective.task_of_labeled(emb, logits, labels, t_emb)
             else:
@@ -87,6 +90,25 @@ def test_the_factors_are_the_task_gradient_over_each_terms_as_a_slow_reference_m
     weights = balance_weights(model, objective, dataset, sampler, teacher_fn, torch.device("cpu"), torch.contiguous_format)
     assert objective.distill.scales.tolist() == pytest.approx([task / terms["kd"], task / terms["darkrank"]], rel=1e-5)
     assert weights == pytest.approx({"kd": 1.5 * task / terms["kd"], "darkrank": 1.25 * task / terms["darkrank"]}, rel=1e-5)
+
+
+def test_with_mixed_rows_the_factors_are_measured_on_the_batches_training_sees():
+    objective, dataset, sampler, _ = setting()
+    torch.manual_seed(2)
+    to_emb, to_logits = torch.randn(3, 16), torch.randn(3, CLASSES) * 3
+
+    def live_teacher(images, indices):  # scores any image, mixed ones too
+        return images.mean((2, 3)) @ to_emb, images.mean((2, 3)) @ to_logits
+
+    model = tiny_student()
+    torch.manual_seed(5)
+    task, terms = reference_norms(model, objective, dataset, sampler, live_teacher, mix_rows=3)
+    torch.manual_seed(5)
+    balance_weights(model, objective, dataset, sampler, live_teacher, torch.device("cpu"), torch.contiguous_format, mix_rows=3)
+    assert objective.distill.scales.tolist() == pytest.approx([task / terms["kd"], task / terms["darkrank"]], rel=1e-5)
+    torch.manual_seed(5)
+    unmixed, _ = reference_norms(model, objective, dataset, sampler, live_teacher)
+    assert unmixed != pytest.approx(task, rel=1e-3)  # the mixed rows change what is measured
 
 
 def test_the_measurement_leaves_the_model_and_the_random_state_as_they_were():

@@ -23,6 +23,7 @@ from distill.config_load import student_specs
 from distill.console import make_console
 from distill.data import Sample, data_fingerprint
 from distill.data.prepare import Prepared, unlabeled_images
+from distill.data.mixing import MIXED
 from distill.data.unlabeled import JointDataset, UnlabeledBatchSampler, unlabeled_fingerprint
 from distill.engine import BatchSampler, distributed, extract, is_main_process
 from distill.models import save_model
@@ -147,7 +148,8 @@ def _fit_student(
     settings = train_settings(cfg, device, unlabeled=sampler if unlabeled else None)
     balanced = {}
     if objective.distill.scales is not None and teacher_fn is not None:
-        balanced = {"distill_weights": balance_weights(model, objective, dataset, sampler, teacher_fn, device, settings.memory_format)}
+        balanced = {"distill_weights": balance_weights(model, objective, dataset, sampler, teacher_fn, device,
+                                                       settings.memory_format, settings.mix_rows)}
         if is_main_process():
             console.print(f"{escape(name)}: distillation weights from the gradients of the first {BATCHES} batches: " + ", ".join(
                 f"{term} {ratio:g}x the task's -> {balanced['distill_weights'][term]:.4g}" for term, ratio in objective.distill.terms))
@@ -189,15 +191,27 @@ def teacher_outputs(
     cfg: Config, teacher: Teacher, train: Dataset, plain: Dataset, eval_transform: Callable, device: torch.device
 ) -> Callable[[Tensor, Tensor], Any]:
     """Per-batch teacher outputs: looked up in the on-disk cache when training is un-augmented
-    (``train is plain``; keyed by the teacher and every image, unlabeled ones included), computed on
-    the fly (no grad) on the augmented batch otherwise."""
+    (``train is plain``; keyed by the teacher and every image, unlabeled ones included; mixed rows,
+    index ``MIXED``, are in no dataset and scored live), computed on the fly (no grad) on the
+    augmented batch otherwise."""
     if train is plain:
         key = cache_key(teacher.fingerprint, data_fingerprint(plain.samples), eval_transform)
         (emb, logits), hit = cached_outputs(key, cfg.out_dir / "cache", lambda: tuple(extract(teacher, plain, device)))
         if hit:
             console.print("[green]teacher outputs read from the cache")
         emb, logits = emb.to(device), (logits.to(device) if logits is not None else None)
-        return lambda images, indices: (emb[indices], logits[indices] if logits is not None else None)
+
+        @torch.no_grad()
+        def looked_up(images: Tensor, indices: Tensor):
+            mixed = int((indices == MIXED).sum())  # appended after the dataset's rows (distill.data.mixing)
+            rows = indices[: len(indices) - mixed]
+            stored = emb[rows], logits[rows] if logits is not None else None
+            if not mixed:
+                return stored
+            live = teacher(images[len(rows):])
+            return tuple(None if s is None else torch.cat([s, l.to(s.dtype)]) for s, l in zip(stored, live))
+
+        return looked_up
 
     @torch.no_grad()
     def online(images: Tensor, indices: Tensor):
