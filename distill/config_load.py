@@ -282,6 +282,8 @@ def _check_bounds(cfg: Config) -> None:
         if low is None:
             continue
         name, value = f.name, getattr(cfg, f.name)
+        if value is None:  # an optional number left unset: its default is chosen later
+            continue
         if not math.isfinite(value) or value < low or (strict and value == low):
             raise DistillError(f"{option_name(name)} must be {'>' if strict else '>='} {low:g}, got {value:g}")
 

@@ -218,7 +218,8 @@ def fit(
     run = _set_up(model, objective, dataset, sampler, settings, checkpoint, penalty, recipe)
     if run.main and run.start_epoch == 0:
         note = settings.budget_note(len(sampler))
-        print(f"{desc}: {run.epochs} epochs x {len(sampler)} steps" + (f", validated every {run.every} epoch(s)" if validate else "")
+        mixed = f" (+{settings.mix_rows} mixed images each, --mix-rows)" if settings.mix_rows and teacher_fn is not None else ""
+        print(f"{desc}: {run.epochs} epochs x {len(sampler)} steps{mixed}" + (f", validated every {run.every} epoch(s)" if validate else "")
               + (f"; {note}" if note else ""), file=sys.stderr)
     best = _train(run, model, objective, sampler, checkpoint, teacher_fn, desc, validate)
     if best is not None:

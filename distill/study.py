@@ -59,6 +59,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "kd+darkrank": {},  # the base config as given: distill run's defaults
     # the default's pull measured on the embedded set (kd 1.5x, darkrank 1.25x the task's gradient), on any data
     "kd+darkrank-gradient": {"distill": "kd=1.5,darkrank=1.25", "distill_scale": "gradient"},
+    "kd+darkrank-unmixed": {"mix_rows": 0},  # the default without its mixed images: what they add on your data
 }
 DEFAULT_RECIPES = (BASELINE, "kd+darkrank")
 # Options every recipe shares: one teacher, one data set, one device; the study sets seed and out.

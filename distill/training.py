@@ -64,8 +64,14 @@ def train_settings(
         resume=cfg.resume,
         fresh=cfg.fresh,
         gather_embeddings=cfg.gather_embeddings,
-        mix_rows=0 if teacher else cfg.mix_rows,
+        mix_rows=0 if teacher else mix_rows(cfg),
     )
+
+
+def mix_rows(cfg: Config) -> int:
+    """The mixed images of each distilled batch (``distill.data.mixing``): ``--mix-rows``, or half the
+    batch when it is left unset (0 turns mixing off)."""
+    return cfg.mix_rows if cfg.mix_rows is not None else cfg.batch_size // 2
 
 
 def default_epochs(cfg: Config, teacher: bool) -> int:

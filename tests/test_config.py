@@ -222,7 +222,7 @@ def test_the_lists_of_fields_come_from_their_metadata():
     above = {f.name for f in fields(Config) if field_info(f.name)["above"] == 0.0}
     at_least = {f.name for f in fields(Config) if field_info(f.name)["at_least"] == 0.0}
     assert above == {"lr", "teacher_lr", "student_width", "kd_temperature", "darkrank_alpha", "darkrank_beta"}
-    assert at_least == {"weight_decay", "gate_margin"}
+    assert at_least == {"weight_decay", "gate_margin", "mix_rows"}
     assert all(field_info(n)["stage"] == "teacher" for n in teacher_fields())  # train-teacher takes them all
 
 

@@ -19,6 +19,7 @@ from distill.engine import TrainSettings, fit
 from distill.errors import DistillError
 from distill.objective import distillation_fields
 from distill.teachers.frozen import TorchTeacher
+from distill.training import train_settings
 from tests.test_engine import CrossEntropy, batches, dataset, steps_per_epoch, tiny_model  # noqa: F401 (fixture)
 
 
@@ -168,3 +169,12 @@ def test_mix_rows_belongs_to_the_distillation_and_cannot_be_negative():
     assert "mix_rows" in distillation_fields()  # left out of a baseline's recipe: it never mixes
     with pytest.raises(DistillError, match=r"^mix_rows \(--mix-rows\) must be >= 0, got -1$"):
         load_config(None, mix_rows=-1)
+
+
+def test_the_default_mixes_half_the_batch_into_the_distilled_student_and_nothing_into_the_teacher():
+    cpu = torch.device("cpu")
+    assert train_settings(load_config(None), cpu).mix_rows == 32  # batch 64
+    assert train_settings(load_config(None, batch_size=12), cpu).mix_rows == 6
+    assert train_settings(load_config(None, mix_rows=0), cpu).mix_rows == 0
+    assert train_settings(load_config(None, mix_rows=5), cpu).mix_rows == 5
+    assert train_settings(load_config(None), cpu, teacher=True).mix_rows == 0

@@ -136,6 +136,8 @@ def test_builtin_recipes_and_the_baseline_is_always_first():
     assert chosen["darkrank-soft"][1].darkrank_list_size == 8
     assert (chosen["kd"][1].distill, chosen["kd"][1].kd_temperature) == ("kd=3", 2.0)
     assert (chosen["darkrank-hard"][1].darkrank, chosen["darkrank-hard"][1].distill) == ("hard", "darkrank=0.02")
+    unmixed = study.recipe_configs(base, ["kd+darkrank-unmixed"])["kd+darkrank-unmixed"][1]
+    assert (unmixed.mix_rows, base.mix_rows, unmixed.distill) == (0, None, base.distill)  # the default less its mixed images
 
 
 def test_recipes_file(tmp_path):
@@ -205,7 +207,7 @@ def test_bad_recipes_file_gives_one_clear_error(tmp_path, text, message):
 
 
 def test_unknown_recipe_name_and_missing_file(tmp_path):
-    with pytest.raises(DistillError, match=r"unknown recipe\(s\) nope; known: baseline, kd, darkrank-hard, darkrank-soft, kd\+darkrank, kd\+darkrank-gradient"):
+    with pytest.raises(DistillError, match=r"unknown recipe\(s\) nope; known: baseline, kd, darkrank-hard, darkrank-soft, kd\+darkrank, kd\+darkrank-gradient, kd\+darkrank-unmixed"):
         study.recipe_configs(load_config(None), ["kd", "nope"])
     with pytest.raises(DistillError, match="recipes file not found: "):
         study.load_recipes_file(tmp_path / "missing.toml")
