@@ -22,8 +22,8 @@ from distill.config import Config, fields_where
 from distill.config_load import student_specs
 from distill.console import make_console
 from distill.data import Sample, data_fingerprint
-from distill.data.prepare import Prepared, unlabeled_images
 from distill.data.mixing import MIXED
+from distill.data.prepare import Prepared, unlabeled_images
 from distill.data.unlabeled import JointDataset, UnlabeledBatchSampler, unlabeled_fingerprint
 from distill.engine import BatchSampler, distributed, extract, is_main_process
 from distill.models import save_model
