@@ -158,8 +158,7 @@ class _Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.OneCycleLR
     device: torch.device
-    memory_format: torch.memory_format  # of the model and each batch
-    mix_rows: int  # mixed images added to each batch when there is a teacher
+    settings: TrainSettings
     recipe: dict[str, Any]
     epochs: int
     every: int  # validate and checkpoint every this many epochs (and after the last)
@@ -216,12 +215,13 @@ def fit(
     """
     checkpoint = Path(checkpoint)
     run = _set_up(model, objective, dataset, sampler, settings, checkpoint, penalty, recipe)
+    mix_rows = settings.mix_rows if teacher_fn is not None else 0  # mixed images are for the teacher to score
     if run.main and run.start_epoch == 0:
         note = settings.budget_note(len(sampler))
-        mixed = f" (+{settings.mix_rows} mixed images each, --mix-rows)" if settings.mix_rows and teacher_fn is not None else ""
+        mixed = f" (+{mix_rows} mixed images each, --mix-rows)" if mix_rows else ""
         print(f"{desc}: {run.epochs} epochs x {len(sampler)} steps{mixed}" + (f", validated every {run.every} epoch(s)" if validate else "")
               + (f"; {note}" if note else ""), file=sys.stderr)
-    best = _train(run, model, objective, sampler, checkpoint, teacher_fn, desc, validate)
+    best = _train(run, model, objective, sampler, checkpoint, teacher_fn, mix_rows, desc, validate)
     if best is not None:
         model.load_state_dict(best["model"])
         if run.main:
@@ -257,16 +257,17 @@ def _set_up(
     log_path = checkpoint.with_suffix(".jsonl")
     # the log is rewritten whole after each epoch: the previous run's stays until there is a new one
     log = log_path.read_text(encoding="utf-8") if start_epoch > 0 and log_path.exists() else ""
-    return _Training(train_step, loader, optimizer, scheduler, device, settings.memory_format, settings.mix_rows, recipe,
-                     epochs, _val_every(epochs), start_epoch, best, kept_until, rank == 0, log)
+    return _Training(train_step, loader, optimizer, scheduler, device, settings, recipe, epochs, _val_every(epochs),
+                     start_epoch, best, kept_until, rank == 0, log)
 
 
 def _train(
     run: _Training, model: nn.Module, objective: nn.Module, sampler: BatchSampler, checkpoint: Path,
-    teacher_fn: TeacherFn | None, desc: str, validate: Validator | None,
+    teacher_fn: TeacherFn | None, mix_rows: int, desc: str, validate: Validator | None,
 ) -> dict | None:
-    """The epochs from ``run.start_epoch`` on, each validated (at the cadence), logged and
-    checkpointed (at the cadence, on rank 0); returns the best validated epoch's record (or None)."""
+    """The epochs from ``run.start_epoch`` on (``mix_rows`` mixed images added to each batch), each
+    validated (at the cadence), logged and checkpointed (at the cadence, on rank 0); returns the best
+    validated epoch's record (or None)."""
     best, log, log_path = run.best, run.log, checkpoint.with_suffix(".jsonl")
     if validate is not None and best is None:
         best = _untrained(validate, model)
@@ -282,7 +283,7 @@ def _train(
             model.train()
             objective.train()
             record = _train_epoch(run.train_step, run.loader, run.optimizer, run.scheduler, teacher_fn, run.device,
-                                  run.memory_format, run.mix_rows, epoch, desc, checkpoint, show)
+                                  run.settings.memory_format, mix_rows, epoch, desc, checkpoint, show)
             # validate, checkpoint (and log) at the validation cadence: a 167 MB fsynced checkpoint every epoch
             # cost the teacher 15% of its training time; an older unfinished checkpoint stays until passed
             due = (epoch + 1) % run.every == 0 or epoch + 1 == run.epochs
@@ -335,7 +336,7 @@ def _train_epoch(
     memory_format: torch.memory_format, mix_rows: int, epoch: int, desc: str, checkpoint: Path,
     show: Callable[[int, float], None],
 ) -> dict[str, float]:
-    """One pass over ``loader`` (with a teacher, ``mix_rows`` mixed images added to each batch);
+    """One pass over ``loader`` (``mix_rows`` mixed images added to each batch, for ``teacher_fn``);
     returns the epoch's log record: mean losses (over every rank's steps), epoch, last learning rate
     and the loaded images per second of all ranks."""
     world = distributed()[1]
@@ -347,8 +348,7 @@ def _train_epoch(
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         loaded = len(labels)
-        if teacher_fn is not None:
-            images, labels, indices = with_mixed_rows(images, labels, indices, mix_rows)
+        images, labels, indices = with_mixed_rows(images, labels, indices, mix_rows)
         images = images.contiguous(memory_format=memory_format)
         teacher_out = teacher_fn(images, indices) if teacher_fn is not None else None
         loss, parts, emb = train_step(images, labels, teacher_out)

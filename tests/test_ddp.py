@@ -6,18 +6,15 @@ batches; the benchmark's thread count matches a single process's."""
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from distill.balance import BATCHES
 from distill.engine import seed_everything
-from distill.losses.registry import LossInputs
 from tests.ddp_worker import CASES, TinyData, balanced, build, gather_input, pk_sampler, run_under_torchrun, settings
+from tests.test_balance import reference_norms
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,35 +106,16 @@ def test_ranks_match_one_process_on_the_concatenated_batches(ranks, gather):
 def test_gradient_ratio_weights_are_measured_on_every_ranks_batches_and_agree_across_ranks(ranks):
     """``--distill-scale gradient`` under torchrun: each rank sums the gradient norms of its first
     batches, the sums are added over ranks, so every rank gets the factors one process computes from
-    the norms of both ranks' batches (one backward per loss and batch, here), not its own."""
+    the norms of both ranks' batches (one backward per loss and batch, tests/test_balance.py's
+    reference), not its own."""
     data, (model, _) = TinyData(), build()
     objective = balanced()
-    labels = torch.tensor(data.labels)
-    task, terms = 0.0, {name: 0.0 for name, _ in objective.distill.terms}
-    own = []  # rank 0's factors from its own batches alone: what a missing sum over ranks would give
-    for rank in range(WORLD):
-        for b, idx in enumerate(pk_sampler(data.labels, rank, WORLD)):
-            if b == BATCHES:
-                break
-            idx = torch.tensor(idx)
-            for which in ["task", *terms]:
-                probe = copy.deepcopy(model)
-                emb, logits = probe(data.images[idx])
-                t_emb, t_logits = data.teacher(None, idx)
-                if which == "task":
-                    loss, _ = objective.task_of_labeled(emb, logits, labels[idx], t_emb)
-                else:
-                    loss = objective.distill.losses[which](LossInputs(emb, logits, labels[idx], t_emb, t_logits))
-                    loss = getattr(loss, "value", loss)
-                loss.backward()
-                norm = math.sqrt(sum(float((p.grad ** 2).sum()) for p in probe.parameters() if p.grad is not None))
-                if which == "task":
-                    task += norm
-                else:
-                    terms[which] += norm
-        if rank == 0:
-            own = [task / terms[name] for name, _ in objective.distill.terms]
-    expected = [task / terms[name] for name, _ in objective.distill.terms]
+    names = [name for name, _ in objective.distill.terms]
+    per_rank = [reference_norms(model, objective, data, list(pk_sampler(data.labels, rank, WORLD)), data.teacher)
+                for rank in range(WORLD)]
+    task = sum(t for t, _ in per_rank)
+    expected = [task / sum(terms[name] for _, terms in per_rank) for name in names]
+    own = [per_rank[0][0] / per_rank[0][1][name] for name in names]  # what a missing sum over ranks would give
     for rank in range(WORLD):
         got = load(ranks, "balance", rank)
         assert got["scales"].tolist() == pytest.approx(expected, rel=1e-9)
