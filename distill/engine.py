@@ -17,7 +17,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -214,8 +214,10 @@ def fit(
     over all ranks' steps.
     """
     checkpoint = Path(checkpoint)
+    if teacher_fn is None:
+        settings = replace(settings, mix_rows=0)  # mixed images are for a teacher to score
     run = _set_up(model, objective, dataset, sampler, settings, checkpoint, penalty, recipe)
-    mix_rows = settings.mix_rows if teacher_fn is not None else 0  # mixed images are for the teacher to score
+    mix_rows = settings.mix_rows
     if run.main and run.start_epoch == 0:
         note = settings.budget_note(len(sampler))
         mixed = f" (+{mix_rows} mixed images each, --mix-rows)" if mix_rows else ""

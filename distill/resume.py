@@ -16,7 +16,9 @@ from distill.errors import DistillError
 
 # What shapes a training when the caller gives no recipe, and what fit derives from it and the data:
 # a checkpoint records them, and --resume refuses one whose record differs.
-SETTINGS_RECIPE = ("epochs", "steps", "min_steps", "lr", "weight_decay", "seed", "amp", "channels_last", "gather_embeddings")
+SETTINGS_RECIPE = (
+    "epochs", "steps", "min_steps", "lr", "weight_decay", "seed", "amp", "channels_last", "gather_embeddings", "mix_rows",
+)
 DERIVED_RECIPE = ("total_epochs", "steps_per_epoch", "world_size")
 
 

@@ -1,7 +1,8 @@
 """``--mix-rows`` (``distill.data.mixing``): mixed rows are convex mixes of two other rows of the
 batch (recovered by brute force over every pair), with uniform pairs and mixing weights; the engine
 adds them only when there is a teacher, the teacher scores them on the same view (live, or beside
-the cached rows), the task losses never see them; a resumed training draws the same mixes."""
+the cached rows), the task losses never see them; a resumed training draws the same mixes, and one
+with another number of them is refused."""
 
 from __future__ import annotations
 
@@ -178,3 +179,19 @@ def test_the_default_mixes_half_the_batch_into_the_distilled_student_and_nothing
     assert train_settings(load_config(None, mix_rows=0), cpu).mix_rows == 0
     assert train_settings(load_config(None, mix_rows=5), cpu).mix_rows == 5
     assert train_settings(load_config(None), cpu, teacher=True).mix_rows == 0
+
+
+def test_resume_refuses_a_checkpoint_made_with_another_number_of_mixed_rows(dataset, tmp_path):
+    ckpt = tmp_path / "m.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(6), Interrupted(steps_per_epoch(dataset) + 1), dataset, batches(dataset),
+            TrainSettings(epochs=3, lr=1e-2, seed=3, mix_rows=4), ckpt, teacher_fn=Teacher())
+    with pytest.raises(DistillError, match=r"other settings or data: mix_rows=4 \(now 2\) \("):
+        fit(tiny_model(6), Recorder(), dataset, batches(dataset), TrainSettings(epochs=3, lr=1e-2, seed=3, mix_rows=2, resume=True),
+            ckpt, teacher_fn=Teacher())
+    # without a teacher nothing is mixed, whatever mix_rows says: a training without one resumes under any
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(6), Interrupted(steps_per_epoch(dataset) + 1), dataset, batches(dataset),
+            TrainSettings(epochs=3, lr=1e-2, seed=3, mix_rows=4), tmp_path / "plain.ckpt")
+    fit(tiny_model(6), Recorder(), dataset, batches(dataset), TrainSettings(epochs=3, lr=1e-2, seed=3, mix_rows=2, resume=True),
+        tmp_path / "plain.ckpt")
