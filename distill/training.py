@@ -69,9 +69,9 @@ def train_settings(
 
 
 def mix_rows(cfg: Config) -> int:
-    """The mixed images of each distilled batch (``distill.data.mixing``): ``--mix-rows``, or half the
-    batch when it is left unset (0 turns mixing off)."""
-    return cfg.mix_rows if cfg.mix_rows is not None else cfg.batch_size // 2
+    """The mixed images of each distilled batch (``distill.data.mixing``): ``--mix-rows``, or as many as
+    the batch has images when it is left unset (0 turns mixing off)."""
+    return cfg.mix_rows if cfg.mix_rows is not None else cfg.batch_size
 
 
 def default_epochs(cfg: Config, teacher: bool) -> int:

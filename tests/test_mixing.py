@@ -172,10 +172,10 @@ def test_mix_rows_belongs_to_the_distillation_and_cannot_be_negative():
         load_config(None, mix_rows=-1)
 
 
-def test_the_default_mixes_half_the_batch_into_the_distilled_student_and_nothing_into_the_teacher():
+def test_the_default_mixes_a_batch_of_images_into_the_distilled_student_and_nothing_into_the_teacher():
     cpu = torch.device("cpu")
-    assert train_settings(load_config(None), cpu).mix_rows == 32  # batch 64
-    assert train_settings(load_config(None, batch_size=12), cpu).mix_rows == 6
+    assert train_settings(load_config(None), cpu).mix_rows == 64  # batch 64
+    assert train_settings(load_config(None, batch_size=12), cpu).mix_rows == 12
     assert train_settings(load_config(None, mix_rows=0), cpu).mix_rows == 0
     assert train_settings(load_config(None, mix_rows=5), cpu).mix_rows == 5
     assert train_settings(load_config(None), cpu, teacher=True).mix_rows == 0
