@@ -214,8 +214,7 @@ def fit(
     over all ranks' steps.
     """
     checkpoint = Path(checkpoint)
-    if teacher_fn is None:
-        settings = replace(settings, mix_rows=0)  # mixed images are for a teacher to score
+    settings = settings if teacher_fn is not None else replace(settings, mix_rows=0)  # mixes are for a teacher to score
     run = _set_up(model, objective, dataset, sampler, settings, checkpoint, penalty, recipe)
     mix_rows = settings.mix_rows
     if run.main and run.start_epoch == 0:
