@@ -216,13 +216,12 @@ def fit(
     checkpoint = Path(checkpoint)
     settings = settings if teacher_fn is not None else replace(settings, mix_rows=0)  # mixes are for a teacher to score
     run = _set_up(model, objective, dataset, sampler, settings, checkpoint, penalty, recipe)
-    mix_rows = settings.mix_rows
     if run.main and run.start_epoch == 0:
         note = settings.budget_note(len(sampler))
-        mixed = f" (+{mix_rows} mixed images each, --mix-rows)" if mix_rows else ""
+        mixed = f" (+{settings.mix_rows} mixed images each, --mix-rows)" if settings.mix_rows else ""
         print(f"{desc}: {run.epochs} epochs x {len(sampler)} steps{mixed}" + (f", validated every {run.every} epoch(s)" if validate else "")
               + (f"; {note}" if note else ""), file=sys.stderr)
-    best = _train(run, model, objective, sampler, checkpoint, teacher_fn, mix_rows, desc, validate)
+    best = _train(run, model, objective, sampler, checkpoint, teacher_fn, desc, validate)
     if best is not None:
         model.load_state_dict(best["model"])
         if run.main:
@@ -264,11 +263,11 @@ def _set_up(
 
 def _train(
     run: _Training, model: nn.Module, objective: nn.Module, sampler: BatchSampler, checkpoint: Path,
-    teacher_fn: TeacherFn | None, mix_rows: int, desc: str, validate: Validator | None,
+    teacher_fn: TeacherFn | None, desc: str, validate: Validator | None,
 ) -> dict | None:
-    """The epochs from ``run.start_epoch`` on (``mix_rows`` mixed images added to each batch), each
-    validated (at the cadence), logged and checkpointed (at the cadence, on rank 0); returns the best
-    validated epoch's record (or None)."""
+    """The epochs from ``run.start_epoch`` on (``run.settings.mix_rows`` mixed images added to each
+    batch), each validated (at the cadence), logged and checkpointed (at the cadence, on rank 0);
+    returns the best validated epoch's record (or None)."""
     best, log, log_path = run.best, run.log, checkpoint.with_suffix(".jsonl")
     if validate is not None and best is None:
         best = _untrained(validate, model)
@@ -284,7 +283,7 @@ def _train(
             model.train()
             objective.train()
             record = _train_epoch(run.train_step, run.loader, run.optimizer, run.scheduler, teacher_fn, run.device,
-                                  run.settings.memory_format, mix_rows, epoch, desc, checkpoint, show)
+                                  run.settings.memory_format, run.settings.mix_rows, epoch, desc, checkpoint, show)
             # validate, checkpoint (and log) at the validation cadence: a 167 MB fsynced checkpoint every epoch
             # cost the teacher 15% of its training time; an older unfinished checkpoint stays until passed
             due = (epoch + 1) % run.every == 0 or epoch + 1 == run.epochs
