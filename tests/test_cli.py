@@ -209,7 +209,7 @@ def test_list_shows_every_registry():
         for name, entry in entries(kind).items():  # every loss, with each of its defaults
             assert option in rows[name] and entry.summary in rows[name]
             assert all(f"{k}={'unset' if v is None else v}" in rows[name] for k, v in entry.defaults.items())
-    assert "triplet_margin=0.2, triplet_mining=hard" in rows["triplet"] and "kd_temperature=4.0" in rows["kd"]
+    assert "triplet_margin=0.2, triplet_mining=hard" in rows["triplet"] and "kd_temperature=1.0" in rows["kd"]
 
 
 @pytest.mark.parametrize(

@@ -132,7 +132,7 @@ def test_bad_distillation_options(overrides, message):
 
 def test_the_default_distillation_is_kd_and_hard_darkrank():
     cfg = Config()
-    assert (cfg.distill, cfg.darkrank, cfg.kd_temperature) == ("kd=3,darkrank=0.02", "hard", 4.0)
+    assert (cfg.distill, cfg.darkrank, cfg.kd_temperature) == ("kd=3,darkrank=0.02", "hard", 1.0)
     assert cfg.darkrank_topk is None and cfg.darkrank_samples == 128
     assert distill_terms(cfg) == {"kd": 3.0, "darkrank": 0.02}
     assert distill_terms(load_config(None, distill="none")) == {} and distill_terms(load_config(None, distill=" ")) == {}

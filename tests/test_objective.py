@@ -52,7 +52,7 @@ def test_defaults_are_kd_and_hard_darkrank() -> None:
     assert objective.distill.terms == [("kd", 3.0), ("darkrank", 0.02)]
     dr = objective.distill.losses["darkrank"].loss
     assert (dr.mode, dr.list_size, dr.topk) == ("hard", None, None)
-    assert objective.distill.losses["kd"].temperature == 4.0
+    assert objective.distill.losses["kd"].temperature == 1.0
     assert not list(objective.parameters())  # softmax + triplet, KD, DarkRank: nothing learnable in the objective
 
 
@@ -67,7 +67,7 @@ def test_the_default_objective_is_the_old_hand_written_sum_bit_for_bit(seed: int
     e, lg = emb.clone().requires_grad_(), logits.clone().requires_grad_()
     softmax, triplet = F.cross_entropy(lg, labels), batch_triplet_loss(e, labels, 0.2, "hard")
     task = e.new_zeros(()) + 1.0 * softmax + 1.0 * triplet
-    kd = kd_loss(lg, t_logits, 4.0)
+    kd = kd_loss(lg, t_logits, 1.0)
     dr = DarkRankLoss(3.0, 3.0, mode="hard", list_size=None)(e, t_emb)
     ref = task + 3.0 * kd
     ref = ref + 0.02 * dr
@@ -87,7 +87,7 @@ def test_every_term_weighted_as_configured() -> None:
     ref = {
         "softmax": F.cross_entropy(logits, labels),
         "darkrank": DarkRankLoss(mode="hard", topk=3)(emb, t_emb),
-        "kd": kd_loss(logits, t_logits, 4.0),
+        "kd": kd_loss(logits, t_logits, 1.0),
         "rkd_distance": rkd_distance_loss(emb, t_emb),
         "rkd_angle": rkd_angle_loss(emb, t_emb),
         "pkt": pkt_loss(emb, t_emb),

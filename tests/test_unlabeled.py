@@ -149,7 +149,7 @@ def test_task_losses_see_the_labeled_rows_and_distillation_every_row():
     loss, parts = objective(emb, logits, labels, (t_emb, t_logits))
     lab = labels >= 0
     task, _ = objective.task(emb[lab], logits[lab], labels[lab], teacher_emb=t_emb[lab])
-    expected = (task + 2.0 * kd_loss(logits, t_logits, 4.0) + 0.5 * darkrank(emb, t_emb) * 7 / 12
+    expected = (task + 2.0 * kd_loss(logits, t_logits, 1.0) + 0.5 * darkrank(emb, t_emb) * 7 / 12
                 + 0.3 * rkd_distance_loss(emb, t_emb) + 0.7 * pkt_loss(emb, t_emb))
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     assert set(parts) >= {"softmax", "triplet", "kd", "darkrank", "rkd_distance", "pkt"}
@@ -190,7 +190,7 @@ def test_a_batch_without_labels_has_distillation_terms_only():
     emb, logits, labels, t_emb, t_logits = batch(unlabeled=12)
     objective = StudentObjective("softmax=1,triplet=1", 6, 3, distill="kd=1.5").double()
     loss, parts = objective(emb, logits, labels, (t_emb, t_logits))
-    torch.testing.assert_close(loss, 1.5 * kd_loss(logits, t_logits, 4.0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, 1.5 * kd_loss(logits, t_logits, 1.0), rtol=1e-12, atol=0)
     assert set(parts) == {"kd"}
 
 

@@ -11,7 +11,7 @@ from distill.losses.registry import LossInputs, number, register_loss
 
 
 @full_precision
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Soft-target loss ``T^2 * KL(softmax(t / T) || softmax(s / T))``, mean over the batch.
 
     The T^2 factor keeps the gradient's scale independent of T (Hinton et al., Sec. 2), so the
@@ -35,7 +35,7 @@ def embedding_regression(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
 
 
 @register_loss(
-    "kd", kind="distill", defaults={"kd_temperature": 4.0}, checks={"kd_temperature": number(0.0, strict=True)},
+    "kd", kind="distill", defaults={"kd_temperature": 1.0}, checks={"kd_temperature": number(0.0, strict=True)},
     needs=("teacher_logits",),
 )
 class KD(nn.Module):
