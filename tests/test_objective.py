@@ -78,7 +78,9 @@ def test_the_default_objective_is_the_old_hand_written_sum_bit_for_bit(seed: int
 
 def test_every_term_weighted_as_configured() -> None:
     spec = "darkrank=0.2,kd=1.5,rkd_distance=0.5,rkd_angle=2,pkt=3,regression=0.25"
-    cfg = load_config(None, embed_dim=D, loss="softmax=1", distill=spec, darkrank_list_size="all", darkrank_topk=3)
+    cfg = load_config(
+        None, embed_dim=D, loss="softmax=1", distill=spec, darkrank_list_size="all", darkrank_topk=3, kd_temperature=2.5
+    )
     torch.manual_seed(0)
     objective = build_objective(cfg, C, teacher())
     emb, logits, labels, (t_emb, t_logits) = batch(1)
@@ -87,7 +89,7 @@ def test_every_term_weighted_as_configured() -> None:
     ref = {
         "softmax": F.cross_entropy(logits, labels),
         "darkrank": DarkRankLoss(mode="hard", topk=3)(emb, t_emb),
-        "kd": kd_loss(logits, t_logits, 1.0),
+        "kd": kd_loss(logits, t_logits, 2.5),
         "rkd_distance": rkd_distance_loss(emb, t_emb),
         "rkd_angle": rkd_angle_loss(emb, t_emb),
         "pkt": pkt_loss(emb, t_emb),
