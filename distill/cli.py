@@ -222,6 +222,11 @@ def eval_(
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N] (an .onnx file runs in ONNX Runtime's best provider)."),
     clustering: bool = typer.Option(True, "--clustering/--no-clustering", help="NMI/F1 by k-means (slow for ~10k classes without faiss)."),
+    layer: Optional[str] = typer.Option(
+        None, help="Score the pooled output of this layer instead of the model's own embedding: the layer a run "
+        "distils from ('teacher embedding: NAME' in its log, e.g. backbone.blocks.3a). [default: the embedding]",
+        show_default=False,
+    ),
 ) -> None:
     """Evaluate a model file or an exported ONNX file: Recall@K, NMI, F1, mAP, rank-1 (the data set's protocol)."""
     import torch
@@ -229,7 +234,7 @@ def eval_(
     from distill.data.prepare import prepare_data
     from distill.engine import resolve_device
 
-    embed, size = _scorer(checkpoint, image_size)
+    embed, size = _scorer(checkpoint, image_size, layer)
     cfg = _config(None, data=data, image_size=size, device=device)
     if isinstance(embed, torch.nn.Module):
         device_ = resolve_device(cfg.device)
@@ -244,14 +249,20 @@ def eval_(
     make_console().print(table)
 
 
-def _scorer(path: Path, image_size: str | None) -> tuple[Callable, str | list[int]]:
+def _scorer(path: Path, image_size: str | None, layer: str | None = None) -> tuple[Callable, str | list[int]]:
     """An embedding function for a file distill wrote and the input size to score it at: a distill
-    model file (its recorded size), or an ONNX file in ONNX Runtime (its graph's fixed input size)."""
+    model file (its recorded size; with ``layer``, that layer's pooled output, as ``--teacher-layer``
+    reads it), or an ONNX file in ONNX Runtime (its graph's fixed input size)."""
     if path.suffix != ".onnx":
-        from distill.models import load_model
+        from distill.models import load_model, model_cfg
+        from distill.teachers.finished import FinishedModel
 
         model, header = load_model(path)
+        if layer is not None and layer != "embedding":
+            model = FinishedModel(model, "pair", model_cfg(header["arch"]), layer)
         return model, image_size or _trained_size(header)
+    if layer is not None:
+        raise DistillError(f"{path} runs in ONNX Runtime, which gives only its output: --layer needs a distill model file")
     from distill.bench import onnx_input_size, ort_providers
     from distill.export import OnnxEmbedder
 

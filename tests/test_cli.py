@@ -117,6 +117,46 @@ def metrics_by_hand(model, image_size) -> tuple[dict, torch.Tensor, torch.Tensor
     return {"recall@1": pooled["recall@1"], "map": reid["map"], "rank1": reid["rank1"]}, q_images, qf
 
 
+
+def test_eval_layer_scores_a_layers_pooled_output_as_a_run_reads_it(tiny_data, tmp_path):
+    """``eval --layer NAME`` scores the global-average-pooled, L2-normalised output of that layer
+    (what ``--teacher-layer NAME`` distils from), computed here by a hook on the plain model; an
+    unknown layer and an ONNX file each end in one message."""
+    from distill.export import export_onnx
+    from distill.models import save_model
+    from distill.students import create_student
+
+    torch.manual_seed(0)
+    model = create_student("nin_bn", 16, 8, width=0.25).eval()
+    save_model(tmp_path / "s.pt", model, "nin_bn", width=0.25, image_size=[32, 16])
+    layer = "backbone.layers.2"
+    kept = {}
+    dict(model.named_modules())[layer].register_forward_hook(lambda m, args, out: kept.update(out=out))
+
+    class PooledByHand(torch.nn.Module):
+        def forward(self, images):
+            model(images)
+            out = kept["out"].double()
+            pooled = torch.stack([out[i].reshape(out.shape[1], -1).mean(dim=1) for i in range(len(out))])
+            return (pooled / pooled.norm(dim=1, keepdim=True)).float(), None
+
+    result = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "s.pt"), "--no-clustering", "--layer", layer])
+    assert result.exit_code == 0, result.output
+    rows = [line.strip("│ ").split("│") for line in result.output.splitlines() if "│" in line]
+    scored = {k.strip(): float(v) for k, v in rows if k.strip() != "metric"}
+    by_hand, _, _ = metrics_by_hand(PooledByHand(), "32x16")
+    own, _, _ = metrics_by_hand(model, "32x16")
+    for k in by_hand:
+        assert scored[k] == pytest.approx(float(by_hand[k]), abs=1e-4), k
+    assert any(abs(float(by_hand[k]) - float(own[k])) > 1e-3 for k in by_hand)  # not the embedding's scores
+
+    unknown = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "s.pt"), "--layer", "backbone.nowhere"])
+    assert unknown.exit_code == 2 and "the teacher has no layer 'backbone.nowhere'" in " ".join(unknown.output.split())
+    export_onnx(model, tmp_path / "s.onnx", (32, 16))
+    onnx_layer = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "s.onnx"), "--layer", layer])
+    message = f"{tmp_path / 's.onnx'} runs in ONNX Runtime, which gives only its output: --layer needs a distill model file"
+    assert onnx_layer.exit_code == 2 and message in " ".join(onnx_layer.output.split())
+
 def test_two_students_each_with_and_without_distillation_every_onnx_row_scored_in_onnx_runtime(tiny_data, tmp_path):
     out = tmp_path / "two"
     result = runner.invoke(app, ["run", "--student", "nin_bn@0.25,nin_bn@0.5", "--export-precision", "int8,int8-static",
