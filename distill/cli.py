@@ -253,15 +253,17 @@ def _scorer(path: Path, image_size: str | None, layer: str | None = None) -> tup
     """An embedding function for a file distill wrote and the input size to score it at: a distill
     model file (its recorded size; with ``layer``, that layer's pooled output, as ``--teacher-layer``
     reads it), or an ONNX file in ONNX Runtime (its graph's fixed input size)."""
+    from distill.teachers.layers import EMBEDDING
+
     if path.suffix != ".onnx":
         from distill.models import load_model, model_cfg
         from distill.teachers.finished import FinishedModel
 
         model, header = load_model(path)
-        if layer is not None and layer != "embedding":
+        if layer not in (None, EMBEDDING):
             model = FinishedModel(model, "pair", model_cfg(header["arch"]), layer)
         return model, image_size or _trained_size(header)
-    if layer is not None:
+    if layer not in (None, EMBEDDING):
         raise DistillError(f"{path} runs in ONNX Runtime, which gives only its output: --layer needs a distill model file")
     from distill.bench import onnx_input_size, ort_providers
     from distill.export import OnnxEmbedder
