@@ -255,15 +255,16 @@ def _scorer(path: Path, image_size: str | None, layer: str | None = None) -> tup
     reads it), or an ONNX file in ONNX Runtime (its graph's fixed input size)."""
     from distill.teachers.layers import EMBEDDING
 
+    layer = None if layer == EMBEDDING else layer
     if path.suffix != ".onnx":
         from distill.models import load_model, model_cfg
         from distill.teachers.finished import FinishedModel
 
         model, header = load_model(path)
-        if layer not in (None, EMBEDDING):
+        if layer is not None:
             model = FinishedModel(model, "pair", model_cfg(header["arch"]), layer)
         return model, image_size or _trained_size(header)
-    if layer not in (None, EMBEDDING):
+    if layer is not None:
         raise DistillError(f"{path} runs in ONNX Runtime, which gives only its output: --layer needs a distill model file")
     from distill.bench import onnx_input_size, ort_providers
     from distill.export import OnnxEmbedder

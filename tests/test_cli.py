@@ -117,7 +117,6 @@ def metrics_by_hand(model, image_size) -> tuple[dict, torch.Tensor, torch.Tensor
     return {"recall@1": pooled["recall@1"], "map": reid["map"], "rank1": reid["rank1"]}, q_images, qf
 
 
-
 def test_eval_layer_scores_a_layers_pooled_output_as_a_run_reads_it(tiny_data, tmp_path):
     """``eval --layer NAME`` scores the global-average-pooled, L2-normalised output of that layer
     (what ``--teacher-layer NAME`` distils from), computed here by a hook on the plain model; an
@@ -156,6 +155,7 @@ def test_eval_layer_scores_a_layers_pooled_output_as_a_run_reads_it(tiny_data, t
     onnx_layer = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "s.onnx"), "--layer", layer])
     message = f"{tmp_path / 's.onnx'} runs in ONNX Runtime, which gives only its output: --layer needs a distill model file"
     assert onnx_layer.exit_code == 2 and message in " ".join(onnx_layer.output.split())
+
 
 def test_two_students_each_with_and_without_distillation_every_onnx_row_scored_in_onnx_runtime(tiny_data, tmp_path):
     out = tmp_path / "two"
