@@ -11,7 +11,7 @@ step of the teacher and the student at the embedded and at CUHK03-sized inputs.
    ``overhead = bare / fit - 1``.
 2. Throughput: one training step (forward, loss, backward, optimiser step) on a random P x K batch,
    per model and input size, in fp32 and in the variants that might be faster on a CPU
-   (channels_last memory format, bf16 autocast), interleaved the same way; ``speedup`` is each
+   (channels_last memory format, bf16 autocast, both), interleaved the same way; ``speedup`` is each
    variant's images/s over fp32's, measured side by side.
 """
 
@@ -43,7 +43,7 @@ from distill.run import setup
 from distill.students import create_student
 from distill.training import batch_sampler, train_settings
 
-VARIANTS = ("fp32", "channels_last", "bf16")
+VARIANTS = ("fp32", "channels_last", "bf16", "channels_last+bf16")
 
 
 def bare_loop(model, objective, data, cfg: Config, settings: TrainSettings) -> float:
@@ -101,7 +101,7 @@ def engine_overhead(args: argparse.Namespace, console: Console) -> dict:
 
 
 def _step(model, objective, optimizer, images, labels, variant: str) -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.endswith("bf16")):
         emb, logits = model(images)
     loss, _ = objective(emb.float(), logits.float(), labels, None)
     optimizer.zero_grad(set_to_none=True)
@@ -125,7 +125,7 @@ def training_throughput(args: argparse.Namespace, console: Console) -> list[dict
                 model = build_model(spec, 128, p) if spec == "inception_bn" else create_student(spec, 128, p, width=0.5)
                 objective = build_objective(Config(), p)
                 x = images
-                if variant == "channels_last":
+                if variant.startswith("channels_last"):
                     model = model.to(memory_format=torch.channels_last)
                     x = images.contiguous(memory_format=torch.channels_last)
                 params = list(model.parameters()) + list(objective.parameters())

@@ -57,7 +57,7 @@ class TrainSettings:
     weight_decay: float = 5e-4
     seed: int = 0
     device: str = "cpu"
-    amp: bool = True
+    amp: bool = False  # bf16 autocast of the model's (and a live teacher's) forward pass
     channels_last: bool = False  # the model and batches in channels_last memory format
     compile: bool = False
     workers: int | None = None
@@ -250,8 +250,7 @@ def _set_up(
                                             scheduler, sampler)
 
     net = torch.compile(model) if settings.compile else model
-    use_amp = settings.amp and device.type == "cuda"
-    train_step: nn.Module = TrainStep(net, objective, penalty, amp=use_amp, gather=settings.gather_embeddings and world > 1)
+    train_step: nn.Module = TrainStep(net, objective, penalty, amp=settings.amp, gather=settings.gather_embeddings and world > 1)
     if world > 1:  # one DDP wrapper: the objective's parameters are averaged like the model's
         train_step = data_parallel(train_step, device)
     log_path = checkpoint.with_suffix(".jsonl")
@@ -283,7 +282,7 @@ def _train(
             model.train()
             objective.train()
             record = _train_epoch(run.train_step, run.loader, run.optimizer, run.scheduler, teacher_fn, run.device,
-                                  run.settings.memory_format, run.settings.mix_rows, epoch, desc, checkpoint, show)
+                                  run.settings, epoch, desc, checkpoint, show)
             # validate, checkpoint (and log) at the validation cadence: a 167 MB fsynced checkpoint every epoch
             # cost the teacher 15% of its training time; an older unfinished checkpoint stays until passed
             due = (epoch + 1) % run.every == 0 or epoch + 1 == run.epochs
@@ -333,12 +332,12 @@ def _optimiser(
 
 def _train_epoch(
     train_step: nn.Module, loader: DataLoader, optimizer, scheduler, teacher_fn: TeacherFn | None, device: torch.device,
-    memory_format: torch.memory_format, mix_rows: int, epoch: int, desc: str, checkpoint: Path,
-    show: Callable[[int, float], None],
+    settings: TrainSettings, epoch: int, desc: str, checkpoint: Path, show: Callable[[int, float], None],
 ) -> dict[str, float]:
-    """One pass over ``loader`` (``mix_rows`` mixed images added to each batch, for ``teacher_fn``);
-    returns the epoch's log record: mean losses (over every rank's steps), epoch, last learning rate
-    and the loaded images per second of all ranks."""
+    """One pass over ``loader`` (``settings.mix_rows`` mixed images added to each batch, for
+    ``teacher_fn``, which runs under the model's autocast); returns the epoch's log record: mean
+    losses (over every rank's steps), epoch, last learning rate and the loaded images per second of
+    all ranks."""
     world = distributed()[1]
     sampler = loader.batch_sampler
     observe = getattr(sampler, "observe", None)
@@ -348,9 +347,12 @@ def _train_epoch(
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         loaded = len(labels)
-        images, labels, indices = with_mixed_rows(images, labels, indices, mix_rows)
-        images = images.contiguous(memory_format=memory_format)
-        teacher_out = teacher_fn(images, indices) if teacher_fn is not None else None
+        images, labels, indices = with_mixed_rows(images, labels, indices, settings.mix_rows)
+        images = images.contiguous(memory_format=settings.memory_format)
+        teacher_out = None
+        if teacher_fn is not None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp):
+                teacher_out = teacher_fn(images, indices)
         loss, parts, emb = train_step(images, labels, teacher_out)
         if observe is not None:
             observe(indices[:loaded], emb[:loaded], labels[:loaded])

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.config import (
-    AUGMENTED_EPOCHS, AUGMENTED_TEACHER_EPOCHS, DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config, default_channels_last,
+    AUGMENTED_EPOCHS, AUGMENTED_TEACHER_EPOCHS, DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config, default_amp, default_channels_last,
 )
 from distill.console import make_console
 from distill.data.importance import ImportanceBatchSampler
@@ -57,7 +57,7 @@ def train_settings(
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,
         device=str(device),
-        amp=cfg.amp,
+        amp=cfg.amp if cfg.amp is not None else default_amp(device.type == "cuda", cfg.image_size),
         channels_last=cfg.channels_last if cfg.channels_last is not None else default_channels_last(device.type == "cuda", cfg.image_size),
         compile=cfg.compile,
         workers=cfg.workers,

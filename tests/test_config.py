@@ -205,7 +205,7 @@ def test_the_lists_of_fields_come_from_their_metadata():
     assert set(teacher_fields()) == {
         "teacher", "teacher_weights", "embed_dim", "image_size", "augment", "flip", "val_fraction", "teacher_epochs",
         "teacher_steps", "teacher_min_steps", "teacher_lr", "weight_decay", "batch_size", "images_per_id", "sampler",
-        "loss", "loss_options", "seed", "channels_last",
+        "loss", "loss_options", "seed", "amp", "channels_last",
     }
     assert set(fields_where("shared")) == {
         "teacher", "teacher_weights", "teacher_epochs", "teacher_lr", "data", "image_size", "strict", "cuhk03_variant",

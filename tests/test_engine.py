@@ -228,3 +228,25 @@ def test_channels_last_is_off_on_cpu_unless_asked_and_is_deterministic(dataset, 
         outputs.append(extract(model, dataset, torch.device("cpu"))[0])
     assert torch.equal(outputs[0], outputs[1])  # the same format twice: the same model
     assert not torch.equal(outputs[0], outputs[2])  # another rounding (AdamW turns it into other steps)
+
+
+def test_amp_trains_the_model_and_a_live_teacher_under_bf16_autocast_on_cpu(dataset, tmp_path):
+    seen = {}
+    for amp in (True, False):
+        model = tiny_model(6)
+        conv_dtypes, teacher_autocast = [], []
+        model.backbone[0].register_forward_hook(lambda m, i, out: conv_dtypes.append(out.dtype) if m.training else None)
+
+        def teacher_fn(images, indices):
+            teacher_autocast.append(torch.is_autocast_enabled("cpu"))
+            return torch.zeros(len(images), 4), None
+
+        ckpt = tmp_path / f"amp{amp}.ckpt"
+        fit(model, CrossEntropy(), dataset, batches(dataset), TrainSettings(epochs=2, lr=1e-2, seed=3, amp=amp), ckpt,
+            teacher_fn=teacher_fn)
+        assert set(conv_dtypes) == {torch.bfloat16 if amp else torch.float32}
+        assert set(teacher_autocast) == {amp} and len(teacher_autocast) == 2 * steps_per_epoch(dataset)
+        assert model.backbone[0].weight.dtype == torch.float32  # autocast: the weights and optimiser stay float32
+        assert torch.load(ckpt, weights_only=False)["recipe"]["amp"] is amp  # resumed only under its own arithmetic
+        seen[amp] = extract(model, dataset, torch.device("cpu"))[0]
+    assert not torch.equal(seen[True], seen[False])

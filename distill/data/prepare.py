@@ -17,7 +17,7 @@ import torch
 from rich.markup import escape
 from torch import Tensor
 
-from distill.config import Config, default_channels_last
+from distill.config import Config, default_amp, default_channels_last
 from distill.config_load import label_free
 from distill.console import make_console
 from distill.data import Sample, Splits, hold_out_identities, load_dataset
@@ -31,6 +31,7 @@ from distill.protocols import Protocol, protocol
 console = make_console(stderr=True)
 
 CHANNELS_LAST_SAID = "channels_last (faster convolutions at this input on a CPU)"
+AMP_SAID = "bf16 autocast (this CPU runs bf16 natively)"
 
 
 @dataclass(frozen=True)
@@ -43,18 +44,19 @@ class Inputs:
     batch_size: int
     darkrank_list_size: int | None
     channels_last: bool
+    amp: bool
     chosen: tuple[str, ...] = ()
 
     def fill(self, cfg: Config) -> Config:
         """A copy of ``cfg`` with these inputs (``cfg`` itself is unchanged)."""
         return replace(cfg, image_size=self.image_size, augment=self.augment, batch_size=self.batch_size,
-                       darkrank_list_size=self.darkrank_list_size, channels_last=self.channels_last)
+                       darkrank_list_size=self.darkrank_list_size, channels_last=self.channels_last, amp=self.amp)
 
 
 def choose_inputs(cfg: Config, splits: Splits, device: torch.device) -> Inputs:
-    """What ``cfg`` leaves to the data and the device (input size, augmentation preset, memory format;
-    a smaller batch, and DarkRank lists that fit it, when the training set has fewer identities than a
-    batch asks for)."""
+    """What ``cfg`` leaves to the data and the device (input size, augmentation preset, memory format,
+    bf16 autocast; a smaller batch, and DarkRank lists that fit it, when the training set has fewer
+    identities than a batch asks for)."""
     dataset = cfg.data.partition(":")[0]
     dataset = "imagefolder" if dataset == "none" else dataset  # unlabeled images alone: images of unknown content
     chosen = []
@@ -79,7 +81,12 @@ def choose_inputs(cfg: Config, splits: Splits, device: torch.device) -> Inputs:
         channels_last = default_channels_last(device.type == "cuda", image_size)
         if channels_last and device.type != "cuda":
             chosen.append(CHANNELS_LAST_SAID)
-    return Inputs(tuple(image_size), augment, batch_size, list_size, channels_last, tuple(chosen))
+    amp = cfg.amp
+    if amp is None:
+        amp = default_amp(device.type == "cuda", image_size)
+        if amp and device.type != "cuda":
+            chosen.append(AMP_SAID)
+    return Inputs(tuple(image_size), augment, batch_size, list_size, channels_last, amp, tuple(chosen))
 
 
 @dataclass
@@ -122,6 +129,7 @@ def prepare_data(cfg: Config, device: torch.device = torch.device("cpu")) -> Pre
     inputs = choose_inputs(cfg, replace(splits, train=train_samples or unlabeled), device)
     if inputs.chosen:
         flags = "--image-size, --augment, --batch-size" + (", --no-channels-last" if CHANNELS_LAST_SAID in inputs.chosen else "")
+        flags += ", --no-amp" if AMP_SAID in inputs.chosen else ""
         console.print(f"chosen for {escape(splits.name)}: " + ", ".join(inputs.chosen) + f" (set them with {flags})")
     label_map = make_label_map(train_samples)
     size = inputs.image_size
