@@ -257,13 +257,11 @@ def _scorer(path: Path, image_size: str | None, layer: str | None = None) -> tup
 
     layer = None if layer == EMBEDDING else layer
     if path.suffix != ".onnx":
-        from distill.models import load_model, model_cfg
-        from distill.teachers.finished import FinishedModel
+        from distill.models import load_model
+        from distill.teachers.finished import at_layer
 
         model, header = load_model(path)
-        if layer is not None:
-            model = FinishedModel(model, "pair", model_cfg(header["arch"]), layer)
-        return model, image_size or _trained_size(header)
+        return at_layer(model, header["arch"], layer), image_size or _trained_size(header)
     if layer is not None:
         raise DistillError(f"{path} runs in ONNX Runtime, which gives only its output: --layer needs a distill model file")
     from distill.bench import onnx_input_size, ort_providers

@@ -150,7 +150,7 @@ def test_eval_layer_scores_a_layers_pooled_output_as_a_run_reads_it(tiny_data, t
     assert any(abs(float(by_hand[k]) - float(own[k])) > 1e-3 for k in by_hand)  # not the embedding's scores
 
     unknown = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "s.pt"), "--layer", "backbone.nowhere"])
-    assert unknown.exit_code == 2 and "the teacher has no layer 'backbone.nowhere'" in " ".join(unknown.output.split())
+    assert unknown.exit_code == 2 and "the model has no layer 'backbone.nowhere'" in " ".join(unknown.output.split())
     export_onnx(model, tmp_path / "s.onnx", (32, 16))
     onnx_layer = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "s.onnx"), "--layer", layer])
     message = f"{tmp_path / 's.onnx'} runs in ONNX Runtime, which gives only its output: --layer needs a distill model file"

@@ -66,7 +66,7 @@ def test_torchvision_state_dict_is_a_frozen_teacher_with_the_features_before_the
     with torch.no_grad():
         f3 = model.layer3(model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))))
     torch.testing.assert_close(layered(x)[0], F.normalize(f3.mean(dim=(2, 3)), dim=1), atol=1e-5, rtol=1e-4)
-    with pytest.raises(DistillError, match=r"the teacher has no layer 'layer9'; its last layers are: .*layer4.1.bn2, avgpool, fc$"):
+    with pytest.raises(DistillError, match=r"the model has no layer 'layer9'; its last layers are: .*layer4.1.bn2, avgpool, fc$"):
         load_teacher("torchvision:resnet18", weights=path, layer="layer9")
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import DistillError
-from distill.models import IMAGENET_MEAN, IMAGENET_STD, ModelCfg
+from distill.models import IMAGENET_MEAN, IMAGENET_STD, ModelCfg, model_cfg
 
 MODES = ("timm", "classifier", "pair")  # timm API | any classifier (hook on its last Linear) | (emb, logits) net
 
@@ -39,7 +39,7 @@ class FinishedModel(nn.Module):
         if layer is not None:
             if layer not in modules or not layer:
                 names = [n for n in modules if n][-8:]
-                raise DistillError(f"the teacher has no layer '{layer}'; its last layers are: {', '.join(names)}")
+                raise DistillError(f"the model has no layer '{layer}'; its last layers are: {', '.join(names)}")
             modules[layer].register_forward_hook(self._keep_output)
         elif mode == "classifier":
             linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
@@ -76,3 +76,8 @@ class FinishedModel(nn.Module):
 def pooled_embedding(output: Tensor) -> Tensor:
     """A layer's output as an L2-normalised embedding: global-average-pooled when it is a feature map."""
     return F.normalize(output.mean(dim=(2, 3)) if output.dim() == 4 else output.flatten(1), dim=1)
+
+
+def at_layer(model: nn.Module, arch: str, layer: str | None) -> nn.Module:
+    """``model``, a distill model of ``arch``, read at ``layer``'s (pooled) output; as it is without one."""
+    return model if layer is None else FinishedModel(model, "pair", model_cfg(arch), layer)

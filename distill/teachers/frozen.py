@@ -21,7 +21,7 @@ from distill.models import NotAModelFile, load_model, model_cfg, parse_spec, rea
 from distill.models.file import check_state_dict
 from distill.models.library import library_classifier
 from distill.models.registry import build_model
-from distill.teachers.finished import FinishedModel
+from distill.teachers.finished import FinishedModel, at_layer
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
@@ -148,6 +148,4 @@ def load_teacher(
         return TorchTeacher(spec, finished_model(spec, read_state_dict(weights), layer).to(device), fingerprint)
     if info["arch"] != spec:
         raise DistillError(f"{weights} holds a '{info['arch']}' model, not '{spec}': pass --teacher {info['arch']}")
-    if layer is not None:
-        model = FinishedModel(model, "pair", model_cfg(spec), layer)
-    return TorchTeacher(spec, model.to(device), fingerprint)
+    return TorchTeacher(spec, at_layer(model, spec, layer).to(device), fingerprint)
