@@ -48,6 +48,7 @@ def default_amp(cuda: bool, image_size: tuple[int, int] | None) -> bool:
     inputs that train in channels_last there (``default_channels_last``)."""
     return cuda or (default_channels_last(False, image_size) and cpu_has_native_bf16())
 
+
 # How the options are grouped in ``--help`` and docs/cli.md, in this order.
 SECTIONS = ("model", "data", "training", "distillation", "export and report", "run")
 # The stages of ``distill run`` in order; a field's ``stage`` is the first one that reads it, and a
