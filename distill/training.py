@@ -10,9 +10,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from distill.config import (
-    AUGMENTED_EPOCHS, AUGMENTED_TEACHER_EPOCHS, DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config, default_amp, default_channels_last,
-)
+from distill.arithmetic import default_amp, default_channels_last
+from distill.config import AUGMENTED_EPOCHS, AUGMENTED_TEACHER_EPOCHS, DEFAULT_EPOCHS, DEFAULT_TEACHER_EPOCHS, Config
 from distill.console import make_console
 from distill.data.importance import ImportanceBatchSampler
 from distill.data.samplers import PKSampler

@@ -149,12 +149,12 @@ def test_channels_last_is_chosen_from_the_input_size_and_the_device(size, device
     ((64, 32), False, True, True),
 ])
 def test_bf16_autocast_is_chosen_from_the_input_size_and_the_cpu(size, native, given, expected, monkeypatch):
-    import distill.config as config
+    import distill.arithmetic as arithmetic
     from distill.config_load import load_config
     from distill.data.prepare import AMP_SAID, choose_inputs
     from distill.training import train_settings
 
-    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(arithmetic, "cpu_has_native_bf16", lambda: native)
     splits = Splits("folder", [Sample(f"/x/{i}.png", i % 4) for i in range(32)], [], [])
     cfg = load_config(None, image_size=f"{size[0]}x{size[1]}", amp=given)
     inputs = choose_inputs(cfg, splits, torch.device("cpu"))

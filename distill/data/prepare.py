@@ -17,7 +17,8 @@ import torch
 from rich.markup import escape
 from torch import Tensor
 
-from distill.config import Config, default_amp, default_channels_last
+from distill.arithmetic import default_amp, default_channels_last
+from distill.config import Config
 from distill.config_load import label_free
 from distill.console import make_console
 from distill.data import Sample, Splits, hold_out_identities, load_dataset
