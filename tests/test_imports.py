@@ -114,7 +114,7 @@ def test_models_and_teachers_know_no_data_set():
 LAYERS = [
     ("distill.errors", "distill.atomic", "distill.models", "distill.multiscale", "distill.embedding",
      "distill.selection", "distill.checkpoint", "distill.timing", "distill.outdir", "distill.headlines",
-     "distill.resume", "distill.console"),
+     "distill.resume", "distill.console", "distill.arithmetic"),
     ("distill.config", "distill.config_load", "distill.data", "distill.losses", "distill.students.registry",
      "distill.students.weights", "distill.students",
      "distill.teachers.frozen", "distill.teachers.finished", "distill.teachers.layers", "distill.teachers.cache",
